@@ -1,0 +1,135 @@
+"""FedAvg's arithmetic, as pure functions over state dicts.
+
+McMahan et al., "Communication-Efficient Learning of Deep Networks from
+Decentralized Data" (2017): the new global model is the mean of the
+participants' models, weighted by how many samples each trained on.
+
+Policy for dtypes: floating and complex tensors are averaged in at least
+float32 (float64 stays float64) and cast back; integer tensors (BatchNorm's
+``num_batches_tracked``, say) are averaged in float64 and rounded half to
+even; ``torch.bool`` tensors are refused, because a mean of flags is not a
+flag.
+"""
+
+from __future__ import annotations
+
+from typing import Iterable, Mapping
+
+import torch
+
+from .codec import DTYPES
+from .errors import AggregationError, UnsupportedTensor
+
+__all__ = ["WeightedMean", "check_state", "non_finite", "weighted_mean"]
+
+State = Mapping[str, torch.Tensor]
+
+
+def check_state(state: object) -> None:
+    """Refuse, before round 1, a ``state_dict()`` FedAvg cannot average.
+
+    Raises:
+        UnsupportedTensor: for a value that is not a dense tensor of a
+            dtype that can travel and be averaged.
+    """
+    if not isinstance(state, Mapping):
+        raise UnsupportedTensor("*", type(state).__name__,
+                                "state_dict() must return a dict of name -> tensor")
+    for name, value in state.items():
+        if not isinstance(name, str):
+            raise UnsupportedTensor(repr(name), "a key that is not a string",
+                                    "state dict keys travel as strings; rename it")
+        if not isinstance(value, torch.Tensor):
+            raise UnsupportedTensor(name, f"a {type(value).__name__}, not a tensor",
+                                    "only tensors are averaged; keep other values out "
+                                    "of state_dict() or turn them into tensors")
+        if value.dtype == torch.bool:
+            raise UnsupportedTensor(name, "a torch.bool tensor",
+                                    "FedAvg cannot average flags (the mean of True and "
+                                    "False is no bool). Return it as a float or integer "
+                                    "tensor from state_dict() and convert it back in "
+                                    "load_state_dict(), or leave it out")
+        if value.layout != torch.strided:
+            raise UnsupportedTensor(name, f"a {value.layout} tensor",
+                                    "only dense tensors travel; call .to_dense() in "
+                                    "state_dict()")
+        if value.dtype not in DTYPES.values():
+            raise UnsupportedTensor(name, f"a {value.dtype} tensor",
+                                    f"supported dtypes are {', '.join(DTYPES)}")
+
+
+def non_finite(state: State) -> list[str]:
+    """Names of the floating tensors holding NaN or infinity."""
+    return [name for name, tensor in state.items()
+            if (tensor.is_floating_point() or tensor.is_complex())
+            and not bool(torch.isfinite(tensor).all())]
+
+
+def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    if dtype in (torch.float64, torch.complex128, torch.complex64):
+        return dtype
+    if dtype.is_floating_point:
+        return torch.float32
+    return torch.float64
+
+
+class WeightedMean:
+    """A running weighted mean of state dicts.
+
+    Memory stays one accumulator per tensor however many updates are added,
+    so an aggregator can fold updates in as they arrive. The caller's tensors
+    are never modified.
+    """
+
+    def __init__(self, reference: State) -> None:
+        self._dtypes = {name: tensor.dtype for name, tensor in reference.items()}
+        self._sums = {name: torch.zeros(tensor.shape, dtype=_accumulator_dtype(tensor.dtype))
+                      for name, tensor in reference.items()}
+        self.total_weight = 0.0
+        self.count = 0
+
+    def add(self, state: State, weight: float) -> None:
+        """Fold one state in; ``state`` must have the reference's names and shapes."""
+        if not weight > 0:
+            raise AggregationError(f"weight must be positive, got {weight!r}")
+        for name, total in self._sums.items():
+            total.add_(state[name].to(device="cpu", dtype=total.dtype), alpha=weight)
+        self.total_weight += weight
+        self.count += 1
+
+    def result(self) -> dict[str, torch.Tensor]:
+        """The mean so far, in the reference's dtypes.
+
+        Raises:
+            AggregationError: if nothing has been added.
+        """
+        if self.count == 0:
+            raise AggregationError("no update was added in this round")
+        mean = {}
+        for name, total in self._sums.items():
+            value = total / self.total_weight
+            dtype = self._dtypes[name]
+            if not (dtype.is_floating_point or dtype.is_complex):
+                value = torch.round(value)
+            mean[name] = value.to(dtype)
+        return mean
+
+
+def weighted_mean(updates: Iterable[tuple[State, float]]) -> dict[str, torch.Tensor]:
+    """FedAvg of ``(state, weight)`` pairs; all states must share names and shapes.
+
+    Raises:
+        AggregationError: for no updates, or updates whose names differ.
+    """
+    mean: WeightedMean | None = None
+    names: set[str] = set()
+    for state, weight in updates:
+        if mean is None:
+            mean, names = WeightedMean(state), set(state)
+        elif set(state) != names:
+            raise AggregationError(f"updates differ in their tensors: "
+                                   f"{sorted(names ^ set(state))}")
+        mean.add(state, weight)
+    if mean is None:
+        raise AggregationError("no update was given")
+    return mean.result()

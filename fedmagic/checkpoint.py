@@ -1,0 +1,75 @@
+"""What a task leaves on the initiator's disk: ``models/<name>/``.
+
+``model.pt`` (the global state dict, loadable with ``weights_only=True``),
+``history.json`` and ``history.csv`` (one row per round) and
+``checkpoint.json`` (which round the files belong to, to resume from).
+Every file is written to a temporary name and renamed, so a task stopped
+mid-write leaves the previous round's files intact.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["Checkpoint"]
+
+
+class Checkpoint:
+    """The checkpoint directory of one task."""
+
+    def __init__(self, directory: str | os.PathLike[str]) -> None:
+        self.directory = Path(directory)
+
+    @property
+    def model_path(self) -> Path:
+        return self.directory / "model.pt"
+
+    def save(self, state: dict[str, torch.Tensor], round: int,
+             history: list[dict[str, Any]], task_id: str) -> None:
+        self.directory.mkdir(parents=True, exist_ok=True)
+        buffer = io.BytesIO()
+        torch.save({name: tensor.detach().cpu() for name, tensor in state.items()}, buffer)
+        self._write("model.pt", buffer.getvalue())
+        self._write("history.json", json.dumps(history, indent=1).encode())
+        self._write("history.csv", _csv(history).encode())
+        self._write("checkpoint.json",
+                    json.dumps({"task_id": task_id, "round": round}).encode())
+
+    def exists(self) -> bool:
+        return (self.directory / "checkpoint.json").is_file() and self.model_path.is_file()
+
+    def load(self) -> tuple[dict[str, torch.Tensor], int, list[dict[str, Any]]]:
+        """The saved state, the round it ends and the history so far."""
+        meta = json.loads((self.directory / "checkpoint.json").read_text())
+        state = torch.load(self.model_path, map_location="cpu", weights_only=True)
+        history_path = self.directory / "history.json"
+        history = json.loads(history_path.read_text()) if history_path.is_file() else []
+        return state, int(meta["round"]), history
+
+    def _write(self, name: str, data: bytes) -> None:
+        path = self.directory / name
+        temporary = path.with_name(f".{name}.tmp")
+        temporary.write_bytes(data)
+        os.replace(temporary, path)
+
+
+def _csv(history: list[dict[str, Any]]) -> str:
+    columns: list[str] = []
+    for row in history:
+        columns.extend(key for key in row if key not in columns)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=columns, extrasaction="ignore")
+    writer.writeheader()
+    writer.writerows({key: _cell(value) for key, value in row.items()} for row in history)
+    return out.getvalue()
+
+
+def _cell(value: Any) -> Any:
+    return ";".join(map(str, value)) if isinstance(value, (list, tuple)) else value

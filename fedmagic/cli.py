@@ -1,0 +1,242 @@
+"""The ``fedmagic`` command: relay, join, digits and demo."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import secrets
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+__all__ = ["main"]
+
+EXAMPLE = Path(__file__).with_name("examples") / "digits_task.py"
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="fedmagic", description="Federated averaging "
+                                     "across data owners, from Jupyter or the command line.")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    relay = commands.add_parser("relay", help="run a relay that initiators and participants "
+                                "connect to")
+    relay.add_argument("--host", default="127.0.0.1", help="address to listen on "
+                       "(default 127.0.0.1; 0.0.0.0 for every interface)")
+    relay.add_argument("--port", type=int, default=8765)
+    relay.add_argument("--token", default=os.environ.get("FEDMAGIC_RELAY_TOKEN"),
+                       help="a token initiators must present to create tasks "
+                       "(default $FEDMAGIC_RELAY_TOKEN; none: anyone may)")
+    relay.add_argument("--certfile", help="TLS certificate (PEM) to serve wss://")
+    relay.add_argument("--keyfile", help="TLS private key (PEM), if not in --certfile")
+
+    join = commands.add_parser("join", help="take part in a task from this machine")
+    join.add_argument("url", help="the relay, e.g. ws://127.0.0.1:8765")
+    join.add_argument("--task", required=True, help="the task id")
+    join.add_argument("--token", default=os.environ.get("FEDMAGIC_TOKEN"),
+                      help="the task's join token (default $FEDMAGIC_TOKEN)")
+    join.add_argument("--node", default=socket.gethostname(),
+                      help="this node's name (default: the host name)")
+    join.add_argument("--yes", action="store_true", help="accept the task's code without asking")
+    join.add_argument("--wait", type=float, default=300.0,
+                      help="seconds to wait for the relay and the task to appear (default 300)")
+    join.add_argument("--workdir", help="run the task in this directory (default: here)")
+    join.add_argument("--cafile", help="CA bundle to trust for a wss:// relay")
+
+    digits = commands.add_parser("digits", help="write handwritten digits as MNIST files, "
+                                 "one directory per party")
+    digits.add_argument("workdir")
+    digits.add_argument("--participants", type=int, default=3)
+    digits.add_argument("--split", default="iid", choices=("iid", "by-label"))
+    digits.add_argument("--data-dir", default="demo_task/data",
+                        help="where, inside each party's directory (default demo_task/data)")
+    digits.add_argument("--seed", type=int, default=0)
+
+    demo = commands.add_parser("demo", help="run a whole task on this machine: digits data, "
+                               "participant processes and the initiator")
+    demo.add_argument("--participants", type=int, default=3)
+    demo.add_argument("--rounds", type=int, default=5)
+    demo.add_argument("--split", default="iid", choices=("iid", "by-label"))
+    demo.add_argument("--workdir", help="default: a new temporary directory")
+
+    options = parser.parse_args(argv)
+    return {"relay": _relay, "join": _join, "digits": _digits, "demo": _demo}[
+        options.command](options)
+
+
+def _relay(options: argparse.Namespace) -> int:
+    from .relay import Relay, serve_relay, ssl_context
+
+    async def run() -> None:
+        context = ssl_context(options.certfile, options.keyfile)
+        server = await serve_relay(Relay(token=options.token), options.host, options.port,
+                                   ssl=context)
+        scheme = "wss" if context else "ws"
+        print(f"fedmagic relay listening on {scheme}://{options.host}:{options.port}"
+              + (" (initiators need the relay token)" if options.token else ""), flush=True)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(signum, stop.set)
+        await stop.wait()
+        server.close()
+        await server.wait_closed()
+        print("fedmagic relay stopped", flush=True)
+
+    try:
+        asyncio.run(run())
+    except OSError as exc:
+        print(f"fedmagic relay: cannot listen on {options.host}:{options.port}: "
+              f"{exc.strerror or exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _join(options: argparse.Namespace) -> int:
+    import ssl
+
+    from tqdm import tqdm
+
+    from .errors import FedMagicError
+    from .link import Link
+    from .participant import ParticipantRuntime
+    from .task import TaskPackage
+
+    if not options.token:
+        print("fedmagic join: pass --token (or set FEDMAGIC_TOKEN): the task's author "
+              "shares it with the join line", file=sys.stderr)
+        return 2
+    if options.workdir:
+        os.chdir(options.workdir)
+    bar: dict[str, Any] = {}
+
+    def consent(package: TaskPackage) -> bool:
+        print(f"task {package.task_id!r}: {package.class_name} from {package.filename} "
+              f"({len(package.source.splitlines())} lines), code hash {package.code_hash}",
+              flush=True)
+        if options.yes:
+            return True
+        if not sys.stdin.isatty():
+            print("fedmagic join: not accepting code without a yes; pass --yes to accept "
+                  "non-interactively", file=sys.stderr)
+            return False
+        while True:
+            answer = input("Run this code on this machine? [y]es / [n]o / [s]how code: ")
+            if answer.lower().startswith("s"):
+                print(package.source)
+            else:
+                return answer.lower().startswith("y")
+
+    def on_event(kind: str, details: dict[str, Any]) -> None:
+        if kind == "verified":
+            print(f"data verified: {details['samples']} training samples", flush=True)
+        elif kind == "round":
+            if "bar" not in bar:
+                bar["bar"] = tqdm(unit="round", desc=options.node, dynamic_ncols=True)
+            bar["bar"].set_postfix_str(f"round {details['round']}: training")
+        elif kind == "epoch" and "bar" in bar:
+            bar["bar"].set_postfix_str(f"round {details['round']}: epoch "
+                                       f"{details['epoch']}/{details['epochs']}")
+        elif kind == "uploaded" and "bar" in bar:
+            bar["bar"].update(1)
+            bar["bar"].set_postfix_str(f"round {details['round']}: update sent")
+
+    async def run() -> Any:
+        context = ssl.create_default_context(cafile=options.cafile) \
+            if options.url.startswith("wss:") else None
+        link = await Link.open(options.url, role="participant", task=options.task,
+                               token=options.token, node=options.node, wait=options.wait,
+                               ssl=context)
+        print(f"joined task {options.task!r} at {options.url} as {options.node!r}", flush=True)
+        return await ParticipantRuntime(link, options.node, consent, on_event).run()
+
+    try:
+        outcome = asyncio.run(run())
+    except FedMagicError as exc:
+        print(f"fedmagic join: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("fedmagic join: interrupted; left the task", file=sys.stderr)
+        return 130
+    finally:
+        if "bar" in bar:
+            bar["bar"].close()
+    if not outcome.ok:
+        print(f"fedmagic join: task {outcome.task_id!r} did not finish: {outcome.reason}",
+              file=sys.stderr)
+        return 1
+    print(f"task {outcome.task_id!r} finished; this node trained {outcome.rounds} rounds",
+          flush=True)
+    return 0
+
+
+def _digits(options: argparse.Namespace) -> int:
+    from .digits import write_partitions
+
+    layout = write_partitions(options.workdir, options.participants, split=options.split,
+                              seed=options.seed, data_dir=options.data_dir)
+    print(f"test set ({layout.test_size} images): every party; initiator in "
+          f"{layout.initiator.workdir}")
+    for party in layout.nodes:
+        print(f"{party.name}: {party.train_size} training images in {party.data_dir}")
+    return 0
+
+
+def _demo(options: argparse.Namespace) -> int:
+    from .digits import write_partitions
+
+    workdir = Path(options.workdir or tempfile.mkdtemp(prefix="fedmagic-demo-"))
+    layout = write_partitions(workdir, options.participants, split=options.split,
+                              data_dir="demo_task/data")
+    port = _free_port()
+    url = f"ws://127.0.0.1:{port}"
+    env = {**os.environ, "FEDMAGIC_PORT": str(port), "FEDMAGIC_TOKEN": secrets.token_urlsafe(16),
+           "OMP_NUM_THREADS": "1"}
+    env.pop("FEDMAGIC_RELAY", None)
+    print(f"demo in {workdir}: {options.participants} participants ({options.split} split), "
+          f"relay embedded in the initiator at {url}", flush=True)
+    joins = []
+    for party in layout.nodes:
+        log = open(party.workdir / "join.log", "w")
+        joins.append((party, log, subprocess.Popen(
+            [sys.executable, "-m", "fedmagic", "join", url, "--task", "digits", "--node",
+             party.name, "--yes", "--wait", "120"],
+            cwd=party.workdir, env=env, stdout=log, stderr=subprocess.STDOUT)))
+    try:
+        initiator = subprocess.run(
+            [sys.executable, str(EXAMPLE), "--task", "digits", "--rounds", str(options.rounds),
+             "--min-clients", str(min(2, options.participants)),
+             "--max-clients", str(options.participants)],
+            cwd=layout.initiator.workdir, env=env)
+        # Participants hear the task end at once; give them a moment to say so.
+        deadline = time.monotonic() + (30 if initiator.returncode == 0 else 5)
+        for party, log, process in joins:
+            try:
+                process.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            except subprocess.TimeoutExpired:
+                pass
+    finally:
+        for party, log, process in joins:
+            if process.poll() is None:
+                process.terminate()
+                process.wait(timeout=10)
+            log.close()
+    for party, log, process in joins:
+        print(f"{party.name}: exit {process.returncode}, log in {party.workdir / 'join.log'}")
+    return initiator.returncode or max(process.returncode for _, _, process in joins)
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+if __name__ == "__main__":
+    sys.exit(main())

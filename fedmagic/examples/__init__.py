@@ -1,0 +1,1 @@
+"""Example tasks that ship with fedmagic; ``fedmagic demo`` runs ``digits_task.py``."""

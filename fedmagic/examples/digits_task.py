@@ -1,0 +1,146 @@
+"""Handwritten digits, federated: a task in the reference tutorial's style.
+
+Run it as a script on the initiator; participants receive this file's source
+and rebuild ``DigitsScheduler`` with the same arguments. Every party reads
+MNIST-format data from ``<name>/data`` in its working directory (write some
+with ``fedmagic digits``); nothing is downloaded.
+"""
+
+import argparse
+import os
+from typing import Any, Dict
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+import torchvision
+from torch.utils.data import DataLoader
+
+from fedmagic import logger
+from fedmagic.fed_avg import FedAvgScheduler
+
+NORMALIZE = torchvision.transforms.Compose([
+    torchvision.transforms.ToTensor(),
+    torchvision.transforms.Normalize((0.1307,), (0.3081,)),
+])
+
+
+class ConvNet(nn.Module):
+    """Two convolutions and two dense layers: LeNet's shape, MNIST's classic."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(1, 10, kernel_size=5)
+        self.conv2 = nn.Conv2d(10, 20, kernel_size=5)
+        self.conv2_drop = nn.Dropout2d()
+        self.fc1 = nn.Linear(320, 50)
+        self.fc2 = nn.Linear(50, 10)
+
+    def forward(self, x):
+        x = F.relu(F.max_pool2d(self.conv1(x), 2))
+        x = F.relu(F.max_pool2d(self.conv2_drop(self.conv2(x)), 2))
+        x = F.relu(self.fc1(x.flatten(1)))
+        x = F.dropout(x, training=self.training)
+        return F.log_softmax(self.fc2(x), dim=-1)
+
+
+class DigitsScheduler(FedAvgScheduler):
+
+    def __init__(self, min_clients: int, max_clients: int, name: str = None,
+                 max_rounds: int = 5, merge_epochs: int = 1, calculation_timeout: int = 120,
+                 log_rounds: int = 1, batch_size: int = 32, learning_rate: float = 0.05,
+                 momentum: float = 0.5) -> None:
+        super().__init__(min_clients=min_clients, max_clients=max_clients, name=name,
+                         max_rounds=max_rounds, merge_epochs=merge_epochs,
+                         calculation_timeout=calculation_timeout, log_rounds=log_rounds)
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.momentum = momentum
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        torch.manual_seed(42)
+
+    def make_model(self) -> nn.Module:
+        model = ConvNet().to(self.device)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=self.learning_rate,
+                                         momentum=self.momentum)
+        return model
+
+    def _digits(self, train: bool) -> torchvision.datasets.MNIST:
+        return torchvision.datasets.MNIST(os.path.join(self.name, "data"), train=train,
+                                          download=False, transform=NORMALIZE)
+
+    def make_train_dataloader(self) -> DataLoader:
+        return DataLoader(self._digits(train=True), batch_size=self.batch_size, shuffle=True)
+
+    def make_test_dataloader(self) -> DataLoader:
+        return DataLoader(self._digits(train=False), batch_size=256, shuffle=False)
+
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        return self.model.state_dict()
+
+    def load_state_dict(self, state_dict: Dict[str, torch.Tensor]) -> None:
+        self.model.load_state_dict(state_dict)
+
+    def validate_context(self) -> None:
+        super().validate_context()
+        train_set = self.make_train_dataloader().dataset
+        assert len(train_set) > 0, "no training images on this node"
+        logger.info(f"{len(train_set)} training images on this node")
+
+    def train(self) -> None:
+        self.model.train()
+        for images, labels in self.make_train_dataloader():
+            images, labels = images.to(self.device), labels.to(self.device)
+            self.optimizer.zero_grad()
+            loss = F.nll_loss(self.model(images), labels)
+            loss.backward()
+            self.optimizer.step()
+
+    def test(self) -> Dict[str, Any]:
+        self.model.eval()
+        loader = self.make_test_dataloader()
+        total_loss, correct = 0.0, 0
+        with torch.no_grad():
+            for images, labels in loader:
+                images, labels = images.to(self.device), labels.to(self.device)
+                output = self.model(images)
+                total_loss += F.nll_loss(output, labels, reduction="sum").item()
+                correct += (output.argmax(dim=1) == labels).sum().item()
+        count = len(loader.dataset)
+        return {"loss": total_loss / count, "accuracy": correct / count}
+
+
+class DatasetVerify:
+    """Runs on each participant before it trains: is the data there and readable?"""
+
+    FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
+             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+
+    def __init__(self, task_id, current_node):
+        self.task_id = task_id
+        self.current_node = current_node
+
+    def run(self) -> bool:
+        root = os.path.join("demo_task", "data")
+        raw = os.path.join(root, "MNIST", "raw")
+        missing = [name for name in self.FILES if not os.path.isfile(os.path.join(raw, name))]
+        if missing:
+            logger.warning(f"{self.current_node}: missing {missing} under {raw}")
+            return False
+        return len(torchvision.datasets.MNIST(root, train=True, download=False)) > 0
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--task", default="digits", help="the task id participants join")
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    parser.add_argument("--min-clients", type=int, default=2)
+    parser.add_argument("--max-clients", type=int, default=3)
+    options = parser.parse_args()
+    scheduler = DigitsScheduler(min_clients=options.min_clients,
+                                max_clients=options.max_clients, name="demo_task",
+                                max_rounds=options.rounds, merge_epochs=options.epochs)
+    result = scheduler.launch_task(task_id=options.task)
+    print(f"final accuracy {result.metrics['accuracy']:.1%} after {result.rounds} rounds; "
+          f"checkpoint in {result.checkpoint}")

@@ -1,0 +1,123 @@
+"""A client's connection to the relay, for an initiator or a participant."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl as ssl_module
+import time
+from typing import Any, Mapping
+
+import torch
+from websockets.asyncio.client import ClientConnection, connect
+from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+
+from .codec import CHUNK_BYTES, MAX_HEADER_BYTES, PROTOCOL_VERSION, Frame, Kind, encode_state
+from .errors import ConnectionLost, RelayRefused
+
+__all__ = ["Link"]
+
+RETRY_DELAY = 0.25
+
+
+class Link:
+    """One authenticated connection to a relay; send and receive frames."""
+
+    def __init__(self, connection: ClientConnection, url: str, welcome: Frame) -> None:
+        self.connection = connection
+        self.url = url
+        self.welcome = welcome
+
+    @classmethod
+    async def open(cls, url: str, *, role: str, task: str, token: str,
+                   node: str | None = None, relay_token: str | None = None,
+                   wait: float = 0.0, ssl: ssl_module.SSLContext | None = None,
+                   max_frame_bytes: int = CHUNK_BYTES + MAX_HEADER_BYTES + 1024) -> Link:
+        """Connect and say hello.
+
+        Args:
+            wait: for this many seconds, keep trying while the relay is not
+                up yet, and (participants) let the relay hold the connection
+                until the task starts.
+
+        Raises:
+            RelayRefused: if the relay is unreachable or says no.
+        """
+        deadline = time.monotonic() + wait
+        while True:
+            try:
+                connection = await connect(
+                    url, ssl=ssl, compression=None, proxy=None, max_size=max_frame_bytes,
+                    max_queue=4, ping_interval=20, ping_timeout=60, write_limit=4 << 20,
+                    open_timeout=10)
+                break
+            except InvalidURI as exc:
+                raise RelayRefused("bad_url", f"{exc}; use ws://HOST:PORT or wss://HOST:PORT",
+                                   url) from None
+            except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
+                if time.monotonic() >= deadline:
+                    raise RelayRefused("unreachable", f"cannot connect ({exc or type(exc)}); is "
+                                       "the relay running at that address?", url) from None
+                await asyncio.sleep(RETRY_DELAY)
+        hello: dict[str, Any] = {"t": Kind.HELLO, "protocol": PROTOCOL_VERSION, "role": role,
+                                 "task": task, "token": token}
+        if node is not None:
+            hello["node"] = node
+        if relay_token is not None:
+            hello["relay_token"] = relay_token
+        if wait > 0:
+            hello["wait"] = max(deadline - time.monotonic(), 0.001)
+        link = cls(connection, url, Frame({"t": Kind.HELLO}))
+        try:
+            await connection.send(Frame(hello).serialize())
+            reply = await link.recv()
+            if reply.kind == Kind.ERROR:
+                raise RelayRefused(str(reply.header.get("code")),
+                                   str(reply.header.get("message")), url)
+            if reply.kind != Kind.WELCOME:
+                raise RelayRefused("protocol", f"expected a welcome, got {reply.kind!r}", url)
+        except ConnectionLost as exc:
+            raise RelayRefused("closed", exc.detail, url) from None
+        except BaseException:
+            await connection.close()
+            raise
+        link.welcome = reply
+        return link
+
+    async def send(self, frame: Frame) -> None:
+        try:
+            await self.connection.send(frame.serialize())
+        except ConnectionClosed as exc:
+            raise ConnectionLost(self.url, _why(exc)) from None
+
+    async def send_state(self, state: Mapping[str, torch.Tensor], **fields: Any) -> None:
+        """Stream a state dict tensor by tensor, in bounded frames."""
+        for frame in encode_state(state, **fields):
+            await self.send(frame)
+
+    async def recv(self) -> Frame:
+        """The next frame; an ``error`` frame from the relay is raised.
+
+        Raises:
+            ConnectionLost: if the connection closed.
+            RelayRefused: if the relay sent an error.
+        """
+        try:
+            data = await self.connection.recv()
+        except ConnectionClosed as exc:
+            raise ConnectionLost(self.url, _why(exc)) from None
+        frame = Frame.parse(data)
+        if frame.kind == Kind.ERROR and self.welcome.kind == Kind.WELCOME:
+            raise RelayRefused(str(frame.header.get("code")), str(frame.header.get("message")),
+                               self.url)
+        return frame
+
+    async def close(self) -> None:
+        await self.connection.close()
+
+
+def _why(exc: ConnectionClosed) -> str:
+    close = exc.rcvd or exc.sent
+    if close is None:
+        return "the connection dropped without a closing handshake"
+    reason = f": {close.reason}" if close.reason else ""
+    return f"closed with code {close.code}{reason}"

@@ -1,0 +1,182 @@
+"""A participant's side of a task: consent, verify, then train each round.
+
+The same runtime serves ``fedmagic join`` on a server and a notebook that
+joins a task. Raw data never leaves the node: only the state returned by
+the scheduler's ``state_dict()`` is sent back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import traceback
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Callable
+
+from .codec import Frame, Kind, StateReader
+from .errors import DataNotFound, ProtocolError, TaskDefinitionError, TaskFailed
+from .link import Link
+from .task import TaskPackage
+
+if TYPE_CHECKING:
+    from .fed_avg import FedAvgScheduler
+
+__all__ = ["JoinOutcome", "ParticipantRuntime", "describe_failure"]
+
+log = logging.getLogger("fedmagic")
+
+Consent = Callable[[TaskPackage], bool]
+
+
+@dataclass
+class JoinOutcome:
+    """How a participant's part in a task ended."""
+
+    task_id: str
+    node: str
+    ok: bool
+    reason: str
+    rounds: int = 0
+
+
+class ParticipantRuntime:
+    """Takes part in one task over an open link.
+
+    Args:
+        link: a participant's link to the relay.
+        node: this node's name.
+        consent: shown the task's package; returns whether to run it.
+        on_event: called with ``(kind, details)`` as the task goes on, for
+            progress displays.
+    """
+
+    def __init__(self, link: Link, node: str, consent: Consent,
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+        self.link = link
+        self.node = node
+        self.consent = consent
+        self.on_event = on_event or (lambda kind, details: None)
+        self.scheduler: FedAvgScheduler | None = None
+        self.samples = 0
+        self.rounds = 0
+
+    async def run(self) -> JoinOutcome:
+        """Take part until the task ends; never raises for the task's own failures."""
+        task_id = str(self.link.welcome.header.get("task"))
+        try:
+            frame = await self._next()
+            if frame.kind != Kind.TASK:
+                raise ProtocolError("initiator", f"expected the task's code, got {frame.kind!r}")
+            package = TaskPackage.from_header(frame.header)
+            self.on_event("task", {"package": package})
+            if not await asyncio.to_thread(self.consent, package):
+                await self._status("declined", detail="the data owner did not consent")
+                return JoinOutcome(task_id, self.node, False, "consent refused")
+            try:
+                self.scheduler, self.samples = await asyncio.to_thread(self._prepare, package)
+            except Exception as exc:
+                await self._status("verified", ok=False, detail=describe_failure(exc),
+                                   traceback=traceback.format_exc())
+                return JoinOutcome(task_id, self.node, False,
+                                   f"data verification failed: {describe_failure(exc)}")
+            await self._status("verified", ok=True, samples=self.samples)
+            self.on_event("verified", {"samples": self.samples})
+            return await self._rounds(task_id)
+        finally:
+            await self.link.close()
+
+    def _prepare(self, package: TaskPackage) -> tuple[FedAvgScheduler, int]:
+        scheduler = package.build_scheduler()
+        scheduler._setup(package.task_id)
+        verifier = package.build_verifier(self.node)
+        if verifier is not None and verifier.run() is not True:
+            raise _VerifyFailed("DatasetVerify.run() returned False: this node's data is "
+                                "missing or not in the form the task expects")
+        scheduler.validate_context()
+        if not scheduler._context_validated:
+            raise TaskDefinitionError(type(scheduler).__name__, "validate_context() did not "
+                                      "call the parent's", "call super().validate_context() "
+                                      "first in your validate_context()")
+        dataset = getattr(scheduler.make_train_dataloader(), "dataset", None)
+        samples = len(dataset) if dataset is not None else 0
+        return scheduler, samples
+
+    async def _rounds(self, task_id: str) -> JoinOutcome:
+        scheduler = self.scheduler
+        while True:
+            frame = await self._next()
+            if frame.kind == Kind.FINISH:
+                ok = bool(frame.header.get("ok"))
+                reason = str(frame.header.get("reason"))
+                self.on_event("finished", {"ok": ok, "reason": reason})
+                return JoinOutcome(task_id, self.node, ok, reason, self.rounds)
+            if frame.kind != Kind.ROUND:
+                raise ProtocolError("initiator", f"expected a round, got {frame.kind!r}")
+            round = frame.header.get("round")
+            epochs = frame.header.get("epochs") or scheduler.merge_epochs
+            self.on_event("round", {"round": round, "epochs": epochs})
+            state = await self._receive_state(round)
+            started = time.perf_counter()
+            try:
+                await asyncio.to_thread(scheduler.load_state_dict, state)
+                for epoch in range(epochs):
+                    await asyncio.to_thread(scheduler.train)
+                    self.on_event("epoch", {"round": round, "epoch": epoch + 1, "epochs": epochs})
+            except Exception as exc:
+                await self.link.send(Frame({"t": Kind.FAILED, "round": round, "during": "train()",
+                                            "error": describe_failure(exc),
+                                            "traceback": traceback.format_exc()}))
+                return JoinOutcome(task_id, self.node, False,
+                                   f"train() failed: {describe_failure(exc)}", self.rounds)
+            seconds = time.perf_counter() - started
+            await self.link.send(Frame({"t": Kind.TRAINED, "round": round,
+                                        "samples": self.samples, "seconds": seconds}))
+            self.on_event("trained", {"round": round, "seconds": seconds})
+            frame = await self._next()
+            if frame.kind == Kind.FINISH:
+                return JoinOutcome(task_id, self.node, bool(frame.header.get("ok")),
+                                   str(frame.header.get("reason")), self.rounds)
+            if frame.kind != Kind.UPLOAD or frame.header.get("round") != round:
+                raise ProtocolError("initiator", f"expected an upload request for round "
+                                    f"{round}, got {frame}")
+            update = await asyncio.to_thread(scheduler.state_dict)
+            await self.link.send_state(update, round=round)
+            self.rounds += 1
+            self.on_event("uploaded", {"round": round})
+
+    async def _receive_state(self, round: int) -> dict[str, Any]:
+        reader = StateReader(self.scheduler.state_dict())
+        while True:
+            frame = await self._next()
+            if frame.kind not in (Kind.STATE, Kind.STATE_END) or frame.header.get("round") != round:
+                raise ProtocolError("initiator", f"expected round {round}'s weights, got {frame}")
+            if frame.kind == Kind.STATE_END:
+                return reader.finish(frame)
+            reader.feed(frame)
+
+    async def _next(self) -> Frame:
+        frame = await self.link.recv()
+        if frame.kind == Kind.TASK_CLOSED:
+            raise TaskFailed(str(frame.header.get("task")), "the initiator left the task "
+                             "without finishing it")
+        return frame
+
+    async def _status(self, stage: str, **fields: Any) -> None:
+        await self.link.send(Frame({"t": Kind.STATUS, "stage": stage, **fields}))
+
+
+class _VerifyFailed(Exception):
+    pass
+
+
+def describe_failure(exc: BaseException) -> str:
+    """One line saying what went wrong, with a hint where fedmagic knows one."""
+    text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, _VerifyFailed) else str(exc)
+    chain = traceback.format_exception(exc)
+    if any("download" in line.lower() for line in chain) and (
+            "URLError" in "".join(chain) or "Error downloading" in "".join(chain)):
+        root = getattr(exc, "filename", None) or "the task's data directory"
+        return str(DataNotFound(str(root), text))
+    return text
+

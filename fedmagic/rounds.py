@@ -1,0 +1,545 @@
+"""The initiator's side of a task: gather participants, run rounds, average.
+
+Each round the global weights fan out once through the relay to the
+selected participants; each trains and says so; the aggregator then asks
+one participant at a time for its update, checks it (names, dtypes, shapes,
+finite values) and folds it into a running weighted mean. One upload at a
+time keeps memory at a few copies of the model however many participants
+there are.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import math
+import numbers
+import os
+import secrets
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from .aggregate import WeightedMean, non_finite
+from .checkpoint import Checkpoint
+from .codec import Frame, Kind, StateReader
+from .errors import (CodecError, ConfigurationError, ConnectionLost, NotEnoughParticipants,
+                     RemoteError, TaskFailed, UpdateRejected)
+from .link import Link
+from .relay import DEFAULT_PORT, EmbeddedRelay, Relay
+from .task import TaskPackage
+
+if TYPE_CHECKING:
+    from .fed_avg import FedAvgScheduler
+
+__all__ = ["Participant", "TaskResult", "Aggregator", "run_task"]
+
+log = logging.getLogger("fedmagic")
+
+#: Statuses from which a participant may be picked for the next round.
+AVAILABLE = ("ready", "uploaded", "refused")
+
+
+@dataclass
+class Participant:
+    """What the initiator knows of one node."""
+
+    node: str
+    status: str = "joined"
+    samples: int = 0
+    detail: str = ""
+    round: int = 0
+    train_seconds: float | None = None
+
+
+@dataclass
+class TaskResult:
+    """How a task ended: its history, last metrics and checkpoint."""
+
+    task_id: str
+    name: str
+    rounds: int
+    history: list[dict[str, Any]]
+    checkpoint: Path
+    participants: dict[str, Participant] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        """The last tested round's metrics."""
+        for row in reversed(self.history):
+            if "tested" in row and row["tested"]:
+                return {key: value for key, value in row.items() if key not in _ROW_KEYS}
+        return {}
+
+
+_ROW_KEYS = ("round", "participants", "samples", "seconds", "tested")
+
+
+@dataclass
+class _Upload:
+    node: str
+    round: int
+    reader: StateReader
+    last_progress: float
+    state: dict[str, torch.Tensor] | None = None
+    error: str | None = None
+
+
+class Aggregator:
+    """Runs one task's rounds over a link to the relay.
+
+    Args:
+        scheduler: the author's scheduler, already set up.
+        package: the task's code, sent to each participant that joins.
+        link: an initiator's link to the relay.
+        join_timeout: seconds to wait for ``min_clients`` verified participants.
+        join_grace: once ``min_clients`` are in, seconds to wait for more (up
+            to ``max_clients``) before round 1.
+        weighted: weight updates by sample counts (FedAvg); False gives the
+            plain mean.
+        on_event: called with every event line, for displays.
+    """
+
+    def __init__(self, scheduler: FedAvgScheduler, package: TaskPackage, link: Link, *,
+                 checkpoint: Checkpoint, join_timeout: float = 300.0, join_grace: float = 3.0,
+                 weighted: bool = True, history: list[dict[str, Any]] | None = None,
+                 on_event: Callable[[str], None] | None = None) -> None:
+        self.scheduler = scheduler
+        self.package = package
+        self.link = link
+        self.checkpoint = checkpoint
+        self.join_timeout = join_timeout
+        self.join_grace = join_grace
+        self.weighted = weighted
+        self.history = history or []
+        self.on_event = on_event
+        self.participants: dict[str, Participant] = {}
+        self.upload_timeout = max(60.0, scheduler.calculation_timeout)
+        self._task_header = package.to_header()
+        self._ready: collections.deque[str] = collections.deque()
+        self._upload: _Upload | None = None
+        self._staging: dict[str, torch.Tensor] = {}
+        self._round = 0
+        self._changed = asyncio.Event()
+        self._lost: BaseException | None = None
+
+    @property
+    def task_id(self) -> str:
+        return self.package.task_id
+
+    async def run(self) -> TaskResult:
+        """Gather, run rounds until ``is_task_finished()``, and tell everyone.
+
+        Raises:
+            TaskFailed: if the task cannot go on; participants are told too.
+        """
+        reader = asyncio.create_task(self._read_frames())
+        try:
+            await self._gather()
+            while True:
+                await self._run_round(self.scheduler.current_round + 1)
+                if self.scheduler.is_task_finished():
+                    break
+            await self._tell_all({"t": Kind.FINISH, "ok": True, "reason": "finished"})
+        except BaseException as exc:
+            reason = str(exc) or type(exc).__name__
+            if isinstance(exc, asyncio.CancelledError):
+                reason = "stopped by the task's author"
+            await self._tell_all({"t": Kind.FINISH, "ok": False, "reason": reason})
+            raise
+        finally:
+            reader.cancel()
+            await self.link.close()
+        self._event(f"task {self.task_id!r} finished after round {self.scheduler.current_round}")
+        return TaskResult(self.task_id, self.scheduler.name, self.scheduler.current_round,
+                          self.history, self.checkpoint.directory, self.participants)
+
+    # Gathering.
+
+    async def _gather(self) -> None:
+        need, most = self.scheduler.min_clients, self.scheduler.max_clients
+        self._event(f"waiting for {need} to {most} participants to join and verify their data")
+        loop = asyncio.get_running_loop()
+        if not await self._wait_until(lambda: self._count_available() >= need,
+                                      loop.time() + self.join_timeout):
+            raise NotEnoughParticipants(self.task_id, self._count_available(), need,
+                                        waited=self.join_timeout)
+        await self._wait_until(lambda: self._count_available() >= most,
+                               loop.time() + self.join_grace)
+
+    def _count_available(self) -> int:
+        return sum(p.status in AVAILABLE for p in self.participants.values())
+
+    # One round.
+
+    async def _run_round(self, round: int) -> None:
+        scheduler = self.scheduler
+        started = time.perf_counter()
+        loop = asyncio.get_running_loop()
+        if self._count_available() < scheduler.min_clients:
+            self._event(f"round {round}: waiting for participants")
+            await self._wait_until(lambda: self._count_available() >= scheduler.min_clients,
+                                   loop.time() + self.join_timeout)
+        selected = [p.node for p in self.participants.values()
+                    if p.status in AVAILABLE][:scheduler.max_clients]
+        if len(selected) < scheduler.min_clients:
+            raise NotEnoughParticipants(self.task_id, len(selected), scheduler.min_clients,
+                                        waited=self.join_timeout)
+        self._round = round
+        for node in selected:
+            self.participants[node].status = "training"
+            self.participants[node].round = round
+        self._event(f"round {round}: training on {', '.join(selected)}")
+        global_state = scheduler.state_dict()
+        await self.link.send(Frame({"t": Kind.ROUND, "to": selected, "round": round,
+                                    "epochs": scheduler.merge_epochs}))
+        await self.link.send_state(global_state, to=selected, round=round)
+
+        mean = WeightedMean(global_state)
+        deadline = loop.time() + scheduler.calculation_timeout
+        while True:
+            if self._ready:
+                await self._collect(self._ready.popleft(), round, global_state, mean)
+                continue
+            training = [node for node in selected
+                        if self.participants[node].status == "training"]
+            if not training:
+                break
+            if not await self._wait_until(lambda: bool(self._ready) or not any(
+                    self.participants[n].status == "training" for n in training), deadline):
+                for node in training:
+                    if self.participants[node].status == "training":
+                        self.participants[node].status = "timed out"
+                        self._event(f"round {round}: {node} timed out after "
+                                    f"{scheduler.calculation_timeout:g} s (calculation_timeout)")
+                break
+
+        if mean.count < scheduler.min_clients:
+            raise NotEnoughParticipants(self.task_id, mean.count, scheduler.min_clients,
+                                        round=round)
+        averaged = await asyncio.to_thread(mean.result)
+        await asyncio.to_thread(scheduler.load_state_dict, averaged)
+        scheduler.current_round = round
+        finished = scheduler.is_task_finished()
+        row: dict[str, Any] = {"round": round, "participants": mean.count,
+                               "samples": int(mean.total_weight) if self.weighted else None}
+        log_rounds = scheduler.log_rounds
+        tested = round == 1 or finished or (log_rounds > 0 and round % log_rounds == 0)
+        row["tested"] = tested
+        if tested:
+            row.update(_metrics(await asyncio.to_thread(scheduler.test)))
+        row["seconds"] = round_seconds = time.perf_counter() - started
+        self.history.append(row)
+        await asyncio.to_thread(self.checkpoint.save, scheduler.state_dict(), round,
+                                self.history, self.task_id)
+        shown = ", ".join(f"{key}={_short(value)}" for key, value in row.items()
+                          if key not in _ROW_KEYS)
+        self._event(f"round {round}/{scheduler.max_rounds or '?'}: averaged {mean.count} "
+                    f"updates in {round_seconds:.2f} s" + (f"; {shown}" if shown else ""))
+
+    async def _collect(self, node: str, round: int, global_state: dict[str, torch.Tensor],
+                       mean: WeightedMean) -> None:
+        participant = self.participants[node]
+        if participant.status != "trained":
+            return
+        loop = asyncio.get_running_loop()
+        upload = _Upload(node, round, StateReader(global_state, out=self._staging),
+                         last_progress=loop.time())
+        self._upload = upload
+        participant.status = "uploading"
+        try:
+            await self.link.send(Frame({"t": Kind.UPLOAD, "to": [node], "round": round}))
+            while upload.state is None and upload.error is None:
+                if participant.status == "dropped":
+                    return
+                stalled = loop.time() - upload.last_progress
+                if stalled >= self.upload_timeout:
+                    upload.error = f"no data for {self.upload_timeout:g} s"
+                    break
+                self._changed.clear()
+                try:
+                    await asyncio.wait_for(self._changed.wait(), self.upload_timeout - stalled)
+                except asyncio.TimeoutError:
+                    pass
+                self._check_lost()
+        finally:
+            self._upload = None
+        if upload.error is None:
+            bad = await asyncio.to_thread(non_finite, upload.state)
+            if bad:
+                upload.error = f"non-finite values (NaN or infinity) in {', '.join(bad)}"
+        if upload.error is None and self.weighted and participant.samples <= 0:
+            upload.error = "it reported no training samples, so it has no weight"
+        if upload.error is not None:
+            participant.status = "refused"
+            participant.detail = upload.error
+            self._event(str(UpdateRejected(node, round, upload.error)), logging.WARNING)
+            return
+        weight = participant.samples if self.weighted else 1
+        await asyncio.to_thread(mean.add, upload.state, weight)
+        participant.status = "uploaded"
+
+    # Frames from the relay.
+
+    async def _read_frames(self) -> None:
+        try:
+            while True:
+                frame = await self.link.recv()
+                await self._dispatch(frame)
+                self._changed.set()
+        except asyncio.CancelledError:
+            raise
+        except BaseException as exc:
+            self._lost = exc
+            self._changed.set()
+
+    async def _dispatch(self, frame: Frame) -> None:
+        node = frame.header.get("from")
+        kind = frame.kind
+        if kind == Kind.PEER_JOINED:
+            self.participants[node] = Participant(node)
+            self._event(f"{node} joined; sending it the task's code")
+            await self.link.send(Frame({**self._task_header, "to": [node]}))
+            return
+        participant = self.participants.get(node)
+        if participant is None:
+            log.warning("ignored a %s frame from unknown node %r", kind, node)
+            return
+        if kind == Kind.PEER_LEFT:
+            if participant.status not in ("declined", "unverified", "failed"):
+                participant.status = "dropped"
+            self._event(f"{node} left", logging.WARNING)
+        elif kind == Kind.STATUS:
+            self._on_status(participant, frame.header)
+        elif kind == Kind.TRAINED:
+            self._on_trained(participant, frame.header)
+        elif kind in (Kind.STATE, Kind.STATE_END):
+            self._on_state(participant, frame)
+        elif kind == Kind.FAILED:
+            participant.status = "failed"
+            error = RemoteError(node, str(frame.header.get("during", "training")),
+                                str(frame.header.get("error")),
+                                str(frame.header.get("traceback", "")))
+            participant.detail = error.error
+            self._event(str(error), logging.ERROR)
+        else:
+            log.warning("ignored an unexpected %s frame from %r", kind, node)
+
+    def _on_status(self, participant: Participant, header: dict[str, Any]) -> None:
+        node = participant.node
+        stage = header.get("stage")
+        detail = str(header.get("detail") or "")
+        if stage == "declined":
+            participant.status, participant.detail = "declined", detail or "consent refused"
+            self._event(f"{node} declined the task's code: {participant.detail}", logging.WARNING)
+        elif stage == "verified" and header.get("ok"):
+            samples = header.get("samples")
+            participant.samples = samples if isinstance(samples, int) and samples > 0 else 0
+            participant.status = "ready"
+            self._event(f"{node} verified its data: {participant.samples} training samples")
+        elif stage == "verified":
+            participant.status, participant.detail = "unverified", detail
+            trace = str(header.get("traceback") or "")
+            self._event(f"{node} failed data verification: {detail}"
+                        + (f"\n{trace.rstrip()}" if trace else ""), logging.WARNING)
+
+    def _on_trained(self, participant: Participant, header: dict[str, Any]) -> None:
+        seconds = header.get("seconds")
+        participant.train_seconds = seconds if isinstance(seconds, numbers.Real) else None
+        if header.get("round") == self._round and participant.status == "training":
+            participant.status = "trained"
+            self._ready.append(participant.node)
+        elif participant.status == "timed out":
+            participant.status = "ready"  # late, but free for the next round
+
+    def _on_state(self, participant: Participant, frame: Frame) -> None:
+        upload = self._upload
+        if upload is None or upload.node != participant.node:
+            log.warning("ignored state data %s from %r: no upload was asked of it",
+                        frame, participant.node)
+            return
+        if upload.error is not None or upload.state is not None:
+            return
+        upload.last_progress = asyncio.get_running_loop().time()
+        try:
+            if frame.header.get("round") != upload.round:
+                raise CodecError(f"state is for round {frame.header.get('round')!r}", "update")
+            if frame.kind == Kind.STATE:
+                upload.reader.feed(frame)
+            else:
+                upload.state = upload.reader.finish(frame)
+        except CodecError as exc:
+            upload.error = str(exc)
+
+    # Helpers.
+
+    async def _wait_until(self, predicate: Callable[[], bool], deadline: float) -> bool:
+        loop = asyncio.get_running_loop()
+        while not predicate():
+            self._check_lost()
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return False
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), remaining)
+            except asyncio.TimeoutError:
+                pass
+        return True
+
+    def _check_lost(self) -> None:
+        if self._lost is not None:
+            raise TaskFailed(self.task_id, str(self._lost), self._round or None) from self._lost
+
+    async def _tell_all(self, header: dict[str, Any]) -> None:
+        if self._lost is None:
+            try:
+                await self.link.send(Frame({**header, "to": "*"}))
+            except ConnectionLost:
+                pass
+
+    def _event(self, text: str, level: int = logging.INFO) -> None:
+        log.log(level, text)
+        if self.on_event is not None:
+            self.on_event(text)
+
+
+def _metrics(values: Any) -> dict[str, Any]:
+    if not isinstance(values, dict):
+        log.warning("test() returned a %s, not a dict of metrics; ignored",
+                    type(values).__name__)
+        return {}
+    metrics = {}
+    for key, value in values.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (numbers.Real, str)) and not isinstance(value, bool):
+            metrics[str(key)] = float(value) if isinstance(value, numbers.Real) and not \
+                isinstance(value, int) else value
+    return metrics
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, float) and math.isfinite(value):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def run_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = None,
+             token: str | None = None, relay_token: str | None = None,
+             dataset_verify: Any = None, join_timeout: float = 300.0, join_grace: float = 3.0,
+             resume: bool = False, weighted: bool = True,
+             checkpoint_dir: str | os.PathLike[str] | None = None) -> TaskResult:
+    """Run a task as its initiator until it ends; what ``launch_task`` calls.
+
+    Args:
+        relay: the relay's URL; default ``$FEDMAGIC_RELAY``, else a relay
+            embedded in this process on 127.0.0.1, port ``$FEDMAGIC_PORT``
+            (default 8765).
+        token: the join token participants must present; default
+            ``$FEDMAGIC_TOKEN``, else a fresh random one (printed).
+        relay_token: the relay operator's token; default ``$FEDMAGIC_RELAY_TOKEN``.
+        dataset_verify: a ``DatasetVerify`` class or file to send with the task.
+        join_timeout: seconds to wait for ``min_clients`` participants.
+        join_grace: seconds to wait for more, up to ``max_clients``.
+        resume: continue from the checkpoint in ``models/<name>/``.
+        weighted: average weighted by sample counts (else a plain mean).
+        checkpoint_dir: default ``models/<name>``.
+
+    Raises:
+        TaskFailed: if the task could not finish.
+    """
+    if not isinstance(task_id, str) or not task_id.strip():
+        raise ConfigurationError("task_id", task_id, "pass the id participants will join, "
+                                 "e.g. launch_task(task_id='digits')")
+    scheduler._check_rounds()
+    scheduler._setup(task_id)
+    package = TaskPackage.from_scheduler(scheduler, task_id, dataset_verify)
+    checkpoint = Checkpoint(checkpoint_dir or Path("models") / scheduler.name)
+    history: list[dict[str, Any]] = []
+    if resume and checkpoint.exists():
+        state, done, history = checkpoint.load()
+        scheduler.load_state_dict(state)
+        scheduler.current_round = done
+        log.info("resuming task %r after round %d from %s", task_id, done, checkpoint.directory)
+        if scheduler.is_task_finished():
+            log.info("the checkpoint is already finished; nothing to run")
+            return TaskResult(task_id, scheduler.name, done, history, checkpoint.directory)
+    token = token or os.environ.get("FEDMAGIC_TOKEN") or secrets.token_urlsafe(16)
+    relay_token = relay_token or os.environ.get("FEDMAGIC_RELAY_TOKEN")
+    url = relay or os.environ.get("FEDMAGIC_RELAY")
+    embedded = None
+    if not url:
+        port = int(os.environ.get("FEDMAGIC_PORT", DEFAULT_PORT))
+        embedded = _start_embedded(port)
+        url = embedded.url
+    log.info("task %r: code hash %s", task_id, package.code_hash[:16])
+    log.info("participants join with:  fedmagic join %s --task %s --token %s --node NAME",
+             url, task_id, token)
+
+    async def main() -> TaskResult:
+        link = await Link.open(url, role="initiator", task=task_id, token=token,
+                               relay_token=relay_token)
+        aggregator = Aggregator(scheduler, package, link, checkpoint=checkpoint,
+                                join_timeout=join_timeout, join_grace=join_grace,
+                                weighted=weighted, history=history)
+        return await aggregator.run()
+
+    try:
+        return _run_in_thread(main)
+    finally:
+        if embedded is not None:
+            embedded.stop()
+
+
+def _start_embedded(port: int) -> EmbeddedRelay:
+    try:
+        return EmbeddedRelay("127.0.0.1", port, Relay()).start()
+    except OSError as exc:
+        raise ConfigurationError(
+            "FEDMAGIC_PORT", port, f"cannot start the embedded relay ({exc.strerror or exc}); "
+            "another task may be using the port: set FEDMAGIC_PORT to a free port, or "
+            "FEDMAGIC_RELAY to a running relay's URL") from None
+
+
+def _run_in_thread(main: Callable[[], Any]) -> Any:
+    """Run ``main()`` on an event loop of its own thread; Ctrl-C stops it cleanly.
+
+    A thread of its own works the same from a script and from a kernel that
+    already runs an event loop.
+    """
+    loop = asyncio.new_event_loop()
+    outcome: dict[str, Any] = {}
+    task_ready = threading.Event()
+
+    def target() -> None:
+        asyncio.set_event_loop(loop)
+        task = loop.create_task(main())
+        outcome["task"] = task
+        task_ready.set()
+        try:
+            outcome["result"] = loop.run_until_complete(task)
+        except BaseException as exc:
+            outcome["error"] = exc
+        finally:
+            loop.run_until_complete(loop.shutdown_asyncgens())
+            loop.close()
+
+    thread = threading.Thread(target=target, name="fedmagic-task", daemon=True)
+    thread.start()
+    task_ready.wait()
+    try:
+        while thread.is_alive():
+            thread.join(0.2)
+    except KeyboardInterrupt:
+        loop.call_soon_threadsafe(outcome["task"].cancel)
+        thread.join()
+        raise
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
