@@ -61,7 +61,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     demo = commands.add_parser("demo", help="run a whole task on this machine: digits data, "
                                "participant processes and the initiator")
     demo.add_argument("--participants", type=int, default=3)
-    demo.add_argument("--rounds", type=int, default=5)
+    demo.add_argument("--rounds", type=int, default=10)
     demo.add_argument("--split", default="iid", choices=("iid", "by-label"))
     demo.add_argument("--workdir", help="default: a new temporary directory")
 

@@ -53,6 +53,7 @@ class Participant:
     status: str = "joined"
     samples: int = 0
     detail: str = ""
+    traceback: str = ""
     round: int = 0
     train_seconds: float | None = None
 
@@ -147,7 +148,7 @@ class Aggregator:
                     break
             await self._tell_all({"t": Kind.FINISH, "ok": True, "reason": "finished"})
         except BaseException as exc:
-            reason = str(exc) or type(exc).__name__
+            reason = exc.reason if isinstance(exc, TaskFailed) else str(exc) or type(exc).__name__
             if isinstance(exc, asyncio.CancelledError):
                 reason = "stopped by the task's author"
             await self._tell_all({"t": Kind.FINISH, "ok": False, "reason": reason})
@@ -325,7 +326,7 @@ class Aggregator:
             error = RemoteError(node, str(frame.header.get("during", "training")),
                                 str(frame.header.get("error")),
                                 str(frame.header.get("traceback", "")))
-            participant.detail = error.error
+            participant.detail, participant.traceback = error.error, error.traceback
             self._event(str(error), logging.ERROR)
         else:
             log.warning("ignored an unexpected %s frame from %r", kind, node)
@@ -344,7 +345,7 @@ class Aggregator:
             self._event(f"{node} verified its data: {participant.samples} training samples")
         elif stage == "verified":
             participant.status, participant.detail = "unverified", detail
-            trace = str(header.get("traceback") or "")
+            participant.traceback = trace = str(header.get("traceback") or "")
             self._event(f"{node} failed data verification: {detail}"
                         + (f"\n{trace.rstrip()}" if trace else ""), logging.WARNING)
 
@@ -434,7 +435,8 @@ def run_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = No
              token: str | None = None, relay_token: str | None = None,
              dataset_verify: Any = None, join_timeout: float = 300.0, join_grace: float = 3.0,
              resume: bool = False, weighted: bool = True,
-             checkpoint_dir: str | os.PathLike[str] | None = None) -> TaskResult:
+             checkpoint_dir: str | os.PathLike[str] | None = None,
+             on_event: Callable[[str], None] | None = None) -> TaskResult:
     """Run a task as its initiator until it ends; what ``launch_task`` calls.
 
     Args:
@@ -450,6 +452,7 @@ def run_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = No
         resume: continue from the checkpoint in ``models/<name>/``.
         weighted: average weighted by sample counts (else a plain mean).
         checkpoint_dir: default ``models/<name>``.
+        on_event: called (on the task's thread) with each event line.
 
     Raises:
         TaskFailed: if the task could not finish.
@@ -487,7 +490,7 @@ def run_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = No
                                relay_token=relay_token)
         aggregator = Aggregator(scheduler, package, link, checkpoint=checkpoint,
                                 join_timeout=join_timeout, join_grace=join_grace,
-                                weighted=weighted, history=history)
+                                weighted=weighted, history=history, on_event=on_event)
         return await aggregator.run()
 
     try:
@@ -498,6 +501,8 @@ def run_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = No
 
 
 def _start_embedded(port: int) -> EmbeddedRelay:
+    # The task's own log tells who joined and left; the relay's would say it twice.
+    logging.getLogger("fedmagic.relay").setLevel(logging.WARNING)
     try:
         return EmbeddedRelay("127.0.0.1", port, Relay()).start()
     except OSError as exc:

@@ -133,8 +133,8 @@ class DatasetVerify:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="digits", help="the task id participants join")
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=1, help="local epochs per round")
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=2, help="local epochs per round")
     parser.add_argument("--min-clients", type=int, default=2)
     parser.add_argument("--max-clients", type=int, default=3)
     options = parser.parse_args()

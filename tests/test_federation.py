@@ -1,0 +1,122 @@
+"""Whole tasks across real processes: an in-process initiator with its embedded
+relay on loopback, and ``fedmagic join`` participants, each with its own data."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+
+import pytest
+import torch
+
+from conftest import port_is_free, wait_for
+from fedmagic.errors import NotEnoughParticipants, UnsupportedTensor
+from fedmagic.examples.digits_task import DigitsScheduler
+from faulty_digits import FaultyDigits, FlaggedDigits
+
+pytestmark = pytest.mark.slow
+
+
+def test_three_participants_reach_90_percent_on_the_digits(federation, monkeypatch):
+    layout = federation.write_digits(3)
+    for party in layout.nodes:
+        federation.join(party.name, "digits")  # started before the task exists
+    monkeypatch.chdir(layout.initiator.workdir)
+
+    result = DigitsScheduler(min_clients=3, max_clients=3, name="demo_task", max_rounds=10,
+                             merge_epochs=2).launch_task(task_id="digits", join_timeout=60)
+
+    assert result.metrics["accuracy"] >= 0.90
+    assert [row["round"] for row in result.history] == list(range(1, 11))
+    assert all(row["participants"] == 3 for row in result.history)
+    assert result.history[0]["samples"] == sum(party.train_size for party in layout.nodes)
+    saved = torch.load(result.checkpoint / "model.pt", weights_only=True)
+    assert set(saved) == set(DigitsScheduler(1, 1).make_model().state_dict())
+    assert len(json.loads((result.checkpoint / "history.json").read_text())) == 10
+    for party in layout.nodes:
+        assert federation.wait(party.name) == 0, federation.output(party.name)
+        assert "this node trained 10 rounds" in federation.output(party.name)
+    assert port_is_free(federation.port)
+
+
+def test_bad_updates_and_failed_verification_are_refused_while_the_task_goes_on(
+        federation, monkeypatch):
+    layout = federation.write_digits(4)
+    federation.join("node-1", "faults")
+    federation.join("node-2", "faults", fault="nan")
+    federation.join("node-3", "faults", fault="shape")
+    federation.join("node-4", "faults", fault="crash")
+    federation.join("no-data", "faults", workdir=federation.root / "no-data")
+    monkeypatch.chdir(layout.initiator.workdir)
+    events: list[str] = []
+
+    result = FaultyDigits(min_clients=1, max_clients=5, name="demo_task", max_rounds=2,
+                          merge_epochs=1).launch_task(task_id="faults", join_timeout=60,
+                                                      join_grace=20, on_event=events.append)
+
+    assert [row["participants"] for row in result.history] == [1, 1]
+    nodes = result.participants
+    assert nodes["node-1"].status == "uploaded"
+    assert nodes["node-2"].status == "refused"
+    assert "non-finite values (NaN or infinity) in fc1.weight" in nodes["node-2"].detail
+    assert nodes["node-3"].status == "refused"
+    assert "'fc2.bias' has shape (11,), expected (10,)" in nodes["node-3"].detail
+    assert nodes["node-4"].status == "failed"
+    assert "simulated failure in this node's training loop" in nodes["node-4"].detail
+    assert 'in train\n    raise RuntimeError' in nodes["node-4"].traceback
+    assert nodes["no-data"].status == "unverified"
+    assert "DatasetVerify.run() returned False" in nodes["no-data"].detail
+    assert any("update from 'node-2' in round 1 refused" in line for line in events)
+    assert federation.wait("node-1") == 0
+    assert federation.wait("node-4") == 1
+    assert "train() failed" in federation.output("node-4")
+    assert federation.wait("no-data") == 1
+    assert "data verification failed" in federation.output("no-data")
+
+
+def test_round_completes_with_the_others_when_a_participant_is_killed_mid_round(
+        federation, monkeypatch):
+    layout = federation.write_digits(3)
+    federation.join("node-1", "kill")
+    federation.join("node-2", "kill")
+    hanging = federation.join("node-3", "kill", fault="hang")
+    monkeypatch.chdir(layout.initiator.workdir)
+    scheduler = FaultyDigits(min_clients=2, max_clients=3, name="demo_task", max_rounds=2,
+                             calculation_timeout=120)
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(scheduler.launch_task, task_id="kill", join_timeout=60)
+        assert wait_for((layout.nodes[2].workdir / "training.started").exists, 60)
+        hanging.kill()
+        result = running.result(timeout=60)
+
+    assert [row["participants"] for row in result.history] == [2, 2]
+    assert result.participants["node-3"].status == "dropped"
+    assert result.history[0]["seconds"] < 60  # nobody waited out calculation_timeout
+
+
+def test_too_few_participants_fails_clearly_and_releases_everyone(federation, monkeypatch):
+    layout = federation.write_digits(1)
+    federation.join("node-1", "few")
+    monkeypatch.chdir(layout.initiator.workdir)
+
+    with pytest.raises(NotEnoughParticipants) as failure:
+        DigitsScheduler(min_clients=2, max_clients=3, name="demo_task",
+                        max_rounds=2).launch_task(task_id="few", join_timeout=8)
+
+    assert "only 1 of the 2 participants needed (min_clients)" in str(failure.value)
+    assert "lower min_clients, or raise join_timeout" in str(failure.value)
+    assert federation.wait("node-1", timeout=20) == 1
+    assert "did not finish: only 1 of the 2 participants" in federation.output("node-1")
+    assert port_is_free(federation.port)
+
+
+def test_bool_tensor_in_state_dict_is_refused_before_round_one(federation, monkeypatch):
+    monkeypatch.chdir(federation.root)
+
+    with pytest.raises(UnsupportedTensor) as refusal:
+        FlaggedDigits(min_clients=1, max_clients=1, max_rounds=1).launch_task(task_id="flags")
+
+    assert str(refusal.value).startswith("state_dict()['active'] is a torch.bool tensor: "
+                                         "FedAvg cannot average flags")
+    assert port_is_free(federation.port)  # refused before any relay started
