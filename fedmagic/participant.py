@@ -60,6 +60,8 @@ class ParticipantRuntime:
         self.scheduler: FedAvgScheduler | None = None
         self.samples = 0
         self.rounds = 0
+        # Reused every round: fresh pages for a large model cost more than the copy.
+        self._inbox: dict[str, Any] = {}
 
     async def run(self) -> JoinOutcome:
         """Take part until the task ends; never raises for the task's own failures."""
@@ -146,7 +148,7 @@ class ParticipantRuntime:
             self.on_event("uploaded", {"round": round})
 
     async def _receive_state(self, round: int) -> dict[str, Any]:
-        reader = StateReader(self.scheduler.state_dict())
+        reader = StateReader(self.scheduler.state_dict(), out=self._inbox)
         while True:
             frame = await self._next()
             if frame.kind not in (Kind.STATE, Kind.STATE_END) or frame.header.get("round") != round:
