@@ -13,6 +13,7 @@ flag.
 
 from __future__ import annotations
 
+import math
 from typing import Iterable, Mapping
 
 import torch
@@ -33,14 +34,14 @@ def check_state(state: object) -> None:
             dtype that can travel and be averaged.
     """
     if not isinstance(state, Mapping):
-        raise UnsupportedTensor("*", type(state).__name__,
+        raise UnsupportedTensor(None, f"a {type(state).__name__}, not a mapping",
                                 "state_dict() must return a dict of name -> tensor")
     for name, value in state.items():
         if not isinstance(name, str):
-            raise UnsupportedTensor(repr(name), "a key that is not a string",
+            raise UnsupportedTensor(name, f"stored under a key of type {type(name).__name__}",
                                     "state dict keys travel as strings; rename it")
         if not isinstance(value, torch.Tensor):
-            raise UnsupportedTensor(name, f"a {type(value).__name__}, not a tensor",
+            raise UnsupportedTensor(name, f"a value of type {type(value).__name__}, not a tensor",
                                     "only tensors are averaged; keep other values out "
                                     "of state_dict() or turn them into tensors")
         if value.dtype == torch.bool:
@@ -62,7 +63,12 @@ def non_finite(state: State) -> list[str]:
     """Names of the floating tensors holding NaN or infinity."""
     return [name for name, tensor in state.items()
             if (tensor.is_floating_point() or tensor.is_complex())
-            and not bool(torch.isfinite(tensor).all())]
+            and not bool(torch.isfinite(_checkable(tensor)).all())]
+
+
+def _checkable(tensor: torch.Tensor) -> torch.Tensor:
+    # torch.isfinite is not implemented for the float8 dtypes; float32 keeps NaN and inf
+    return tensor.float() if tensor.is_floating_point() and tensor.element_size() == 1 else tensor
 
 
 def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -89,11 +95,26 @@ class WeightedMean:
         self.count = 0
 
     def add(self, state: State, weight: float) -> None:
-        """Fold one state in; ``state`` must have the reference's names and shapes."""
-        if not weight > 0:
-            raise AggregationError(f"weight must be positive, got {weight!r}")
+        """Fold one state in; ``state`` must have the reference's names and shapes.
+
+        Raises:
+            AggregationError: for a weight that is not positive and finite, or a
+                state whose names or shapes differ from the reference's; nothing
+                is added then.
+        """
+        if not (weight > 0 and math.isfinite(weight)):
+            raise AggregationError(f"weight must be positive and finite (the number of "
+                                   f"samples behind the update), got {weight!r}")
+        if set(state) != set(self._sums):
+            raise AggregationError(f"the update's tensors differ from the reference's: "
+                                   f"{sorted(set(state) ^ set(self._sums))}")
         for name, total in self._sums.items():
-            total.add_(state[name].to(device="cpu", dtype=total.dtype), alpha=weight)
+            if state[name].shape != total.shape:
+                raise AggregationError(f"tensor {name!r} has shape {tuple(state[name].shape)}, "
+                                       f"the reference has {tuple(total.shape)}")
+        for name, total in self._sums.items():
+            # detach: an input that requires grad must not grow a graph across updates
+            total.add_(state[name].detach().to(device="cpu", dtype=total.dtype), alpha=weight)
         self.total_weight += weight
         self.count += 1
 
@@ -119,7 +140,8 @@ def weighted_mean(updates: Iterable[tuple[State, float]]) -> dict[str, torch.Ten
     """FedAvg of ``(state, weight)`` pairs; all states must share names and shapes.
 
     Raises:
-        AggregationError: for no updates, or updates whose names differ.
+        AggregationError: for no updates, updates whose names or shapes differ,
+            or a weight that is not positive.
     """
     mean: WeightedMean | None = None
     names: set[str] = set()

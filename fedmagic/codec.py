@@ -26,7 +26,7 @@ import msgpack
 import numpy as np
 import torch
 
-from .errors import CodecError
+from .errors import CodecError, ConfigurationError
 
 __all__ = [
     "CHUNK_BYTES",
@@ -47,6 +47,7 @@ CHUNK_BYTES = 4 << 20
 #: Largest state dict a reader allocates when it has no model to compare with.
 MAX_STATE_BYTES = 64 << 30
 MAX_LOG_SIZE = 60
+MAX_LOG_FIELDS = 12
 
 _PREFIX = struct.Struct(">I")
 
@@ -124,7 +125,7 @@ class Frame:
         """
         if isinstance(data, str):
             raise CodecError("got a text message; fedmagic speaks binary frames only")
-        view = memoryview(data)
+        view = memoryview(data).cast("B")  # slices below count bytes, whatever the format
         if view.nbytes < _PREFIX.size:
             raise CodecError(f"{view.nbytes} bytes is shorter than the 4-byte header length")
         (size,) = _PREFIX.unpack_from(view)
@@ -137,7 +138,8 @@ class Frame:
                              f"{view.nbytes - _PREFIX.size} follow")
         try:
             header = msgpack.unpackb(view[_PREFIX.size:end], raw=False, strict_map_key=True,
-                                     ext_hook=_refuse_ext)
+                                     ext_hook=_refuse_ext, object_pairs_hook=_check_map,
+                                     list_hook=_check_list)
         except CodecError:
             raise
         except Exception as exc:  # msgpack raises several unrelated types
@@ -147,21 +149,40 @@ class Frame:
         return cls(header, view[end:])
 
     def __str__(self) -> str:
-        fields = []
-        for key, value in self.header.items():
-            if key == "t":
-                continue
-            text = repr(value)
-            if len(text) > MAX_LOG_SIZE:
-                text = text[:MAX_LOG_SIZE - 3] + "..."
-            fields.append(f"{key}={text}")
+        keys = [key for key in self.header if key != "t"]
+        fields = [f"{_loggable(str(key))}={_loggable(repr(self.header[key]))}"
+                  for key in keys[:MAX_LOG_FIELDS]]
+        if len(keys) > MAX_LOG_FIELDS:
+            fields.append(f"... {len(keys) - MAX_LOG_FIELDS} more")
         size = self.payload_size
         tail = f" +{size} bytes" if size else ""
-        return f"{self.kind}({', '.join(fields)}){tail}"
+        return f"{_loggable(str(self.kind))}({', '.join(fields)}){tail}"
+
+
+def _loggable(text: str) -> str:
+    """``text`` on one line of at most ``MAX_LOG_SIZE`` characters."""
+    if not text.isprintable():
+        text = repr(text)  # a peer's newline must not forge a log line
+    return text if len(text) <= MAX_LOG_SIZE else text[:MAX_LOG_SIZE - 3] + "..."
 
 
 def _refuse_ext(code: int, data: bytes) -> None:
     raise CodecError(f"msgpack extension type {code} is not allowed in a header")
+
+
+def _check_map(pairs: list[tuple[Any, Any]]) -> dict[str, Any]:
+    for key, _ in pairs:
+        if not isinstance(key, str):
+            raise CodecError(f"header map key {_loggable(repr(key))} is not a string")
+    _check_list([value for _, value in pairs])
+    return dict(pairs)
+
+
+def _check_list(items: list[Any]) -> list[Any]:
+    # msgpack decodes extension type -1 itself, without calling ext_hook
+    if msgpack.Timestamp in map(type, items):
+        raise CodecError("msgpack extension type -1 (timestamp) is not allowed in a header")
+    return items
 
 
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
@@ -169,7 +190,7 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     if tensor.dtype not in _DTYPE_NAMES:
         raise CodecError(f"dtype {tensor.dtype} cannot travel; supported: "
                          f"{', '.join(DTYPES)}", "tensor")
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    flat = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
@@ -179,7 +200,14 @@ def encode_state(state: Mapping[str, torch.Tensor], *, chunk_bytes: int = CHUNK_
 
     ``fields`` (the round, say) are copied into every header. Each piece is
     ``[name, dtype, shape, start, stop]``: bytes ``start:stop`` of the tensor.
+
+    Raises:
+        ConfigurationError: if ``chunk_bytes`` is not positive.
+        CodecError: for a key that is not a string or a dtype that cannot travel.
     """
+    if chunk_bytes < 1:
+        raise ConfigurationError("chunk_bytes", chunk_bytes,
+                                 "frames need room for at least one payload byte")
     pieces: list[list[Any]] = []
     payload: list[memoryview] = []
     size = 0
@@ -275,14 +303,15 @@ class StateReader:
         if count != len(self._flat):
             raise CodecError(f"state_end announces {count} tensors but "
                              f"{len(self._flat)} arrived", "state")
+        state = {name: self.tensors[name] for name in self._flat}
         if self.expected is not None:
             missing = [name for name in self.expected if name not in self._flat]
             if missing:
                 raise CodecError(f"missing tensors {missing}", "state")
             for name, tensor in self.expected.items():
-                if tensor.device.type != "cpu":
-                    self.tensors[name] = self.tensors[name].to(tensor.device)
-        return {name: self.tensors[name] for name in self._flat}
+                if tensor.device.type != "cpu":  # the CPU buffers in self.tensors stay reusable
+                    state[name] = state[name].to(tensor.device)
+        return state
 
     def _target(self, name: str, dtype: torch.dtype, shape: list[int]) -> np.ndarray:
         if name in self._flat:
@@ -308,7 +337,9 @@ class StateReader:
                              f"{self._allocated + nbytes} bytes, over the limit of "
                              f"{self.max_bytes}", "state")
         tensor = self.tensors.get(name)
-        if tensor is None or tensor.dtype != dtype or list(tensor.shape) != shape:
+        if (tensor is None or tensor.dtype != dtype or list(tensor.shape) != shape
+                or tensor.device.type != "cpu" or not tensor.is_contiguous()):
+            # only a contiguous CPU tensor can be filled through a flat byte view
             tensor = torch.empty(shape, dtype=dtype)
             self.tensors[name] = tensor
         self._allocated += nbytes

@@ -120,16 +120,20 @@ class ConnectionLost(FedMagicError, ConnectionError):
 
 
 class UnsupportedTensor(FedMagicError, TypeError):
-    """``state_dict()`` returned a value FedAvg cannot average."""
+    """``state_dict()`` returned a value FedAvg cannot average.
 
-    def __init__(self, name: str, kind: str, reason: str) -> None:
+    ``name`` is the value's key, or None when the whole state is the problem.
+    """
+
+    def __init__(self, name: object, kind: str, reason: str) -> None:
         super().__init__(name, kind, reason)
         self.name = name
         self.kind = kind
         self.reason = reason
 
     def __str__(self) -> str:
-        return f"state_dict()[{self.name!r}] is {self.kind}: {self.reason}"
+        where = "state_dict()" if self.name is None else f"state_dict()[{self.name!r}]"
+        return f"{where} is {self.kind}: {self.reason}"
 
 
 class UpdateRejected(FedMagicError, ValueError):
@@ -215,7 +219,12 @@ class NotEnoughParticipants(TaskFailed):
             reason = (f"only {have} of the {need} participants needed (min_clients) "
                       "sent a valid update; see the log above for why the others did not")
         else:
+            within = f" within {waited:g} s" if waited is not None else ""
             reason = (f"only {have} of the {need} participants needed (min_clients) "
-                      f"joined and verified their data within {waited:g} s; start more "
+                      f"joined and verified their data{within}; start more "
                       "participants, lower min_clients, or raise join_timeout")
         super().__init__(task_id, reason, round)
+
+    def __reduce__(self) -> tuple:
+        # self.args holds the built reason, not these arguments
+        return type(self), (self.task_id, self.have, self.need, self.round, self.waited)
