@@ -9,7 +9,8 @@ from typing import Any, Mapping
 
 import torch
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import ConnectionClosed, InvalidHandshake, InvalidURI
+from websockets.exceptions import (ConcurrencyError, ConnectionClosed, InvalidHandshake,
+                                   InvalidURI)
 
 from .codec import CHUNK_BYTES, MAX_HEADER_BYTES, PROTOCOL_VERSION, Frame, Kind, encode_state
 from .errors import ConnectionLost, RelayRefused
@@ -112,7 +113,26 @@ class Link:
         return frame
 
     async def close(self) -> None:
-        await self.connection.close()
+        """Close, discarding frames nobody read.
+
+        With its incoming queue full, websockets stops reading, misses the
+        relay's close frame and waits ``close_timeout`` (10 s) before giving up.
+        """
+        discard = asyncio.ensure_future(_discard(self.connection))
+        try:
+            await self.connection.close()
+        finally:
+            discard.cancel()
+
+
+async def _discard(connection: ClientConnection) -> None:
+    while True:
+        try:
+            await connection.recv()
+        except ConcurrencyError:  # a cancelled recv() elsewhere is still unwinding
+            await asyncio.sleep(0.01)
+        except ConnectionClosed:
+            return
 
 
 def _why(exc: ConnectionClosed) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import hmac
 import logging
+import math
 import ssl as ssl_module
 import threading
 import time
@@ -33,6 +34,10 @@ __all__ = ["DEFAULT_PORT", "EmbeddedRelay", "Relay", "RelayLimits", "serve_relay
 DEFAULT_PORT = 8765
 INITIATOR = "@initiator"
 POLICY_VIOLATION = 1008
+MAX_CLOSE_REASON_BYTES = 120
+#: Kinds only the relay may send; a client sending one would speak for the relay.
+RELAY_KINDS = frozenset({Kind.HELLO, Kind.WELCOME, Kind.ERROR, Kind.PEER_JOINED,
+                         Kind.PEER_LEFT, Kind.TASK_CLOSED})
 
 log = logging.getLogger("fedmagic.relay")
 
@@ -55,6 +60,14 @@ class _Task:
     join_token: str
     initiator: ServerConnection
     participants: dict[str, ServerConnection] = field(default_factory=dict)
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """Participants held until a task starts, and the event that releases them."""
+
+    event: asyncio.Event = field(default_factory=asyncio.Event)
+    count: int = 0
 
 
 class _Refusal(Exception):
@@ -94,7 +107,7 @@ class Relay:
         self.token = token
         self.limits = limits
         self.tasks: dict[str, _Task] = {}
-        self._task_created: dict[str, asyncio.Event] = {}
+        self._waiting: dict[str, _Waiting] = {}
 
     async def handle(self, connection: ServerConnection) -> None:
         """Serve one connection from its hello to its close."""
@@ -132,6 +145,10 @@ class Relay:
         for key in ("task", "token"):
             if not isinstance(header.get(key), str) or not header[key]:
                 raise _Refusal("protocol", f"hello needs a non-empty string {key!r}")
+        wait = header.get("wait")
+        if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float))
+                                 or not math.isfinite(wait)):
+            raise _Refusal("protocol", "'wait' must be a finite number of seconds")
         if header["role"] == "participant":
             node = header.get("node")
             if not isinstance(node, str) or not node or node.startswith("@") or len(node) > 128:
@@ -152,9 +169,9 @@ class Relay:
             raise _Refusal("busy", f"the relay already runs {len(self.tasks)} tasks")
         task = _Task(task_id, hello["token"], connection)
         self.tasks[task_id] = task
-        waiting = self._task_created.pop(task_id, None)
+        waiting = self._waiting.pop(task_id, None)
         if waiting is not None:
-            waiting.set()
+            waiting.event.set()
         log.info("task %r created by %s", task_id, _address(connection))
         try:
             await connection.send(Frame({"t": Kind.WELCOME, "task": task_id,
@@ -164,7 +181,7 @@ class Relay:
                 if not limit.take():
                     raise _Refusal("rate", "more than "
                                    f"{self.limits.max_frames_per_second:g} frames per second")
-                frame = Frame.parse(data)
+                frame = _parse_forwarded(data)
                 targets = self._targets(task, frame.header.get("to"))
                 frame.header.pop("to", None)
                 frame.header["from"] = INITIATOR
@@ -173,10 +190,39 @@ class Relay:
         finally:
             del self.tasks[task_id]
             log.info("task %r closed", task_id)
+            # Forget the participants first: nobody is left to hear their peer_left.
+            participants = list(task.participants.values())
+            task.participants.clear()
             closed = Frame({"t": Kind.TASK_CLOSED, "task": task_id}).serialize()
-            for participant in list(task.participants.values()):
-                await _send(participant, closed)
-                await participant.close(1001, "task closed")
+            await asyncio.gather(*(_close_task(participant, closed)
+                                   for participant in participants))
+
+    async def _wait_for_task(self, connection: ServerConnection, task_id: str,
+                             wait: float) -> bool:
+        """Hold a participant until its task starts; False if it hung up first.
+
+        Raises:
+            _Refusal: if the task did not start within ``wait`` seconds.
+        """
+        waiting = self._waiting.setdefault(task_id, _Waiting())
+        waiting.count += 1
+        created = asyncio.ensure_future(waiting.event.wait())
+        closed = asyncio.ensure_future(connection.wait_closed())
+        try:
+            await asyncio.wait((created, closed), timeout=wait,
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            created.cancel()
+            closed.cancel()
+            waiting.count -= 1
+            if not waiting.count and self._waiting.get(task_id) is waiting:
+                del self._waiting[task_id]  # nobody waits: forget the task id
+        if waiting.event.is_set():
+            return True
+        if closed.done() and not closed.cancelled():
+            return False
+        raise _Refusal("unknown_task", f"task {task_id!r} did not start within {wait:g} s; "
+                       "start the task first, or join with a longer wait")
 
     def _targets(self, task: _Task, to: Any) -> list[ServerConnection]:
         if to == "*":
@@ -194,12 +240,8 @@ class Relay:
             if wait <= 0:
                 raise _Refusal("unknown_task", f"no task {task_id!r} on this relay; check the "
                                "task id, or wait for the initiator to launch it")
-            event = self._task_created.setdefault(task_id, asyncio.Event())
-            try:
-                await asyncio.wait_for(event.wait(), wait)
-            except asyncio.TimeoutError:
-                raise _Refusal("unknown_task", f"task {task_id!r} did not start within "
-                               f"{wait:g} s") from None
+            if not await self._wait_for_task(connection, task_id, wait):
+                return  # the participant hung up (or the relay is closing) while waiting
             task = self.tasks.get(task_id)
             if task is None:
                 raise _Refusal("unknown_task", f"task {task_id!r} ended before it could be joined")
@@ -223,15 +265,29 @@ class Relay:
                 if not limit.take():
                     raise _Refusal("rate", "more than "
                                    f"{self.limits.max_frames_per_second:g} frames per second")
-                frame = Frame.parse(data)
+                frame = _parse_forwarded(data)
                 frame.header.pop("to", None)
                 frame.header["from"] = node
-                await task.initiator.send(Frame(frame.header, frame.payload).serialize())
+                await _send(task.initiator, Frame(frame.header, frame.payload).serialize())
         finally:
             if task.participants.get(node) is connection:
                 del task.participants[node]
                 await _send(task.initiator, Frame({"t": Kind.PEER_LEFT, "from": node}).serialize())
                 log.info("%r left task %r", node, task_id)
+
+
+def _parse_forwarded(data: bytes) -> Frame:
+    """Parse a frame a client wants forwarded; only the relay speaks for the relay.
+
+    Raises:
+        CodecError: if ``data`` is not a frame.
+        _Refusal: if it is a kind only the relay may send.
+    """
+    frame = Frame.parse(data)
+    if frame.kind in RELAY_KINDS:
+        raise _Refusal("protocol", f"{frame.kind!r} frames come from the relay only; "
+                       "clients may not send them")
+    return frame
 
 
 async def _send(connection: ServerConnection, data: bytes) -> None:
@@ -242,11 +298,36 @@ async def _send(connection: ServerConnection, data: bytes) -> None:
         pass
 
 
+async def _close_task(participant: ServerConnection, closed: bytes) -> None:
+    """Tell a participant its task is over, then close it; its handler keeps reading."""
+    await _send(participant, closed)
+    await participant.close(1001, "task closed")
+
+
 async def _refuse(connection: ServerConnection, code: str, message: str) -> None:
+    """Send an ``error`` frame, then close, discarding whatever the client still sends.
+
+    Nothing reads a refused connection any more; with its incoming queue full
+    websockets would stop reading, miss the client's close frame and hold both
+    ends for ``close_timeout``.
+    """
     try:
         await connection.send(Frame({"t": Kind.ERROR, "code": code,
                                      "message": message}).serialize())
-        await connection.close(POLICY_VIOLATION, message[:120])
+    except ConnectionClosed:
+        return
+    discard = asyncio.ensure_future(_discard(connection))
+    try:
+        reason = message.encode()[:MAX_CLOSE_REASON_BYTES].decode(errors="ignore")
+        await connection.close(POLICY_VIOLATION, reason)
+    finally:
+        discard.cancel()
+
+
+async def _discard(connection: ServerConnection) -> None:
+    try:
+        while True:
+            await connection.recv()
     except ConnectionClosed:
         pass
 
