@@ -43,7 +43,7 @@ __all__ = [
 
 PROTOCOL_VERSION = 1
 MAX_HEADER_BYTES = 1 << 20
-CHUNK_BYTES = 4 << 20
+CHUNK_BYTES = 1 << 20
 #: Largest state dict a reader allocates when it has no model to compare with.
 MAX_STATE_BYTES = 64 << 30
 MAX_LOG_SIZE = 60

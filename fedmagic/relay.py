@@ -47,7 +47,7 @@ class RelayLimits:
     """What one connection may do; each limit protects everyone else."""
 
     max_frame_bytes: int = CHUNK_BYTES + MAX_HEADER_BYTES + 1024
-    max_frames_per_second: float = 2000.0
+    max_frames_per_second: float = 10000.0
     max_participants: int = 1024
     max_tasks: int = 1024
     hello_timeout: float = 10.0
