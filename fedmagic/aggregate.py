@@ -119,21 +119,53 @@ class WeightedMean:
         self.count += 1
 
     def result(self) -> dict[str, torch.Tensor]:
-        """The mean so far, in the reference's dtypes.
+        """The mean so far, in new tensors of the reference's dtypes.
 
         Raises:
             AggregationError: if nothing has been added.
         """
-        if self.count == 0:
-            raise AggregationError("no update was added in this round")
+        self._check_not_empty()
+        return {name: self._cast(name, total / self.total_weight)
+                for name, total in self._sums.items()}
+
+    def result_in_place(self) -> dict[str, torch.Tensor]:
+        """The mean, computed inside the accumulators: no new memory where dtypes match.
+
+        The returned tensors are the accumulators themselves wherever the
+        reference's dtype is the accumulator's (float32 and float64 models), so
+        they change on ``reset()``; use ``result()`` to keep a mean around.
+
+        Raises:
+            AggregationError: if nothing has been added.
+        """
+        self._check_not_empty()
         mean = {}
         for name, total in self._sums.items():
-            value = total / self.total_weight
-            dtype = self._dtypes[name]
-            if not (dtype.is_floating_point or dtype.is_complex):
-                value = torch.round(value)
-            mean[name] = value.to(dtype)
+            total.div_(self.total_weight)
+            mean[name] = self._cast(name, total)
+        self.total_weight, self.count = 0.0, 0
         return mean
+
+    def shares_memory_with(self, state: State) -> bool:
+        """Whether any tensor of ``state`` lives in this mean's accumulators."""
+        mine = {total.untyped_storage().data_ptr() for total in self._sums.values()}
+        return any(tensor.untyped_storage().data_ptr() in mine for tensor in state.values())
+
+    def reset(self) -> None:
+        """Start a new mean, keeping the accumulators' memory."""
+        for total in self._sums.values():
+            total.zero_()
+        self.total_weight, self.count = 0.0, 0
+
+    def _check_not_empty(self) -> None:
+        if self.count == 0:
+            raise AggregationError("no update was added in this round")
+
+    def _cast(self, name: str, value: torch.Tensor) -> torch.Tensor:
+        dtype = self._dtypes[name]
+        if not (dtype.is_floating_point or dtype.is_complex):
+            value = torch.round(value)
+        return value.to(dtype)
 
 
 def weighted_mean(updates: Iterable[tuple[State, float]]) -> dict[str, torch.Tensor]:

@@ -34,9 +34,9 @@ class Checkpoint:
     def save(self, state: dict[str, torch.Tensor], round: int,
              history: list[dict[str, Any]], task_id: str) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        buffer = io.BytesIO()
-        torch.save({name: tensor.detach().cpu() for name, tensor in state.items()}, buffer)
-        self._write("model.pt", buffer.getvalue())
+        temporary = self.directory / ".model.pt.tmp"
+        torch.save({name: tensor.detach().cpu() for name, tensor in state.items()}, temporary)
+        os.replace(temporary, self.model_path)
         self._write("history.json", json.dumps(history, indent=1).encode())
         self._write("history.csv", _csv(history).encode())
         self._write("checkpoint.json",

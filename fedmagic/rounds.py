@@ -124,7 +124,9 @@ class Aggregator:
         self._task_header = package.to_header()
         self._ready: collections.deque[str] = collections.deque()
         self._upload: _Upload | None = None
+        # Reused from round to round: the incoming update and the running mean.
         self._staging: dict[str, torch.Tensor] = {}
+        self._mean: WeightedMean | None = None
         self._round = 0
         self._changed = asyncio.Event()
         self._lost: BaseException | None = None
@@ -201,7 +203,10 @@ class Aggregator:
                                     "epochs": scheduler.merge_epochs}))
         await self.link.send_state(global_state, to=selected, round=round)
 
-        mean = WeightedMean(global_state)
+        if self._mean is None:
+            self._mean = WeightedMean(global_state)
+        mean = self._mean
+        mean.reset()
         deadline = loop.time() + scheduler.calculation_timeout
         while True:
             if self._ready:
@@ -220,15 +225,19 @@ class Aggregator:
                                     f"{scheduler.calculation_timeout:g} s (calculation_timeout)")
                 break
 
-        if mean.count < scheduler.min_clients:
-            raise NotEnoughParticipants(self.task_id, mean.count, scheduler.min_clients,
+        contributions, samples = mean.count, int(mean.total_weight)
+        if contributions < scheduler.min_clients:
+            raise NotEnoughParticipants(self.task_id, contributions, scheduler.min_clients,
                                         round=round)
-        averaged = await asyncio.to_thread(mean.result)
+        averaged = await asyncio.to_thread(mean.result_in_place)
         await asyncio.to_thread(scheduler.load_state_dict, averaged)
+        if mean.shares_memory_with(scheduler.state_dict()):
+            self._mean = None  # the scheduler kept our tensors: next round gets new ones
+        del averaged
         scheduler.current_round = round
         finished = scheduler.is_task_finished()
-        row: dict[str, Any] = {"round": round, "participants": mean.count,
-                               "samples": int(mean.total_weight) if self.weighted else None}
+        row: dict[str, Any] = {"round": round, "participants": contributions,
+                               "samples": samples if self.weighted else None}
         log_rounds = scheduler.log_rounds
         tested = round == 1 or finished or (log_rounds > 0 and round % log_rounds == 0)
         row["tested"] = tested
@@ -240,7 +249,7 @@ class Aggregator:
                                 self.history, self.task_id)
         shown = ", ".join(f"{key}={_short(value)}" for key, value in row.items()
                           if key not in _ROW_KEYS)
-        self._event(f"round {round}/{scheduler.max_rounds or '?'}: averaged {mean.count} "
+        self._event(f"round {round}/{scheduler.max_rounds or '?'}: averaged {contributions} "
                     f"updates in {round_seconds:.2f} s" + (f"; {shown}" if shown else ""))
 
     async def _collect(self, node: str, round: int, global_state: dict[str, torch.Tensor],

@@ -368,3 +368,39 @@ def test_non_finite_ignores_integer_tensors():
              "small": torch.tensor([7, 0, 255], dtype=torch.uint8)}
     # Execute / Assert
     assert non_finite(state) == []
+
+
+def test_mean_computed_in_place_equals_the_pure_mean_and_reuses_the_accumulators():
+    reference = {"w": torch.zeros(4), "steps": torch.zeros((), dtype=torch.int64)}
+    updates = [({"w": torch.tensor([1.0, 2.0, 3.0, 4.0]), "steps": torch.tensor(3)}, 2.0),
+               ({"w": torch.tensor([3.0, 2.0, 1.0, 0.0]), "steps": torch.tensor(6)}, 1.0)]
+    mean = WeightedMean(reference)
+    for state, weight in updates:
+        mean.add(state, weight)
+    expected = mean.result()
+
+    in_place = mean.result_in_place()
+
+    assert torch.equal(in_place["w"], expected["w"])
+    assert torch.equal(in_place["steps"], expected["steps"])
+    assert mean.shares_memory_with({"w": in_place["w"]})
+    assert not mean.shares_memory_with({"steps": in_place["steps"]})  # int64: a new tensor
+
+
+def test_reset_starts_a_new_mean_in_the_same_memory():
+    mean = WeightedMean({"w": torch.zeros(3)})
+    mean.add({"w": torch.ones(3)}, 1.0)
+    first = mean.result_in_place()
+    pointer = first["w"].data_ptr()
+
+    mean.reset()
+    mean.add({"w": torch.full((3,), 5.0)}, 2.0)
+    second = mean.result_in_place()
+
+    assert second["w"].data_ptr() == pointer
+    assert torch.equal(second["w"], torch.full((3,), 5.0))
+
+
+def test_in_place_mean_of_nothing_is_refused():
+    with pytest.raises(AggregationError, match="no update was added in this round"):
+        WeightedMean({"w": torch.zeros(1)}).result_in_place()
