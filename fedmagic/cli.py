@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib
 import os
 import secrets
 import signal
@@ -146,6 +147,10 @@ def _join(options: argparse.Namespace) -> int:
         elif kind == "uploaded" and "bar" in bar:
             bar["bar"].update(1)
             bar["bar"].set_postfix_str(f"round {details['round']}: update sent")
+
+    # Tasks almost always use torchvision: import it before joining, so a node
+    # waiting for a task is ready to run it the moment it arrives.
+    importlib.import_module("torchvision")
 
     async def run() -> Any:
         context = ssl.create_default_context(cafile=options.cafile) \

@@ -240,6 +240,7 @@ class Relay:
             if wait <= 0:
                 raise _Refusal("unknown_task", f"no task {task_id!r} on this relay; check the "
                                "task id, or wait for the initiator to launch it")
+            log.info("%r is waiting up to %g s for task %r", node, wait, task_id)
             if not await self._wait_for_task(connection, task_id, wait):
                 return  # the participant hung up (or the relay is closing) while waiting
             task = self.tasks.get(task_id)

@@ -78,7 +78,8 @@ class TaskResult:
         return {}
 
 
-_ROW_KEYS = ("round", "participants", "samples", "seconds", "tested")
+_ROW_KEYS = ("round", "participants", "samples", "seconds", "train_seconds", "test_seconds",
+             "tested")
 
 
 @dataclass
@@ -241,8 +242,14 @@ class Aggregator:
         log_rounds = scheduler.log_rounds
         tested = round == 1 or finished or (log_rounds > 0 and round % log_rounds == 0)
         row["tested"] = tested
+        trained = [self.participants[node].train_seconds for node in selected
+                   if self.participants[node].status == "uploaded"
+                   and self.participants[node].train_seconds is not None]
+        row["train_seconds"] = max(trained, default=None)
         if tested:
+            test_started = time.perf_counter()
             row.update(_metrics(await asyncio.to_thread(scheduler.test)))
+            row["test_seconds"] = time.perf_counter() - test_started
         row["seconds"] = round_seconds = time.perf_counter() - started
         self.history.append(row)
         await asyncio.to_thread(self.checkpoint.save, scheduler.state_dict(), round,
