@@ -62,8 +62,13 @@ def check_state(state: object) -> None:
 def non_finite(state: State) -> list[str]:
     """Names of the floating tensors holding NaN or infinity."""
     return [name for name, tensor in state.items()
-            if (tensor.is_floating_point() or tensor.is_complex())
-            and not bool(torch.isfinite(_checkable(tensor)).all())]
+            if (tensor.is_floating_point() or tensor.is_complex()) and not _all_finite(tensor)]
+
+
+def _all_finite(tensor: torch.Tensor, block: int = 1 << 20) -> bool:
+    # Block by block: torch.isfinite on a whole tensor allocates about twice its size.
+    flat = tensor.detach().reshape(-1)
+    return all(bool(torch.isfinite(_checkable(part)).all()) for part in flat.split(block))
 
 
 def _checkable(tensor: torch.Tensor) -> torch.Tensor:
