@@ -176,8 +176,8 @@ def _join(options: argparse.Namespace) -> int:
         print(f"fedmagic join: task {outcome.task_id!r} did not finish: {outcome.reason}",
               file=sys.stderr)
         return 1
-    print(f"task {outcome.task_id!r} finished; this node trained {outcome.rounds} rounds",
-          flush=True)
+    rounds = f"{outcome.rounds} round" + ("s" if outcome.rounds != 1 else "")
+    print(f"task {outcome.task_id!r} finished; this node trained {rounds}", flush=True)
     return 0
 
 

@@ -120,3 +120,45 @@ def test_bool_tensor_in_state_dict_is_refused_before_round_one(federation, monke
     assert str(refusal.value).startswith("state_dict()['active'] is a torch.bool tensor: "
                                          "FedAvg cannot average flags")
     assert port_is_free(federation.port)  # refused before any relay started
+
+
+def test_a_participant_that_refuses_consent_or_has_a_wrong_token_is_left_out(
+        federation, monkeypatch):
+    layout = federation.write_digits(2)
+    federation.join("node-1", "consent")
+    federation.join("node-2", "consent", extra=())  # no --yes and no terminal: declines
+    federation.join("intruder", "consent", workdir=federation.root / "intruder",
+                    token="not-the-token")
+    monkeypatch.chdir(layout.initiator.workdir)
+
+    result = DigitsScheduler(min_clients=1, max_clients=3, name="demo_task",
+                             max_rounds=1).launch_task(task_id="consent", join_timeout=60,
+                                                       join_grace=10)
+
+    assert result.history[0]["participants"] == 1
+    assert result.participants["node-2"].status == "declined"
+    assert "intruder" not in result.participants
+    assert federation.wait("node-2") == 1
+    assert "pass --yes to accept non-interactively" in federation.output("node-2")
+    assert federation.wait("intruder") == 1
+    assert "wrong join token for task 'consent'" in federation.output("intruder")
+
+
+def test_a_stopped_task_resumes_from_its_checkpoint(federation, monkeypatch):
+    layout = federation.write_digits(1)
+    monkeypatch.chdir(layout.initiator.workdir)
+    federation.join("node-1", "resume")
+    DigitsScheduler(min_clients=1, max_clients=1, name="demo_task",
+                    max_rounds=2).launch_task(task_id="resume", join_timeout=60)
+    assert federation.wait("node-1") == 0
+    saved = torch.load(layout.initiator.workdir / "models/demo_task/model.pt", weights_only=True)
+
+    federation.join("node-1", "resume")
+    resumed = DigitsScheduler(min_clients=1, max_clients=1, name="demo_task", max_rounds=3)
+    result = resumed.launch_task(task_id="resume", join_timeout=60, resume=True)
+
+    assert [row["round"] for row in result.history] == [1, 2, 3]
+    assert result.rounds == 3
+    assert federation.wait("node-1") == 0
+    assert "this node trained 1 round" in federation.output("node-1")
+    assert not torch.equal(resumed.state_dict()["fc2.bias"], saved["fc2.bias"])
