@@ -58,7 +58,7 @@ class LargeModelScheduler(FedAvgScheduler):
             self.model.weight.mul_(0.999).add_(0.001)
 
     def test(self) -> Dict[str, Any]:
-        return {"mean weight": float(self.model.weight.mean())}
+        return {"mean weight": float(self.model.weight.detach().mean())}
 
 
 def resident_bytes() -> int:
