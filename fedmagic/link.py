@@ -18,6 +18,8 @@ from .errors import ConnectionLost, RelayRefused
 __all__ = ["Link"]
 
 RETRY_DELAY = 0.25
+#: How long a relay may take to answer a hello, beyond the time a participant waits.
+WELCOME_TIMEOUT = 30.0
 
 
 class Link:
@@ -70,7 +72,13 @@ class Link:
         link = cls(connection, url, Frame({"t": Kind.HELLO}))
         try:
             await connection.send(Frame(hello).serialize())
-            reply = await link.recv()
+            answer_within = max(deadline - time.monotonic(), 0) + WELCOME_TIMEOUT
+            try:
+                reply = await asyncio.wait_for(link.recv(), answer_within)
+            except asyncio.TimeoutError:
+                raise RelayRefused("timeout", f"no answer to the hello within "
+                                   f"{answer_within:.0f} s; is that a fedmagic relay?",
+                                   url) from None
             if reply.kind == Kind.ERROR:
                 raise RelayRefused(str(reply.header.get("code")),
                                    str(reply.header.get("message")), url)

@@ -21,9 +21,11 @@ from typing import Any, Iterator
 import pytest
 import torch
 from websockets.asyncio.client import ClientConnection, connect
+from websockets.asyncio.server import serve
 
 from fedmagic.codec import PROTOCOL_VERSION, Frame, Kind, StateReader, encode_state
 from fedmagic.errors import ConnectionLost, RelayRefused
+from fedmagic import link as link_module
 from fedmagic.link import Link
 from fedmagic.relay import EmbeddedRelay, Relay, RelayLimits, serve_relay, ssl_context
 
@@ -902,3 +904,23 @@ def test_wss_relay_is_unreachable_for_clients_that_do_not_trust_its_certificate(
     # Assert
     assert refusal.code == "unreachable"
     assert "certificate" in refusal.message.lower()
+
+
+def test_link_to_a_server_that_never_answers_the_hello_gives_up(monkeypatch):
+    monkeypatch.setattr(link_module, "WELCOME_TIMEOUT", 0.3)
+
+    async def silent(connection):
+        await asyncio.sleep(5)
+
+    async def scenario():
+        async with serve(silent, "127.0.0.1", 0) as server:
+            port = server.sockets[0].getsockname()[1]
+            with pytest.raises(RelayRefused) as refusal:
+                await Link.open(f"ws://127.0.0.1:{port}", role="initiator", task="t",
+                                token="x")
+            return refusal.value
+
+    refusal = asyncio.run(asyncio.wait_for(scenario(), 10))
+
+    assert refusal.code == "timeout"
+    assert "is that a fedmagic relay?" in refusal.message
