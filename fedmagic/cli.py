@@ -137,14 +137,14 @@ def _join(options: argparse.Namespace) -> int:
     def on_event(kind: str, details: dict[str, Any]) -> None:
         if kind == "verified":
             print(f"data verified: {details['samples']} training samples", flush=True)
+            bar["bar"] = tqdm(total=details["max_rounds"] or None, unit="round",
+                              desc=options.node, dynamic_ncols=True)
         elif kind == "round":
-            if "bar" not in bar:
-                bar["bar"] = tqdm(unit="round", desc=options.node, dynamic_ncols=True)
             bar["bar"].set_postfix_str(f"round {details['round']}: training")
-        elif kind == "epoch" and "bar" in bar:
+        elif kind == "epoch":
             bar["bar"].set_postfix_str(f"round {details['round']}: epoch "
                                        f"{details['epoch']}/{details['epochs']}")
-        elif kind == "uploaded" and "bar" in bar:
+        elif kind == "uploaded":
             bar["bar"].update(1)
             bar["bar"].set_postfix_str(f"round {details['round']}: update sent")
 

@@ -83,7 +83,8 @@ class ParticipantRuntime:
                 return JoinOutcome(task_id, self.node, False,
                                    f"data verification failed: {describe_failure(exc)}")
             await self._status("verified", ok=True, samples=self.samples)
-            self.on_event("verified", {"samples": self.samples})
+            self.on_event("verified", {"samples": self.samples,
+                                       "max_rounds": self.scheduler.max_rounds})
             return await self._rounds(task_id)
         finally:
             await self.link.close()
