@@ -11,8 +11,8 @@ import msgpack
 import pytest
 import torch
 
-from fedmagic.codec import (DTYPES, MAX_HEADER_BYTES, MAX_LOG_SIZE, Frame, Kind, StateReader,
-                            encode_state, tensor_bytes)
+from fedmagic.codec import (CHUNK_BYTES, DTYPES, MAX_HEADER_BYTES, MAX_LOG_SIZE, Frame, Kind,
+                            StateReader, encode_state, tensor_bytes)
 from fedmagic.errors import CodecError, ConfigurationError
 
 
@@ -690,3 +690,28 @@ def test_dtype_names_are_torch_names_without_prefix():
     # Assert
     assert all(str(dtype) == f"torch.{name}" for name, dtype in DTYPES.items())
     assert re.fullmatch(r"[a-z0-9_, ]+", ", ".join(DTYPES))
+
+
+@pytest.mark.slow
+def test_state_larger_than_2_gib_streams_in_bounded_frames_and_round_trips():
+    big = torch.empty((1 << 31) + 4096, dtype=torch.uint8)  # more bytes than an int32 counts
+    markers = torch.arange(0, big.numel(), 1 << 20)
+    big[markers] = (markers % 251).to(torch.uint8)
+    big[-7:] = torch.arange(7, dtype=torch.uint8)
+    state = {"big": big, "small": torch.arange(10.0)}
+    reader = StateReader()
+    largest = 0
+
+    for frame in encode_state(state):  # one frame in memory at a time
+        data = frame.serialize()
+        largest = max(largest, len(data))
+        parsed = Frame.parse(data)
+        if parsed.kind == Kind.STATE_END:
+            received = reader.finish(parsed)
+        else:
+            reader.feed(parsed)
+
+    assert largest <= CHUNK_BYTES + 4096
+    assert torch.equal(received["big"][markers], big[markers])
+    assert torch.equal(received["big"][-7:], torch.arange(7, dtype=torch.uint8))
+    assert torch.equal(received["small"], torch.arange(10.0))
