@@ -73,8 +73,8 @@ class FedAvgScheduler(abc.ABC):
         _whole("max_rounds", max_rounds, minimum=0)
         _whole("merge_epochs", merge_epochs, minimum=1)
         _whole("log_rounds", log_rounds, minimum=0)
-        if (not isinstance(calculation_timeout, numbers.Real) or isinstance(calculation_timeout, bool)
-                or not calculation_timeout > 0):
+        if (not isinstance(calculation_timeout, numbers.Real)
+                or isinstance(calculation_timeout, bool) or not calculation_timeout > 0):
             raise ConfigurationError("calculation_timeout", calculation_timeout,
                                      "must be a positive number of seconds")
         if name is not None and (not isinstance(name, str) or not name.strip()):
