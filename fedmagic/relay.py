@@ -21,7 +21,7 @@ import ssl as ssl_module
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -176,16 +176,8 @@ class Relay:
         try:
             await connection.send(Frame({"t": Kind.WELCOME, "task": task_id,
                                          "protocol": PROTOCOL_VERSION}).serialize())
-            limit = _RateLimit(self.limits.max_frames_per_second)
-            async for data in connection:
-                if not limit.take():
-                    raise _Refusal("rate", "more than "
-                                   f"{self.limits.max_frames_per_second:g} frames per second")
-                frame = _parse_forwarded(data)
-                targets = self._targets(task, frame.header.get("to"))
-                frame.header.pop("to", None)
-                frame.header["from"] = INITIATOR
-                out = Frame(frame.header, frame.payload).serialize()
+            async for to, out in self._incoming(connection, INITIATOR):
+                targets = self._targets(task, to)
                 await asyncio.gather(*(_send(target, out) for target in targets))
         finally:
             del self.tasks[task_id]
@@ -196,6 +188,23 @@ class Relay:
             closed = Frame({"t": Kind.TASK_CLOSED, "task": task_id}).serialize()
             await asyncio.gather(*(_close_task(participant, closed)
                                    for participant in participants))
+
+    async def _incoming(self, connection: ServerConnection,
+                        sender: str) -> AsyncIterator[tuple[Any, bytes]]:
+        """A client's frames to forward: rate-limited, checked, stamped with the sender.
+
+        Yields:
+            the frame's ``to`` field and the frame to forward, serialized.
+        """
+        limit = _RateLimit(self.limits.max_frames_per_second)
+        async for data in connection:
+            if not limit.take():
+                raise _Refusal("rate", "more than "
+                               f"{self.limits.max_frames_per_second:g} frames per second")
+            frame = _parse_forwarded(data)
+            to = frame.header.pop("to", None)
+            frame.header["from"] = sender
+            yield to, Frame(frame.header, frame.payload).serialize()
 
     async def _wait_for_task(self, connection: ServerConnection, task_id: str,
                              wait: float) -> bool:
@@ -261,15 +270,8 @@ class Relay:
             await connection.send(Frame({"t": Kind.WELCOME, "task": task_id, "node": node,
                                          "protocol": PROTOCOL_VERSION}).serialize())
             await _send(task.initiator, Frame({"t": Kind.PEER_JOINED, "from": node}).serialize())
-            limit = _RateLimit(self.limits.max_frames_per_second)
-            async for data in connection:
-                if not limit.take():
-                    raise _Refusal("rate", "more than "
-                                   f"{self.limits.max_frames_per_second:g} frames per second")
-                frame = _parse_forwarded(data)
-                frame.header.pop("to", None)
-                frame.header["from"] = node
-                await _send(task.initiator, Frame(frame.header, frame.payload).serialize())
+            async for _, out in self._incoming(connection, node):
+                await _send(task.initiator, out)
         finally:
             if task.participants.get(node) is connection:
                 del task.participants[node]
