@@ -13,9 +13,6 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import socket
-import subprocess
-import sys
 import tempfile
 import threading
 from pathlib import Path
@@ -77,36 +74,18 @@ class PeakSampler(threading.Thread):
             self.peak = max(self.peak, resident_bytes())
 
 
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def main() -> None:
+    # Imported here: participants run this file's source, without the benchmarks folder.
+    from harness import relay_with_participants
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=256, help="model size in MiB")
     parser.add_argument("--participants", type=int, default=8)
     options = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="fedmagic-memory-"))
     os.chdir(workdir)
-    port, token = free_port(), secrets.token_urlsafe(8)
-    url = f"ws://127.0.0.1:{port}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    relay = subprocess.Popen([sys.executable, "-m", "fedmagic", "relay", "--port", str(port)],
-                             stderr=subprocess.PIPE, text=True, env=env)
-    joins = [subprocess.Popen([sys.executable, "-m", "fedmagic", "join", url, "--task", "memory",
-                               "--token", token, "--node", f"node-{i}", "--yes", "--wait", "300"],
-                              cwd=workdir, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-             for i in range(options.participants)]
-    try:
-        waiting = 0
-        while waiting < len(joins):
-            line = relay.stderr.readline()
-            if not line:
-                raise SystemExit("the relay stopped before the participants connected")
-            waiting += "is waiting" in line
+    token = secrets.token_urlsafe(8)
+    with relay_with_participants("memory", token, [workdir] * options.participants) as url:
         scheduler = LargeModelScheduler(options.participants, options.participants,
                                         mib=options.mib, max_rounds=2, log_rounds=1)
         before_model = resident_bytes()
@@ -119,11 +98,6 @@ def main() -> None:
         result = scheduler.launch_task(task_id="memory", relay=url, token=token)
         sampler.stop.set()
         sampler.join()
-    finally:
-        for process in joins:
-            process.wait(timeout=120)
-        relay.terminate()
-        relay.wait(timeout=30)
 
     assert [row["participants"] for row in result.history] == [options.participants] * 2
     peak = sampler.peak

@@ -12,20 +12,9 @@ import argparse
 import time
 
 import torch
+from harness import make_state
 
 from fedmagic.codec import Frame, StateReader, encode_state
-
-
-def make_state(total_bytes: int) -> dict[str, torch.Tensor]:
-    """A model-like state: a few large float32 matrices and many small tensors."""
-    state, left, index = {}, total_bytes, 0
-    while left > 0:
-        numel = min(left // 4, 32 << 20)
-        state[f"layer{index}.weight"] = torch.randn(numel)
-        state[f"layer{index}.bias"] = torch.randn(1024)
-        left -= 4 * numel
-        index += 1
-    return state
 
 
 def best_of(runs: int, work) -> float:
@@ -42,7 +31,7 @@ def main() -> None:
     parser.add_argument("--gib", type=float, default=1.0)
     parser.add_argument("--runs", type=int, default=3)
     options = parser.parse_args()
-    state = make_state(int(options.gib * (1 << 30)))
+    state = make_state(int(options.gib * (1 << 30)), bias=True)
     size = sum(t.numel() * t.element_size() for t in state.values())
     frames = [frame.serialize() for frame in encode_state(state)]
 

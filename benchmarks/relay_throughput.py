@@ -21,28 +21,13 @@ import sys
 import time
 
 import torch
+from harness import free_port, make_state
 
 from fedmagic.codec import Frame, Kind, StateReader
 from fedmagic.link import Link
 
 PARTICIPANTS = 3
 CHUNK = 4 << 20
-
-
-def make_state(total_bytes: int) -> dict[str, torch.Tensor]:
-    state, left, index = {}, total_bytes, 0
-    while left > 0:
-        numel = min(left // 4, 32 << 20)
-        state[f"layer{index}.weight"] = torch.randn(numel)
-        left -= 4 * numel
-        index += 1
-    return state
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 # fedmagic through the relay.

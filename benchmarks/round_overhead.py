@@ -12,22 +12,15 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
+from harness import relay_with_participants
+
 from fedmagic.digits import write_partitions
 from fedmagic.examples.digits_task import DigitsScheduler
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def main() -> None:
@@ -36,23 +29,8 @@ def main() -> None:
     options = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="fedmagic-overhead-"))
     layout = write_partitions(workdir, 3, data_dir="demo_task/data")
-    port, token = free_port(), secrets.token_urlsafe(8)
-    url = f"ws://127.0.0.1:{port}"
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    relay = subprocess.Popen([sys.executable, "-m", "fedmagic", "relay", "--port", str(port)],
-                             stderr=subprocess.PIPE, text=True, env=env)
-    joins = [subprocess.Popen([sys.executable, "-m", "fedmagic", "join", url, "--task", "bench",
-                               "--token", token, "--node", party.name, "--yes", "--wait", "120"],
-                              cwd=party.workdir, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
-             for party in layout.nodes]
-    try:
-        waiting = 0
-        while waiting < len(joins):  # every participant connected, waiting for the task
-            line = relay.stderr.readline()
-            if not line:
-                raise SystemExit("the relay stopped before the participants connected")
-            waiting += "is waiting" in line
+    token = secrets.token_urlsafe(8)
+    with relay_with_participants("bench", token, [p.workdir for p in layout.nodes]) as url:
         os.chdir(layout.initiator.workdir)
         first_round: list[float] = []
 
@@ -65,11 +43,6 @@ def main() -> None:
         launched = time.perf_counter()
         result = scheduler.launch_task(task_id="bench", relay=url, token=token,
                                        on_event=on_event)
-    finally:
-        for process in joins:
-            process.wait(timeout=60)
-        relay.terminate()
-        relay.wait(timeout=30)
 
     overheads = [row["seconds"] - row["train_seconds"] - row.get("test_seconds", 0.0)
                  for row in result.history]
