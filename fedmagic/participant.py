@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from .codec import Frame, Kind, StateReader
-from .errors import DataNotFound, ProtocolError, TaskDefinitionError, TaskFailed
+from .errors import ConnectionLost, DataNotFound, ProtocolError, TaskDefinitionError, TaskFailed
 from .link import Link
 from .task import TaskPackage
 
@@ -106,7 +106,7 @@ class ParticipantRuntime:
         return scheduler, samples
 
     async def _rounds(self, task_id: str) -> JoinOutcome:
-        scheduler = self.scheduler
+        trained: int | None = None  # the round whose update awaits the initiator's request
         while True:
             frame = await self._next()
             if frame.kind == Kind.FINISH:
@@ -114,39 +114,50 @@ class ParticipantRuntime:
                 reason = str(frame.header.get("reason"))
                 self.on_event("finished", {"ok": ok, "reason": reason})
                 return JoinOutcome(task_id, self.node, ok, reason, self.rounds)
-            if frame.kind != Kind.ROUND:
-                raise ProtocolError("initiator", f"expected a round, got {frame.kind!r}")
-            round = frame.header.get("round")
-            epochs = frame.header.get("epochs") or scheduler.merge_epochs
-            self.on_event("round", {"round": round, "epochs": epochs})
-            state = await self._receive_state(round)
-            started = time.perf_counter()
-            try:
-                await asyncio.to_thread(scheduler.load_state_dict, state)
-                for epoch in range(epochs):
-                    await asyncio.to_thread(scheduler.train)
-                    self.on_event("epoch", {"round": round, "epoch": epoch + 1, "epochs": epochs})
-            except Exception as exc:
-                await self.link.send(Frame({"t": Kind.FAILED, "round": round, "during": "train()",
-                                            "error": describe_failure(exc),
-                                            "traceback": traceback.format_exc()}))
-                return JoinOutcome(task_id, self.node, False,
-                                   f"train() failed: {describe_failure(exc)}", self.rounds)
-            seconds = time.perf_counter() - started
+            if frame.kind == Kind.ROUND:
+                # A new round also drops an update the initiator gave up on (too late).
+                trained = None
+                failure = await self._train(frame.header.get("round"),
+                                            frame.header.get("epochs"))
+                if failure is not None:
+                    return JoinOutcome(task_id, self.node, False, failure, self.rounds)
+                trained = frame.header.get("round")
+            elif frame.kind == Kind.UPLOAD and frame.header.get("round") == trained:
+                update = await asyncio.to_thread(self.scheduler.state_dict)
+                await self.link.send_state(update, round=trained)
+                self.rounds += 1
+                self.on_event("uploaded", {"round": trained})
+                trained = None
+            else:
+                raise ProtocolError("initiator", f"expected a round, an upload request or the "
+                                    f"end of the task, got {frame}")
+
+    async def _train(self, round: int, epochs: int | None) -> str | None:
+        """Load the global weights, train, report; the failure's text if ``train()`` raised."""
+        scheduler = self.scheduler
+        epochs = epochs or scheduler.merge_epochs
+        self.on_event("round", {"round": round, "epochs": epochs})
+        state = await self._receive_state(round)
+        started = time.perf_counter()
+        try:
+            await asyncio.to_thread(scheduler.load_state_dict, state)
+            for epoch in range(epochs):
+                await asyncio.to_thread(scheduler.train)
+                self.on_event("epoch", {"round": round, "epoch": epoch + 1, "epochs": epochs})
+        except Exception as exc:
+            await self.link.send(Frame({"t": Kind.FAILED, "round": round, "during": "train()",
+                                        "error": describe_failure(exc),
+                                        "traceback": traceback.format_exc()}))
+            return f"train() failed: {describe_failure(exc)}"
+        seconds = time.perf_counter() - started
+        try:
             await self.link.send(Frame({"t": Kind.TRAINED, "round": round,
                                         "samples": self.samples, "seconds": seconds}))
-            self.on_event("trained", {"round": round, "seconds": seconds})
-            frame = await self._next()
-            if frame.kind == Kind.FINISH:
-                return JoinOutcome(task_id, self.node, bool(frame.header.get("ok")),
-                                   str(frame.header.get("reason")), self.rounds)
-            if frame.kind != Kind.UPLOAD or frame.header.get("round") != round:
-                raise ProtocolError("initiator", f"expected an upload request for round "
-                                    f"{round}, got {frame}")
-            update = await asyncio.to_thread(scheduler.state_dict)
-            await self.link.send_state(update, round=round)
-            self.rounds += 1
-            self.on_event("uploaded", {"round": round})
+        except ConnectionLost:
+            pass  # the task may have ended meanwhile: the next frame read says how
+
+        self.on_event("trained", {"round": round, "seconds": seconds})
+        return None
 
     async def _receive_state(self, round: int) -> dict[str, Any]:
         reader = StateReader(self.scheduler.state_dict(), out=self._inbox)

@@ -16,6 +16,7 @@ import logging
 import math
 import numbers
 import os
+import random
 import secrets
 import threading
 import time
@@ -189,8 +190,10 @@ class Aggregator:
             self._event(f"round {round}: waiting for participants")
             await self._wait_until(lambda: self._count_available() >= scheduler.min_clients,
                                    loop.time() + self.join_timeout)
-        selected = [p.node for p in self.participants.values()
-                    if p.status in AVAILABLE][:scheduler.max_clients]
+        available = [p.node for p in self.participants.values() if p.status in AVAILABLE]
+        # As in FedAvg, a random subset when more are available than a round uses.
+        selected = (random.sample(available, scheduler.max_clients)
+                    if len(available) > scheduler.max_clients else available)
         if len(selected) < scheduler.min_clients:
             raise NotEnoughParticipants(self.task_id, len(selected), scheduler.min_clients,
                                         waited=self.join_timeout)
@@ -377,8 +380,8 @@ class Aggregator:
     def _on_state(self, participant: Participant, frame: Frame) -> None:
         upload = self._upload
         if upload is None or upload.node != participant.node:
-            log.warning("ignored state data %s from %r: no upload was asked of it",
-                        frame, participant.node)
+            # The rest of a refused or late update: nothing was asked of it any more.
+            log.debug("ignored state data %s from %r", frame, participant.node)
             return
         if upload.error is not None or upload.state is not None:
             return

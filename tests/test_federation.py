@@ -162,3 +162,22 @@ def test_a_stopped_task_resumes_from_its_checkpoint(federation, monkeypatch):
     assert federation.wait("node-1") == 0
     assert "this node trained 1 round" in federation.output("node-1")
     assert not torch.equal(resumed.state_dict()["fc2.bias"], saved["fc2.bias"])
+
+
+def test_a_participant_that_times_out_is_left_out_of_the_round_and_may_come_back(
+        federation, monkeypatch):
+    layout = federation.write_digits(3)
+    federation.join("node-1", "late")
+    federation.join("node-2", "late")
+    federation.join("node-3", "late", fault="late-once")
+    monkeypatch.chdir(layout.initiator.workdir)
+    events: list[str] = []
+
+    result = FaultyDigits(min_clients=2, max_clients=3, name="demo_task", max_rounds=25,
+                          calculation_timeout=2).launch_task(task_id="late", join_timeout=60,
+                                                             on_event=events.append)
+
+    assert result.history[0]["participants"] == 2
+    assert "round 1: node-3 timed out after 2 s (calculation_timeout)" in events
+    assert result.history[-1]["participants"] == 3  # back once its late update was dropped
+    assert federation.wait("node-3") == 0, federation.output("node-3")

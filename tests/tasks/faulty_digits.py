@@ -24,6 +24,9 @@ class FaultyDigits(DigitsScheduler):
         if FAULT == "hang":
             Path("training.started").touch()
             time.sleep(120)
+        if FAULT == "late-once" and not getattr(self, "_was_late", False):
+            self._was_late = True
+            time.sleep(3)
         super().train()
         self._corrupt_next_upload = FAULT in ("nan", "shape")
 
