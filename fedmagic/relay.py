@@ -52,6 +52,9 @@ class RelayLimits:
     max_tasks: int = 1024
     hello_timeout: float = 10.0
     max_join_wait: float = 3600.0
+    #: Seconds between pings, and without a pong before a peer counts as gone.
+    ping_interval: float = 20.0
+    ping_timeout: float = 60.0
 
 
 @dataclass(eq=False)
@@ -349,8 +352,8 @@ def _server_options(relay: Relay) -> dict[str, Any]:
         "compression": None,
         "max_size": relay.limits.max_frame_bytes,
         "max_queue": 4,
-        "ping_interval": 20,
-        "ping_timeout": 60,
+        "ping_interval": relay.limits.ping_interval,
+        "ping_timeout": relay.limits.ping_timeout,
         "write_limit": 4 << 20,
     }
 

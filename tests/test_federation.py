@@ -12,6 +12,7 @@ import torch
 from conftest import port_is_free, wait_for
 from fedmagic.errors import NotEnoughParticipants, UnsupportedTensor
 from fedmagic.examples.digits_task import DigitsScheduler
+from fedmagic.relay import EmbeddedRelay, Relay, RelayLimits
 from faulty_digits import FaultyDigits, FlaggedDigits
 
 pytestmark = pytest.mark.slow
@@ -181,3 +182,25 @@ def test_a_participant_that_times_out_is_left_out_of_the_round_and_may_come_back
     assert "round 1: node-3 timed out after 2 s (calculation_timeout)" in events
     assert result.history[-1]["participants"] == 3  # back once its late update was dropped
     assert federation.wait("node-3") == 0, federation.output("node-3")
+
+
+def test_connections_stay_alive_through_training_longer_than_the_ping_timeout(
+        federation, monkeypatch):
+    layout = federation.write_digits(2)
+    relay = EmbeddedRelay("127.0.0.1", federation.port,
+                          Relay(limits=RelayLimits(ping_interval=0.1, ping_timeout=0.3))).start()
+    try:
+        for party in layout.nodes:
+            federation.join(party.name, "pings", fault="slow")  # 1.5 s per epoch
+        monkeypatch.chdir(layout.initiator.workdir)
+
+        result = FaultyDigits(min_clients=2, max_clients=2, name="demo_task", max_rounds=2,
+                              calculation_timeout=30).launch_task(
+            task_id="pings", relay=relay.url, join_timeout=60, weighted=False)
+    finally:
+        relay.stop()
+
+    assert [row["participants"] for row in result.history] == [2, 2]
+    assert result.history[0]["samples"] is None  # the plain mean: no sample weights
+    for party in layout.nodes:
+        assert federation.wait(party.name) == 0, federation.output(party.name)

@@ -24,6 +24,8 @@ class FaultyDigits(DigitsScheduler):
         if FAULT == "hang":
             Path("training.started").touch()
             time.sleep(120)
+        if FAULT == "slow":
+            time.sleep(1.5)
         if FAULT == "late-once" and not getattr(self, "_was_late", False):
             self._was_late = True
             time.sleep(3)
