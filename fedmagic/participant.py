@@ -64,7 +64,14 @@ class ParticipantRuntime:
         self._inbox: dict[str, Any] = {}
 
     async def run(self) -> JoinOutcome:
-        """Take part until the task ends; never raises for the task's own failures."""
+        """Take part until the task ends, and say how it ended.
+
+        The task's own failures (declined, verification, ``train()``, the task
+        failing) come back in the outcome.
+
+        Raises:
+            FedMagicError: if the connection or the initiator breaks down.
+        """
         task_id = str(self.link.welcome.header.get("task"))
         try:
             frame = await self._next()
@@ -93,7 +100,7 @@ class ParticipantRuntime:
         scheduler = package.build_scheduler()
         scheduler._setup(package.task_id)
         verifier = package.build_verifier(self.node)
-        if verifier is not None and verifier.run() is not True:
+        if verifier is not None and not verifier.run():
             raise _VerifyFailed("DatasetVerify.run() returned False: this node's data is "
                                 "missing or not in the form the task expects")
         scheduler.validate_context()

@@ -482,7 +482,7 @@ def run_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = No
     scheduler._check_rounds()
     scheduler._setup(task_id)
     package = TaskPackage.from_scheduler(scheduler, task_id, dataset_verify)
-    checkpoint = Checkpoint(checkpoint_dir or Path("models") / scheduler.name)
+    checkpoint = Checkpoint(Path(checkpoint_dir or Path("models") / scheduler.name).absolute())
     history: list[dict[str, Any]] = []
     if resume and checkpoint.exists():
         state, done, history = checkpoint.load()
