@@ -151,7 +151,7 @@ class FedAvgScheduler(abc.ABC):
 
         Args:
             task_id: the id participants join with.
-            **options: see :func:`fedmagic.rounds.run_task` (relay, token,
+            **options: see :func:`fedmagic.launch.start_task` (relay, token,
                 join_timeout, resume, weighted, dataset_verify...).
 
         Raises:
@@ -160,7 +160,7 @@ class FedAvgScheduler(abc.ABC):
         if launch_is_disabled():
             log.debug("launch_task(%r) skipped: this node is a participant", task_id)
             return None
-        from .rounds import run_task
+        from .launch import run_task
 
         return run_task(self, task_id, **options)
 

@@ -15,10 +15,7 @@ import collections
 import logging
 import math
 import numbers
-import os
 import random
-import secrets
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,16 +26,15 @@ import torch
 from .aggregate import WeightedMean, non_finite
 from .checkpoint import Checkpoint
 from .codec import Frame, Kind, StateReader
-from .errors import (CodecError, ConfigurationError, ConnectionLost, NotEnoughParticipants,
+from .errors import (CodecError, ConnectionLost, NotEnoughParticipants,
                      RemoteError, TaskFailed, UpdateRejected)
 from .link import Link
-from .relay import DEFAULT_PORT, EmbeddedRelay, Relay
 from .task import TaskPackage
 
 if TYPE_CHECKING:
     from .fed_avg import FedAvgScheduler
 
-__all__ = ["Participant", "TaskResult", "Aggregator", "run_task"]
+__all__ = ["Aggregator", "Participant", "TaskResult"]
 
 log = logging.getLogger("fedmagic")
 
@@ -132,6 +128,8 @@ class Aggregator:
         self._round = 0
         self._changed = asyncio.Event()
         self._lost: BaseException | None = None
+        #: Set (from any thread) to end the task cleanly after the current round.
+        self.stop_requested = False
 
     @property
     def task_id(self) -> str:
@@ -149,8 +147,13 @@ class Aggregator:
             while True:
                 await self._run_round(self.scheduler.current_round + 1)
                 if self.scheduler.is_task_finished():
+                    reason = "finished"
                     break
-            await self._tell_all({"t": Kind.FINISH, "ok": True, "reason": "finished"})
+                if self.stop_requested:
+                    reason = f"stopped by its author after round {self.scheduler.current_round}"
+                    self._event(f"task {self.task_id!r} {reason}")
+                    break
+            await self._tell_all({"t": Kind.FINISH, "ok": True, "reason": reason})
         except BaseException as exc:
             reason = exc.reason if isinstance(exc, TaskFailed) else str(exc) or type(exc).__name__
             if isinstance(exc, asyncio.CancelledError):
@@ -448,122 +451,3 @@ def _short(value: Any) -> str:
     if isinstance(value, float) and math.isfinite(value):
         return f"{value:.4g}"
     return str(value)
-
-
-def run_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = None,
-             token: str | None = None, relay_token: str | None = None,
-             dataset_verify: Any = None, join_timeout: float = 300.0, join_grace: float = 3.0,
-             resume: bool = False, weighted: bool = True,
-             checkpoint_dir: str | os.PathLike[str] | None = None,
-             on_event: Callable[[str], None] | None = None) -> TaskResult:
-    """Run a task as its initiator until it ends; what ``launch_task`` calls.
-
-    Args:
-        relay: the relay's URL; default ``$FEDMAGIC_RELAY``, else a relay
-            embedded in this process on 127.0.0.1, port ``$FEDMAGIC_PORT``
-            (default 8765).
-        token: the join token participants must present; default
-            ``$FEDMAGIC_TOKEN``, else a fresh random one (printed).
-        relay_token: the relay operator's token; default ``$FEDMAGIC_RELAY_TOKEN``.
-        dataset_verify: a ``DatasetVerify`` class or file to send with the task.
-        join_timeout: seconds to wait for ``min_clients`` participants.
-        join_grace: seconds to wait for more, up to ``max_clients``.
-        resume: continue from the checkpoint in ``models/<name>/``.
-        weighted: average weighted by sample counts (else a plain mean).
-        checkpoint_dir: default ``models/<name>``.
-        on_event: called (on the task's thread) with each event line.
-
-    Raises:
-        TaskFailed: if the task could not finish.
-    """
-    if not isinstance(task_id, str) or not task_id.strip():
-        raise ConfigurationError("task_id", task_id, "pass the id participants will join, "
-                                 "e.g. launch_task(task_id='digits')")
-    scheduler._check_rounds()
-    scheduler._setup(task_id)
-    package = TaskPackage.from_scheduler(scheduler, task_id, dataset_verify)
-    checkpoint = Checkpoint(Path(checkpoint_dir or Path("models") / scheduler.name).absolute())
-    history: list[dict[str, Any]] = []
-    if resume and checkpoint.exists():
-        state, done, history = checkpoint.load()
-        scheduler.load_state_dict(state)
-        scheduler.current_round = done
-        log.info("resuming task %r after round %d from %s", task_id, done, checkpoint.directory)
-        if scheduler.is_task_finished():
-            log.info("the checkpoint is already finished; nothing to run")
-            return TaskResult(task_id, scheduler.name, done, history, checkpoint.directory)
-    token = token or os.environ.get("FEDMAGIC_TOKEN") or secrets.token_urlsafe(16)
-    relay_token = relay_token or os.environ.get("FEDMAGIC_RELAY_TOKEN")
-    url = relay or os.environ.get("FEDMAGIC_RELAY")
-    embedded = None
-    if not url:
-        port = int(os.environ.get("FEDMAGIC_PORT", DEFAULT_PORT))
-        embedded = _start_embedded(port)
-        url = embedded.url
-    log.info("task %r: code hash %s", task_id, package.code_hash[:16])
-    log.info("participants join with:  fedmagic join %s --task %s --token %s --node NAME",
-             url, task_id, token)
-
-    async def main() -> TaskResult:
-        link = await Link.open(url, role="initiator", task=task_id, token=token,
-                               relay_token=relay_token)
-        aggregator = Aggregator(scheduler, package, link, checkpoint=checkpoint,
-                                join_timeout=join_timeout, join_grace=join_grace,
-                                weighted=weighted, history=history, on_event=on_event)
-        return await aggregator.run()
-
-    try:
-        return _run_in_thread(main)
-    finally:
-        if embedded is not None:
-            embedded.stop()
-
-
-def _start_embedded(port: int) -> EmbeddedRelay:
-    # The task's own log tells who joined and left; the relay's would say it twice.
-    logging.getLogger("fedmagic.relay").setLevel(logging.WARNING)
-    try:
-        return EmbeddedRelay("127.0.0.1", port, Relay()).start()
-    except OSError as exc:
-        raise ConfigurationError(
-            "FEDMAGIC_PORT", port, f"cannot start the embedded relay ({exc.strerror or exc}); "
-            "another task may be using the port: set FEDMAGIC_PORT to a free port, or "
-            "FEDMAGIC_RELAY to a running relay's URL") from None
-
-
-def _run_in_thread(main: Callable[[], Any]) -> Any:
-    """Run ``main()`` on an event loop of its own thread; Ctrl-C stops it cleanly.
-
-    A thread of its own works the same from a script and from a kernel that
-    already runs an event loop.
-    """
-    loop = asyncio.new_event_loop()
-    outcome: dict[str, Any] = {}
-    task_ready = threading.Event()
-
-    def target() -> None:
-        asyncio.set_event_loop(loop)
-        task = loop.create_task(main())
-        outcome["task"] = task
-        task_ready.set()
-        try:
-            outcome["result"] = loop.run_until_complete(task)
-        except BaseException as exc:
-            outcome["error"] = exc
-        finally:
-            loop.run_until_complete(loop.shutdown_asyncgens())
-            loop.close()
-
-    thread = threading.Thread(target=target, name="fedmagic-task", daemon=True)
-    thread.start()
-    task_ready.wait()
-    try:
-        while thread.is_alive():
-            thread.join(0.2)
-    except KeyboardInterrupt:
-        loop.call_soon_threadsafe(outcome["task"].cancel)
-        thread.join()
-        raise
-    if "error" in outcome:
-        raise outcome["error"]
-    return outcome["result"]

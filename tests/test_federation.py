@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import threading
 
 import pytest
 import torch
@@ -12,6 +13,7 @@ import torch
 from conftest import port_is_free, wait_for
 from fedmagic.errors import NotEnoughParticipants, UnsupportedTensor
 from fedmagic.examples.digits_task import DigitsScheduler
+from fedmagic.launch import start_task
 from fedmagic.relay import EmbeddedRelay, Relay, RelayLimits
 from faulty_digits import FaultyDigits, FlaggedDigits
 
@@ -204,3 +206,26 @@ def test_connections_stay_alive_through_training_longer_than_the_ping_timeout(
     assert result.history[0]["samples"] is None  # the plain mean: no sample weights
     for party in layout.nodes:
         assert federation.wait(party.name) == 0, federation.output(party.name)
+
+
+def test_a_task_started_in_the_background_stops_cleanly_after_the_current_round(
+        federation, monkeypatch):
+    layout = federation.write_digits(2)
+    for party in layout.nodes:
+        federation.join(party.name, "background")
+    monkeypatch.chdir(layout.initiator.workdir)
+    scheduler = DigitsScheduler(min_clients=2, max_clients=2, name="demo_task", max_rounds=200)
+
+    run = start_task(scheduler, "background", join_timeout=60)
+    assert not run.done()  # start_task returned while the task runs
+    assert wait_for(lambda: len(run.history) >= 2, 60)
+    run.stop()
+    result = run.wait(60)
+
+    assert 2 <= result.rounds < 200
+    assert any("stopped by its author after round" in text for _, text in run.events)
+    assert (result.checkpoint / "model.pt").is_file()
+    for party in layout.nodes:
+        assert federation.wait(party.name) == 0, federation.output(party.name)
+    assert not [t for t in threading.enumerate() if t.name.startswith("fedmagic-")]
+    assert port_is_free(federation.port)

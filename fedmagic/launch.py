@@ -1,0 +1,225 @@
+"""Launching a task as its initiator, on a thread of its own.
+
+``start_task`` checks everything it can in the caller's thread (a bad
+configuration fails right there), then runs the rounds on a thread with its
+own event loop and returns a ``TaskRun`` at once: what a notebook wants.
+``run_task`` waits for the run to end: what a script wants. A thread of its
+own works the same from a script and from a kernel that already runs an
+event loop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import secrets
+import threading
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable, Coroutine
+
+from .checkpoint import Checkpoint
+from .errors import ConfigurationError
+from .link import Link
+from .relay import DEFAULT_PORT, EmbeddedRelay, Relay
+from .rounds import Aggregator, Participant, TaskResult
+from .task import TaskPackage
+
+if TYPE_CHECKING:
+    from .fed_avg import FedAvgScheduler
+
+__all__ = ["TaskRun", "run_task", "start_task"]
+
+log = logging.getLogger("fedmagic")
+
+
+class TaskRun:
+    """A task running in the background; its state can be read from any thread.
+
+    Attributes:
+        task_id: the id participants join with.
+        url: the relay's URL.
+        join_command: the exact line a data owner runs to join.
+        events: ``(time, text)`` of everything that happened, oldest first.
+    """
+
+    def __init__(self, task_id: str, url: str, token: str) -> None:
+        self.task_id = task_id
+        self.url = url
+        self.token = token
+        self.join_command = f"fedmagic join {url} --task {task_id} --token {token} --node NAME"
+        self.events: list[tuple[float, str]] = []
+        self._aggregator: Aggregator | None = None
+        self._loop = asyncio.new_event_loop()
+        self._task: asyncio.Task[TaskResult] | None = None
+        self._thread: threading.Thread | None = None
+        self._finished = threading.Event()
+        self._result: TaskResult | None = None
+        self._error: BaseException | None = None
+
+    @property
+    def participants(self) -> dict[str, Participant]:
+        return dict(self._aggregator.participants) if self._aggregator else {}
+
+    @property
+    def history(self) -> list[dict[str, Any]]:
+        return list(self._aggregator.history) if self._aggregator else []
+
+    def done(self) -> bool:
+        return self._finished.is_set()
+
+    def wait(self, timeout: float | None = None) -> TaskResult:
+        """Block until the task ends and return its result.
+
+        Raises:
+            TimeoutError: if it is still running after ``timeout`` seconds.
+            TaskFailed: (or the error that ended it) if it failed.
+        """
+        if not self._finished.wait(timeout):
+            raise TimeoutError(f"task {self.task_id!r} is still running after {timeout:g} s")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    def stop(self, now: bool = False) -> None:
+        """End the task after the current round, keeping its checkpoint.
+
+        Args:
+            now: cancel at once instead; participants are told the task stopped.
+        """
+        if self._aggregator is not None:
+            self._aggregator.stop_requested = True
+        if now and self._task is not None and not self.done():
+            self._loop.call_soon_threadsafe(self._task.cancel)
+
+    def _record(self, text: str) -> None:
+        self.events.append((time.time(), text))
+
+    def _start(self, main: Callable[[], Coroutine[Any, Any, TaskResult]],
+               embedded: EmbeddedRelay | None) -> None:
+        def target() -> None:
+            asyncio.set_event_loop(self._loop)
+            try:
+                self._result = self._loop.run_until_complete(self._task)
+            except BaseException as exc:
+                self._error = exc
+            finally:
+                self._loop.run_until_complete(self._loop.shutdown_asyncgens())
+                self._loop.close()
+                if embedded is not None:
+                    embedded.stop()
+                self._finished.set()
+
+        self._task = self._loop.create_task(main())
+        self._thread = threading.Thread(target=target, name=f"fedmagic-task-{self.task_id}",
+                                        daemon=True)
+        self._thread.start()
+
+    def __repr__(self) -> str:
+        state = "finished" if self.done() else "running"
+        return f"<TaskRun {self.task_id!r} {state}, {len(self.history)} rounds>"
+
+
+def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = None,
+               token: str | None = None, relay_token: str | None = None,
+               dataset_verify: Any = None, join_timeout: float = 300.0, join_grace: float = 3.0,
+               resume: bool = False, weighted: bool = True,
+               checkpoint_dir: str | os.PathLike[str] | None = None,
+               on_event: Callable[[str], None] | None = None) -> TaskRun:
+    """Start a task as its initiator and return its ``TaskRun`` at once.
+
+    Args:
+        relay: the relay's URL; default ``$FEDMAGIC_RELAY``, else a relay
+            embedded in this process on 127.0.0.1, port ``$FEDMAGIC_PORT``
+            (default 8765).
+        token: the join token participants must present; default
+            ``$FEDMAGIC_TOKEN``, else a fresh random one (logged).
+        relay_token: the relay operator's token; default ``$FEDMAGIC_RELAY_TOKEN``.
+        dataset_verify: a ``DatasetVerify`` class or file to send with the task.
+        join_timeout: seconds to wait for ``min_clients`` participants.
+        join_grace: seconds to wait for more, up to ``max_clients``.
+        resume: continue from the checkpoint in ``models/<name>/``.
+        weighted: average weighted by sample counts (else a plain mean).
+        checkpoint_dir: default ``models/<name>``.
+        on_event: called (on the task's thread) with each event line.
+
+    Raises:
+        ConfigurationError, TaskDefinitionError, UnsupportedTensor: for a
+            task that cannot start; nothing is left running then.
+    """
+    if not isinstance(task_id, str) or not task_id.strip():
+        raise ConfigurationError("task_id", task_id, "pass the id participants will join, "
+                                 "e.g. launch_task(task_id='digits')")
+    scheduler._check_rounds()
+    scheduler._setup(task_id)
+    package = TaskPackage.from_scheduler(scheduler, task_id, dataset_verify)
+    checkpoint = Checkpoint(Path(checkpoint_dir or Path("models") / scheduler.name).absolute())
+    history: list[dict[str, Any]] = []
+    if resume and checkpoint.exists():
+        state, done, history = checkpoint.load()
+        scheduler.load_state_dict(state)
+        scheduler.current_round = done
+        log.info("resuming task %r after round %d from %s", task_id, done, checkpoint.directory)
+    token = token or os.environ.get("FEDMAGIC_TOKEN") or secrets.token_urlsafe(16)
+    relay_token = relay_token or os.environ.get("FEDMAGIC_RELAY_TOKEN")
+    url = relay or os.environ.get("FEDMAGIC_RELAY")
+    embedded = None
+    if not url and not scheduler.is_task_finished():
+        embedded = _start_embedded(int(os.environ.get("FEDMAGIC_PORT", DEFAULT_PORT)))
+        url = embedded.url
+    run = TaskRun(task_id, url or "", token)
+
+    def record(text: str) -> None:
+        run._record(text)
+        if on_event is not None:
+            on_event(text)
+
+    async def main() -> TaskResult:
+        if scheduler.is_task_finished():
+            record(f"the checkpoint of task {task_id!r} is already finished; nothing to run")
+            return TaskResult(task_id, scheduler.name, scheduler.current_round, history,
+                              checkpoint.directory)
+        link = await Link.open(url, role="initiator", task=task_id, token=token,
+                               relay_token=relay_token)
+        run._aggregator = Aggregator(scheduler, package, link, checkpoint=checkpoint,
+                                     join_timeout=join_timeout, join_grace=join_grace,
+                                     weighted=weighted, history=history, on_event=record)
+        return await run._aggregator.run()
+
+    log.info("task %r: code hash %s", task_id, package.code_hash[:16])
+    if url:
+        log.info("participants join with:  %s", run.join_command)
+    run._start(main, embedded)
+    return run
+
+
+def run_task(scheduler: FedAvgScheduler, task_id: str, **options: Any) -> TaskResult:
+    """Run a task as its initiator until it ends; Ctrl-C stops it and tells everyone.
+
+    Takes the options of :func:`start_task`.
+
+    Raises:
+        TaskFailed: if the task could not finish.
+    """
+    run = start_task(scheduler, task_id, **options)
+    try:
+        while not run.done():
+            run._finished.wait(0.2)
+    except KeyboardInterrupt:
+        run.stop(now=True)
+        run._finished.wait()
+        raise
+    return run.wait()
+
+
+def _start_embedded(port: int) -> EmbeddedRelay:
+    # The task's own log tells who joined and left; the relay's would say it twice.
+    logging.getLogger("fedmagic.relay").setLevel(logging.WARNING)
+    try:
+        return EmbeddedRelay("127.0.0.1", port, Relay()).start()
+    except OSError as exc:
+        raise ConfigurationError(
+            "FEDMAGIC_PORT", port, f"cannot start the embedded relay ({exc.strerror or exc}); "
+            "another task may be using the port: set FEDMAGIC_PORT to a free port, or "
+            "FEDMAGIC_RELAY to a running relay's URL") from None
