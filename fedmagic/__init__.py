@@ -6,5 +6,22 @@
 from .fed_avg import FedAvgScheduler
 from .log import logger
 
-__all__ = ["FedAvgScheduler", "logger", "__version__"]
+__all__ = ["FedAvgScheduler", "load_ipython_extension", "logger", "unload_ipython_extension",
+           "__version__"]
 __version__ = "0.1.0"
+
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext fedmagic``: register the magics (loading twice is harmless)."""
+    from .magics import FedMagics
+
+    ipython.register_magics(FedMagics)
+
+
+def unload_ipython_extension(ipython) -> None:
+    """``%unload_ext fedmagic``: remove the magics, so ``%reload_ext`` picks up changes."""
+    for kind in ("line", "cell"):
+        table = ipython.magics_manager.magics[kind]
+        for name in [name for name, function in table.items()
+                     if type(getattr(function, "__self__", None)).__name__ == "FedMagics"]:
+            del table[name]

@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .aggregate import check_state
+from .cells import current_cell, running_tasks
 from .errors import ConfigurationError, TaskDefinitionError
 from .task import launch_is_disabled
 
@@ -149,6 +150,9 @@ class FedAvgScheduler(abc.ABC):
     def launch_task(self, task_id: str, **options: Any) -> Any:
         """Run this task as its initiator and return its ``TaskResult``.
 
+        In a ``%%fedavg_task`` cell, the task starts in the background and its
+        ``TaskRun`` is returned at once (with ``--wait``, the ``TaskResult``).
+
         Args:
             task_id: the id participants join with.
             **options: see :func:`fedmagic.launch.start_task` (relay, token,
@@ -160,9 +164,19 @@ class FedAvgScheduler(abc.ABC):
         if launch_is_disabled():
             log.debug("launch_task(%r) skipped: this node is a participant", task_id)
             return None
-        from .launch import run_task
+        from .launch import run_task, start_task
 
-        return run_task(self, task_id, **options)
+        cell = current_cell()
+        if cell is None:
+            return run_task(self, task_id, **options)
+        running = running_tasks.get(task_id)
+        if running is not None and not running.done():
+            log.info("task %r is already running in this kernel; here it is (to start it "
+                     "again, call .stop() on it first)", task_id)
+        else:
+            running = start_task(self, task_id, **{**cell.options, **options})
+            running_tasks[task_id] = running
+        return running.wait() if cell.wait else running
 
     def _setup(self, task_id: str) -> None:
         """Build the model and check the state it exposes, before round 1."""

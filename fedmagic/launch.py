@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Coroutine
 
+from .cells import verify_classes
 from .checkpoint import Checkpoint
 from .errors import ConfigurationError
 from .link import Link
@@ -136,7 +137,8 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
         token: the join token participants must present; default
             ``$FEDMAGIC_TOKEN``, else a fresh random one (logged).
         relay_token: the relay operator's token; default ``$FEDMAGIC_RELAY_TOKEN``.
-        dataset_verify: a ``DatasetVerify`` class or file to send with the task.
+        dataset_verify: a ``DatasetVerify`` class or file to send with the task;
+            default: the class a ``%%dataset_verify`` cell registered for it.
         join_timeout: seconds to wait for ``min_clients`` participants.
         join_grace: seconds to wait for more, up to ``max_clients``.
         resume: continue from the checkpoint in ``models/<name>/``.
@@ -153,6 +155,8 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
                                  "e.g. launch_task(task_id='digits')")
     scheduler._check_rounds()
     scheduler._setup(task_id)
+    if dataset_verify is None:
+        dataset_verify = verify_classes.get(task_id)
     package = TaskPackage.from_scheduler(scheduler, task_id, dataset_verify)
     checkpoint = Checkpoint(Path(checkpoint_dir or Path("models") / scheduler.name).absolute())
     history: list[dict[str, Any]] = []

@@ -15,12 +15,14 @@ import hashlib
 import inspect
 import linecache
 import os
+import re
 import sys
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Iterator
 
 import msgpack
 
+from .cells import current_cell
 from .codec import PROTOCOL_VERSION, Kind
 from .errors import ConfigurationError, ProtocolError, TaskDefinitionError
 
@@ -162,6 +164,13 @@ def _source_of(scheduler_cls: type) -> tuple[str, str]:
     source = getattr(scheduler_cls, "__fedmagic_source__", None)
     if isinstance(source, str):
         return source, getattr(scheduler_cls, "__fedmagic_filename__", "cell")
+    cell = current_cell()
+    if cell is not None and scheduler_cls.__module__ == "__main__":
+        if not re.search(rf"^\s*class\s+{scheduler_cls.__name__}\b", cell.source, re.M):
+            raise TaskDefinitionError(
+                scheduler_cls.__name__, "is defined outside this %%fedavg_task cell",
+                "define the class in the cell: the cell is the code participants receive")
+        return cell.source, cell.filename
     module = sys.modules.get(scheduler_cls.__module__)
     try:
         return inspect.getsource(module), getattr(module, "__file__", None) or "task.py"

@@ -1,0 +1,51 @@
+"""What notebook cells hand to the engine, without importing IPython.
+
+While a ``%%fedavg_task`` cell runs, ``current_cell`` holds its source and its
+options: ``launch_task`` then sends the cell as the task's code and, unless
+the cell asked to wait, starts the task in the background. The kernel also
+remembers the ``DatasetVerify`` cells registered for each task, and the tasks
+it runs, so a re-run cell finds its task instead of starting a second one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Iterator
+
+if TYPE_CHECKING:
+    from .launch import TaskRun
+
+__all__ = ["TaskCell", "current_cell", "running_tasks", "task_cell", "verify_classes"]
+
+
+@dataclass(frozen=True)
+class TaskCell:
+    """A ``%%fedavg_task`` cell: its source and the options of its magic line."""
+
+    source: str
+    filename: str
+    wait: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
+
+
+_CURRENT = contextvars.ContextVar[TaskCell | None]("fedmagic_task_cell", default=None)
+
+#: The DatasetVerify class a ``%%dataset_verify`` cell registered for each task id.
+verify_classes: dict[str, type] = {}
+#: The tasks this kernel started, by task id.
+running_tasks: dict[str, TaskRun] = {}
+
+
+def current_cell() -> TaskCell | None:
+    return _CURRENT.get()
+
+
+@contextlib.contextmanager
+def task_cell(cell: TaskCell) -> Iterator[None]:
+    token = _CURRENT.set(cell)
+    try:
+        yield
+    finally:
+        _CURRENT.reset(token)

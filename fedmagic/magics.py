@@ -1,0 +1,77 @@
+"""The notebook magics: a thin skin over ``launch_task`` and ``DatasetVerify``.
+
+    %load_ext fedmagic
+
+    %%fedavg_task [--wait] [--relay URL] [--token T] [--join-timeout S]
+    ...a FedAvgScheduler subclass, then scheduler.launch_task(task_id=...)
+
+    %%dataset_verify TASK_ID
+    class DatasetVerify: ...
+"""
+
+from __future__ import annotations
+
+import ast
+
+from IPython.core.error import UsageError
+from IPython.core.magic import Magics, cell_magic, magics_class
+from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
+
+from .cells import TaskCell, task_cell, verify_classes
+
+__all__ = ["FedMagics"]
+
+
+@magics_class
+class FedMagics(Magics):
+    """``%%fedavg_task`` and ``%%dataset_verify``."""
+
+    @magic_arguments()
+    @argument("--wait", action="store_true",
+              help="block until the task ends and raise if it failed (scripts, headless runs); "
+                   "by default the task runs in the background and the cell returns at once")
+    @argument("--relay", help="the relay's URL (default $FEDMAGIC_RELAY, else a relay "
+                              "started inside this kernel on 127.0.0.1)")
+    @argument("--token", help="the join token participants present (default "
+                              "$FEDMAGIC_TOKEN, else a random one)")
+    @argument("--join-timeout", type=float,
+              help="seconds to wait for min_clients participants (default 300)")
+    @cell_magic
+    def fedavg_task(self, line: str, cell: str) -> object:
+        """Run the cell's FedAvg task; the cell is the code participants receive."""
+        args = parse_argstring(self.fedavg_task, line)
+        options = {"relay": args.relay, "token": args.token, "join_timeout": args.join_timeout}
+        options = {key: value for key, value in options.items() if value is not None}
+        filename = self.shell.compile.cache(cell)  # tracebacks show the cell's lines
+        with task_cell(TaskCell(cell, filename, wait=args.wait, options=options)):
+            return self._run(cell, filename)
+
+    @magic_arguments()
+    @argument("task_id", help="the task this DatasetVerify belongs to")
+    @cell_magic
+    def dataset_verify(self, line: str, cell: str) -> None:
+        """Register the cell's ``DatasetVerify`` class: each participant runs it on its data."""
+        args = parse_argstring(self.dataset_verify, line)
+        filename = self.shell.compile.cache(cell)
+        namespace = self.shell.user_ns
+        before = namespace.get("DatasetVerify")
+        self._run(cell, filename)
+        verify_cls = namespace.get("DatasetVerify")
+        if not isinstance(verify_cls, type) or verify_cls is before:
+            raise UsageError("a %%dataset_verify cell must define a class named DatasetVerify "
+                             "with __init__(self, task_id, current_node) and run() -> bool")
+        verify_cls.__fedmagic_source__ = cell
+        verify_cls.__fedmagic_filename__ = filename
+        verify_classes[args.task_id] = verify_cls
+        print(f"DatasetVerify registered for task {args.task_id!r}: each participant runs it "
+              "on its own data before training")
+
+    def _run(self, cell: str, filename: str) -> object:
+        """Run ``cell`` in the user's namespace; return its last expression's value."""
+        tree = ast.parse(self.shell.transform_cell(cell), filename)
+        last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
+        namespace = self.shell.user_ns
+        exec(compile(tree, filename, "exec"), namespace)
+        if last is None:
+            return None
+        return eval(compile(ast.Expression(last.value), filename, "eval"), namespace)

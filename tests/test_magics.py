@@ -1,0 +1,116 @@
+"""The notebook magics, driven through IPython's own shell."""
+
+from __future__ import annotations
+
+import pytest
+from IPython.core.error import UsageError
+from IPython.testing import globalipapp
+
+from conftest import port_is_free, wait_for
+from fedmagic.cells import running_tasks, verify_classes
+from fedmagic.errors import TaskDefinitionError
+from fedmagic.launch import TaskRun
+from fedmagic.rounds import TaskResult
+from test_tutorial import as_fedmagic_script, tutorial_final_code
+
+
+@pytest.fixture(scope="module")
+def ip():
+    shell = globalipapp.start_ipython()
+    shell.run_line_magic("load_ext", "fedmagic")
+    return shell
+
+
+def test_loading_twice_is_harmless_and_unloading_removes_the_magics(ip):
+    ip.run_line_magic("load_ext", "fedmagic")
+    assert ip.find_cell_magic("fedavg_task") is not None
+
+    ip.run_line_magic("unload_ext", "fedmagic")
+    assert ip.find_cell_magic("fedavg_task") is None
+    assert ip.find_cell_magic("dataset_verify") is None
+
+    ip.run_line_magic("load_ext", "fedmagic")
+    assert ip.find_cell_magic("fedavg_task") is not None
+
+
+def test_every_magic_documents_its_options(ip):
+    task_help = ip.find_cell_magic("fedavg_task").__doc__
+    verify_help = ip.find_cell_magic("dataset_verify").__doc__
+
+    assert "--wait" in task_help and "--relay" in task_help and "--join-timeout" in task_help
+    assert "task_id" in verify_help
+
+
+def test_unknown_option_is_a_usage_error(ip):
+    with pytest.raises(UsageError):
+        ip.run_cell_magic("fedavg_task", "--no-such-option", "x = 1\n")
+
+
+def test_dataset_verify_cell_registers_its_class_for_the_task(ip):
+    cell = ("class DatasetVerify:\n"
+            "    def __init__(self, task_id, current_node):\n"
+            "        self.node = current_node\n"
+            "    def run(self):\n"
+            "        return True\n")
+
+    ip.run_cell_magic("dataset_verify", "digits-cell", cell)
+
+    assert verify_classes["digits-cell"].__fedmagic_source__ == cell
+
+
+def test_dataset_verify_cell_without_the_class_is_a_usage_error(ip):
+    with pytest.raises(UsageError, match="must define a class named DatasetVerify"):
+        ip.run_cell_magic("dataset_verify", "t", "x = 1\n")
+
+
+def test_scheduler_defined_outside_the_cell_is_refused_before_anything_starts(ip, federation):
+    ip.run_cell(as_fedmagic_script(tutorial_final_code(), "elsewhere").split("scheduler = ")[0])
+
+    with pytest.raises(TaskDefinitionError, match="is defined outside this %%fedavg_task cell"):
+        ip.run_cell_magic("fedavg_task", "", "DemoScheduler(min_clients=1, max_clients=1, "
+                          "max_rounds=1).launch_task(task_id='elsewhere')\n")
+
+    assert port_is_free(federation.port)
+
+
+@pytest.mark.slow
+def test_tutorial_code_in_a_fedavg_task_cell_runs_to_the_end_with_wait(
+        ip, federation, monkeypatch):
+    layout = federation.write_digits(3)
+    for party in layout.nodes:
+        federation.join(party.name, "tutorial-cell")
+    monkeypatch.chdir(layout.initiator.workdir)
+    cell = as_fedmagic_script(tutorial_final_code(), "tutorial-cell")
+    cell = cell.replace("scheduler.launch_task(task_id='tutorial-cell')",
+                        "result = scheduler.launch_task(task_id='tutorial-cell')")
+
+    ip.run_cell_magic("fedavg_task", "--wait --join-timeout 60", cell)
+
+    result = ip.user_ns["result"]
+    assert isinstance(result, TaskResult)
+    assert [row["participants"] for row in result.history] == [3] * 5
+    for party in layout.nodes:
+        assert federation.wait(party.name) == 0, federation.output(party.name)
+
+
+@pytest.mark.slow
+def test_cell_returns_at_once_and_rerunning_it_finds_the_running_task(
+        ip, federation, monkeypatch):
+    layout = federation.write_digits(2)
+    for party in layout.nodes:
+        federation.join(party.name, "background-cell")
+    monkeypatch.chdir(layout.initiator.workdir)
+    cell = as_fedmagic_script(tutorial_final_code(), "background-cell").replace(
+        "max_rounds=5", "max_rounds=500")
+
+    first = ip.run_cell_magic("fedavg_task", "--join-timeout 60", cell)
+    again = ip.run_cell_magic("fedavg_task", "--join-timeout 60", cell)
+
+    assert isinstance(first, TaskRun) and not first.done()
+    assert again is first
+    assert running_tasks["background-cell"] is first
+    assert wait_for(lambda: len(first.history) >= 1, 60)
+    first.stop()
+    assert first.wait(60).rounds < 500
+    for party in layout.nodes:
+        assert federation.wait(party.name) == 0, federation.output(party.name)
