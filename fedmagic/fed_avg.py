@@ -176,7 +176,12 @@ class FedAvgScheduler(abc.ABC):
         else:
             running = start_task(self, task_id, **{**cell.options, **options})
             running_tasks[task_id] = running
-        return running.wait() if cell.wait else running
+        if not cell.wait:
+            return running
+        from IPython.display import display
+
+        display(running)  # the live widget, while the cell waits
+        return running.wait()
 
     def _setup(self, task_id: str) -> None:
         """Build the model and check the state it exposes, before round 1."""

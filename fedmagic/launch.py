@@ -45,10 +45,11 @@ class TaskRun:
         events: ``(time, text)`` of everything that happened, oldest first.
     """
 
-    def __init__(self, task_id: str, url: str, token: str) -> None:
+    def __init__(self, task_id: str, url: str, token: str, max_rounds: int = 0) -> None:
         self.task_id = task_id
         self.url = url
         self.token = token
+        self.max_rounds = max_rounds
         self.join_command = f"fedmagic join {url} --task {task_id} --token {token} --node NAME"
         self.events: list[tuple[float, str]] = []
         self._aggregator: Aggregator | None = None
@@ -58,6 +59,7 @@ class TaskRun:
         self._finished = threading.Event()
         self._result: TaskResult | None = None
         self._error: BaseException | None = None
+        self._listeners: list[Callable[[str], None]] = []
 
     @property
     def participants(self) -> dict[str, Participant]:
@@ -67,8 +69,21 @@ class TaskRun:
     def history(self) -> list[dict[str, Any]]:
         return list(self._aggregator.history) if self._aggregator else []
 
+    @property
+    def error(self) -> BaseException | None:
+        """What ended the task, once it ended with an error."""
+        return self._error
+
+    @property
+    def stop_requested(self) -> bool:
+        return self._aggregator is not None and self._aggregator.stop_requested
+
     def done(self) -> bool:
         return self._finished.is_set()
+
+    def subscribe(self, listener: Callable[[str], None]) -> None:
+        """Call ``listener(text)`` on every event, on the task's thread, until it ends."""
+        self._listeners.append(listener)
 
     def wait(self, timeout: float | None = None) -> TaskResult:
         """Block until the task ends and return its result.
@@ -96,6 +111,11 @@ class TaskRun:
 
     def _record(self, text: str) -> None:
         self.events.append((time.time(), text))
+        for listener in list(self._listeners):
+            try:
+                listener(text)
+            except Exception:  # a broken display must not break the task
+                log.exception("a listener of task %r failed", self.task_id)
 
     def _start(self, main: Callable[[], Coroutine[Any, Any, TaskResult]],
                embedded: EmbeddedRelay | None) -> None:
@@ -111,11 +131,25 @@ class TaskRun:
                 if embedded is not None:
                     embedded.stop()
                 self._finished.set()
+                self._record(f"task {self.task_id!r} failed: {self._error}"
+                             if self._error is not None else f"task {self.task_id!r} ended")
 
         self._task = self._loop.create_task(main())
         self._thread = threading.Thread(target=target, name=f"fedmagic-task-{self.task_id}",
                                         daemon=True)
         self._thread.start()
+
+    def _ipython_display_(self) -> None:
+        """The live widget in a notebook; a line of text anywhere else."""
+        from IPython import get_ipython
+        from IPython.display import display
+
+        if getattr(get_ipython(), "kernel", None) is None:
+            print(repr(self))
+            return
+        from .widget import TaskWidget
+
+        display(TaskWidget(self))
 
     def __repr__(self) -> str:
         state = "finished" if self.done() else "running"
@@ -172,7 +206,7 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
     if not url and not scheduler.is_task_finished():
         embedded = _start_embedded(int(os.environ.get("FEDMAGIC_PORT", DEFAULT_PORT)))
         url = embedded.url
-    run = TaskRun(task_id, url or "", token)
+    run = TaskRun(task_id, url or "", token, scheduler.max_rounds)
 
     def record(text: str) -> None:
         run._record(text)

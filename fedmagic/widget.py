@@ -1,0 +1,132 @@
+"""The live progress widget of a task, in its author's notebook.
+
+Everything it shows lives in plain widget traits (HTML strings, a progress
+bar, bqplot lines), so a saved notebook replays it without a kernel. It only
+reads a ``TaskRun``; the run works the same with no widget at all.
+"""
+
+from __future__ import annotations
+
+import html
+import time
+from typing import TYPE_CHECKING, Any
+
+import bqplot
+import ipywidgets as widgets
+
+if TYPE_CHECKING:
+    from .launch import TaskRun
+
+__all__ = ["TaskWidget"]
+
+LOG_LINES = 12
+_ROW_KEYS = {"round", "participants", "samples", "seconds", "train_seconds", "test_seconds",
+             "tested"}
+_STATUS_COLOURS = {"uploaded": "#2e7d32", "ready": "#2e7d32", "training": "#1565c0",
+                   "trained": "#1565c0", "uploading": "#1565c0", "refused": "#c62828",
+                   "failed": "#c62828", "unverified": "#c62828", "declined": "#c62828",
+                   "dropped": "#ef6c00", "timed out": "#ef6c00"}
+
+
+class TaskWidget(widgets.VBox):
+    """Participants, round progress, a chart per metric, the event log and Stop."""
+
+    def __init__(self, run: TaskRun) -> None:
+        self.run = run
+        self.header = widgets.HTML()
+        self.progress = widgets.IntProgress(min=0, max=max(run.max_rounds, 1),
+                                            description="round", bar_style="info")
+        self.table = widgets.HTML()
+        self.charts = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
+        self.event_log = widgets.HTML()
+        self.stop_button = widgets.Button(description="Stop after this round", icon="stop",
+                                          button_style="warning")
+        self.stop_button.on_click(self._stop)
+        self._lines: dict[str, bqplot.Lines] = {}
+        super().__init__([self.header, self.progress, self.table, self.charts, self.event_log,
+                          self.stop_button])
+        self.add_class("fedmagic-task")
+        self.refresh()
+        run.subscribe(self._on_event)
+
+    def refresh(self) -> None:
+        """Show the run as it is now."""
+        run = self.run
+        history = run.history
+        done = run.done()
+        with self.hold_sync():
+            self.header.value = _header(run, done)
+            self.progress.value = min(len(history), self.progress.max)
+            self.progress.bar_style = _bar_style(run, done)
+            self.table.value = _table(run)
+            self.event_log.value = _log(run.events)
+            self.stop_button.disabled = done or run.stop_requested
+            self._plot(history)
+
+    def _plot(self, history: list[dict[str, Any]]) -> None:
+        tested = [row for row in history if row.get("tested")]
+        names = [key for row in tested for key, value in row.items()
+                 if key not in _ROW_KEYS and isinstance(value, (int, float))]
+        for name in dict.fromkeys(names):
+            points = [(row["round"], row[name]) for row in tested if name in row]
+            if name not in self._lines:
+                self._lines[name] = self._chart(name)
+            line = self._lines[name]
+            line.x = [x for x, _ in points]
+            line.y = [y for _, y in points]
+
+    def _chart(self, name: str) -> bqplot.Lines:
+        x_scale, y_scale = bqplot.LinearScale(), bqplot.LinearScale()
+        line = bqplot.Lines(x=[], y=[], scales={"x": x_scale, "y": y_scale}, marker="circle")
+        figure = bqplot.Figure(
+            marks=[line], title=name, fig_margin={"top": 40, "bottom": 40, "left": 50, "right": 20},
+            axes=[bqplot.Axis(scale=x_scale, label="round", tick_format="d"),
+                  bqplot.Axis(scale=y_scale, orientation="vertical")],
+            layout=widgets.Layout(width="320px", height="220px"))
+        self.charts.children = (*self.charts.children, figure)
+        return line
+
+    def _on_event(self, text: str) -> None:
+        self.refresh()
+
+    def _stop(self, button: widgets.Button) -> None:
+        self.run.stop()
+        self.refresh()
+
+
+def _header(run: TaskRun, done: bool) -> str:
+    state = "finished" if done and run.error is None else "failed" if done else "running"
+    if done and run.error is not None:
+        state += f": {html.escape(str(run.error))}"
+    return (f"<b>task {html.escape(run.task_id)}</b> &middot; {state}<br>"
+            f"data owners join with: <code>{html.escape(run.join_command)}</code>")
+
+
+def _bar_style(run: TaskRun, done: bool) -> str:
+    if not done:
+        return "info"
+    return "success" if run.error is None else "danger"
+
+
+def _table(run: TaskRun) -> str:
+    participants = run.participants
+    if not participants:
+        return "<i>no participant has joined yet</i>"
+    rows = []
+    for p in participants.values():
+        colour = _STATUS_COLOURS.get(p.status, "inherit")
+        seconds = f"{p.train_seconds:.2f}" if p.train_seconds is not None else ""
+        rows.append(f"<tr><td>{html.escape(p.node)}</td>"
+                    f"<td style='color:{colour}'>{html.escape(p.status)}</td>"
+                    f"<td>{p.samples or ''}</td><td>{seconds}</td>"
+                    f"<td>{html.escape(p.detail)}</td></tr>")
+    return ("<table class='fedmagic-participants'><tr><th>node</th><th>status</th>"
+            "<th>samples</th><th>s per round</th><th>detail</th></tr>"
+            + "".join(rows) + "</table>")
+
+
+def _log(events: list[tuple[float, str]]) -> str:
+    lines = [f"{time.strftime('%H:%M:%S', time.localtime(stamp))} {text.splitlines()[0]}"
+             for stamp, text in events[-LOG_LINES:]]
+    return ("<pre class='fedmagic-log' style='max-height:12em;overflow:auto'>"
+            + html.escape("\n".join(lines)) + "</pre>")
