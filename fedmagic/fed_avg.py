@@ -174,7 +174,11 @@ class FedAvgScheduler(abc.ABC):
             log.info("task %r is already running in this kernel; here it is (to start it "
                      "again, call .stop() on it first)", task_id)
         else:
-            running = start_task(self, task_id, **{**cell.options, **options})
+            from IPython import get_ipython
+
+            in_kernel = getattr(get_ipython(), "kernel", None) is not None
+            running = start_task(self, task_id, **{"quiet": in_kernel and not cell.wait,
+                                                   **cell.options, **options})
             running_tasks[task_id] = running
         if not cell.wait:
             return running

@@ -11,6 +11,7 @@ event loop.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 import os
 import secrets
@@ -23,6 +24,7 @@ from .cells import verify_classes
 from .checkpoint import Checkpoint
 from .errors import ConfigurationError
 from .link import Link
+from .log import log_sink
 from .relay import DEFAULT_PORT, EmbeddedRelay, Relay
 from .rounds import Aggregator, Participant, TaskResult
 from .task import TaskPackage
@@ -118,7 +120,7 @@ class TaskRun:
                 log.exception("a listener of task %r failed", self.task_id)
 
     def _start(self, main: Callable[[], Coroutine[Any, Any, TaskResult]],
-               embedded: EmbeddedRelay | None) -> None:
+               embedded: EmbeddedRelay | None, quiet: bool) -> None:
         def target() -> None:
             asyncio.set_event_loop(self._loop)
             try:
@@ -134,7 +136,10 @@ class TaskRun:
                 self._record(f"task {self.task_id!r} failed: {self._error}"
                              if self._error is not None else f"task {self.task_id!r} ended")
 
-        self._task = self._loop.create_task(main())
+        context = contextvars.copy_context()
+        if quiet:  # the task's log lines become its events, and stay out of stderr
+            context.run(log_sink.set, self._record)
+        self._task = self._loop.create_task(main(), context=context)
         self._thread = threading.Thread(target=target, name=f"fedmagic-task-{self.task_id}",
                                         daemon=True)
         self._thread.start()
@@ -161,7 +166,7 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
                dataset_verify: Any = None, join_timeout: float = 300.0, join_grace: float = 3.0,
                resume: bool = False, weighted: bool = True,
                checkpoint_dir: str | os.PathLike[str] | None = None,
-               on_event: Callable[[str], None] | None = None) -> TaskRun:
+               on_event: Callable[[str], None] | None = None, quiet: bool = False) -> TaskRun:
     """Start a task as its initiator and return its ``TaskRun`` at once.
 
     Args:
@@ -179,6 +184,9 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
         weighted: average weighted by sample counts (else a plain mean).
         checkpoint_dir: default ``models/<name>``.
         on_event: called (on the task's thread) with each event line.
+        quiet: keep the task's log lines out of stderr; they are still in
+            ``TaskRun.events`` (a notebook's background task shows them in its
+            widget instead of in whichever cell runs at the time).
 
     Raises:
         ConfigurationError, TaskDefinitionError, UnsupportedTensor: for a
@@ -228,7 +236,7 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
     log.info("task %r: code hash %s", task_id, package.code_hash[:16])
     if url:
         log.info("participants join with:  %s", run.join_command)
-    run._start(main, embedded)
+    run._start(main, embedded, quiet)
     return run
 
 

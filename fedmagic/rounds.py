@@ -427,7 +427,7 @@ class Aggregator:
                 pass
 
     def _event(self, text: str, level: int = logging.INFO) -> None:
-        log.log(level, text)
+        log.log(level, text, extra={"event": True})
         if self.on_event is not None:
             self.on_event(text)
 

@@ -53,7 +53,7 @@ def test_bad_updates_and_failed_verification_are_refused_while_the_task_goes_on(
     monkeypatch.chdir(layout.initiator.workdir)
     events: list[str] = []
 
-    result = FaultyDigits(min_clients=1, max_clients=5, name="demo_task", max_rounds=2,
+    result = FaultyDigits(min_clients=1, max_clients=4, name="demo_task", max_rounds=2,
                           merge_epochs=1).launch_task(task_id="faults", join_timeout=60,
                                                       join_grace=20, on_event=events.append)
 

@@ -56,3 +56,24 @@ def test_author_notebook_shows_participants_and_a_chart_point_per_tested_round(
     assert [(p["state"]["value"], p["state"]["max"]) for p in progress] == [(5, 5)]
     for party in layout.nodes:
         assert federation.wait(party.name) == 0, federation.output(party.name)
+
+
+def test_a_background_task_logs_into_its_widget_not_into_other_cells(federation):
+    layout = federation.write_digits(2)
+    for party in layout.nodes:
+        federation.join(party.name, "quiet")
+    cell = as_fedmagic_script(tutorial_final_code(), "quiet")
+
+    notebook = execute(["%load_ext fedmagic",
+                        "%%fedavg_task --join-timeout 60\n" + cell,
+                        "from fedmagic.cells import running_tasks\n"
+                        "result = running_tasks['quiet'].wait(180)\n"
+                        "print('rounds:', result.rounds)",
+                        "events = [text for _, text in running_tasks['quiet'].events]\n"
+                        "print(sum('Test set: Accuracy' in text for text in events), "
+                        "'accuracy lines in the widget log')"],
+                       layout.initiator.workdir)
+
+    waiting_cell = "".join(output.get("text", "") for output in notebook.cells[2].outputs)
+    assert waiting_cell == "rounds: 5\n"  # nothing of the task's own log landed here
+    assert "5 accuracy lines in the widget log" in notebook.cells[3].outputs[0]["text"]
