@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, Iterator
 if TYPE_CHECKING:
     from .launch import TaskRun
 
-__all__ = ["TaskCell", "current_cell", "running_tasks", "task_cell", "verify_classes"]
+__all__ = ["TaskCell", "current_cell", "join_tokens", "running_tasks", "task_cell",
+           "verify_classes"]
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,8 @@ _CURRENT = contextvars.ContextVar[TaskCell | None]("fedmagic_task_cell", default
 
 #: The DatasetVerify class a ``%%dataset_verify`` cell registered for each task id.
 verify_classes: dict[str, type] = {}
+#: Join tokens chosen before a task's launch (local participants already hold them).
+join_tokens: dict[str, str] = {}
 #: The tasks this kernel started, by task id.
 running_tasks: dict[str, TaskRun] = {}
 

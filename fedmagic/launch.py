@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Coroutine
 
-from .cells import verify_classes
+from .cells import join_tokens, verify_classes
 from .checkpoint import Checkpoint
 from .errors import ConfigurationError
 from .link import Link
@@ -207,7 +207,8 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
         scheduler.load_state_dict(state)
         scheduler.current_round = done
         log.info("resuming task %r after round %d from %s", task_id, done, checkpoint.directory)
-    token = token or os.environ.get("FEDMAGIC_TOKEN") or secrets.token_urlsafe(16)
+    token = (token or join_tokens.get(task_id) or os.environ.get("FEDMAGIC_TOKEN")
+             or secrets.token_urlsafe(16))
     relay_token = relay_token or os.environ.get("FEDMAGIC_RELAY_TOKEN")
     url = relay or os.environ.get("FEDMAGIC_RELAY")
     embedded = None

@@ -7,24 +7,30 @@
 
     %%dataset_verify TASK_ID
     class DatasetVerify: ...
+
+    %fedavg_local 3 --task TASK_ID      # participant kernels on this machine
 """
 
 from __future__ import annotations
 
 import ast
+import os
+import secrets
 
 from IPython.core.error import UsageError
-from IPython.core.magic import Magics, cell_magic, magics_class
+from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from .cells import TaskCell, task_cell, verify_classes
+from .cells import TaskCell, join_tokens, task_cell, verify_classes
+from .local import LocalParticipants
+from .relay import DEFAULT_PORT
 
 __all__ = ["FedMagics"]
 
 
 @magics_class
 class FedMagics(Magics):
-    """``%%fedavg_task`` and ``%%dataset_verify``."""
+    """``%%fedavg_task``, ``%%dataset_verify`` and ``%fedavg_local``."""
 
     @magic_arguments()
     @argument("--wait", action="store_true",
@@ -65,6 +71,28 @@ class FedMagics(Magics):
         verify_classes[args.task_id] = verify_cls
         print(f"DatasetVerify registered for task {args.task_id!r}: each participant runs it "
               "on its own data before training")
+
+    @magic_arguments()
+    @argument("count", type=int, help="how many participant kernels to start")
+    @argument("--task", required=True, help="the task id they join")
+    @argument("--relay", help="the relay's URL (default: the relay a task of this kernel "
+                              "embeds, on 127.0.0.1:$FEDMAGIC_PORT, 8765 by default)")
+    @argument("--split", default="iid", choices=("iid", "by-label"),
+              help="how the digits are shared out (default iid)")
+    @argument("--data-dir", default="demo_task/data",
+              help="where each participant's data goes, in its own directory "
+                   "(default demo_task/data, the reference tutorial's)")
+    @line_magic
+    def fedavg_local(self, line: str) -> LocalParticipants:
+        """Start participant kernels on this machine, each with its own digits data."""
+        args = parse_argstring(self.fedavg_local, line)
+        if args.count < 1:
+            raise UsageError("start at least one participant")
+        port = int(os.environ.get("FEDMAGIC_PORT", DEFAULT_PORT))
+        url = args.relay or os.environ.get("FEDMAGIC_RELAY") or f"ws://127.0.0.1:{port}"
+        token = join_tokens.setdefault(args.task, secrets.token_urlsafe(16))
+        return LocalParticipants(args.task, args.count, url, token, split=args.split,
+                                 data_dir=args.data_dir)
 
     def _run(self, cell: str, filename: str) -> object:
         """Run ``cell`` in the user's namespace; return its last expression's value."""

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from nbclient import NotebookClient
 
+from conftest import free_port
 from test_tutorial import as_fedmagic_script, tutorial_final_code
 
 pytestmark = pytest.mark.slow
@@ -77,3 +78,29 @@ def test_a_background_task_logs_into_its_widget_not_into_other_cells(federation)
     waiting_cell = "".join(output.get("text", "") for output in notebook.cells[2].outputs)
     assert waiting_cell == "rounds: 5\n"  # nothing of the task's own log landed here
     assert "5 accuracy lines in the widget log" in notebook.cells[3].outputs[0]["text"]
+
+
+def test_local_participant_kernels_train_the_task_and_shut_down_when_it_ends(tmp_path,
+                                                                              monkeypatch):
+    monkeypatch.setenv("FEDMAGIC_PORT", str(free_port()))
+    monkeypatch.delenv("FEDMAGIC_TOKEN", raising=False)
+    cell = as_fedmagic_script(tutorial_final_code(), "local")
+
+    notebook = execute(["%load_ext fedmagic",
+                        "group = %fedavg_local 3 --task local\ngroup",
+                        "%%fedavg_task --wait --join-timeout 120\n" + cell,
+                        "import time\n"
+                        "deadline = time.monotonic() + 60\n"
+                        "while any(group.alive()) and time.monotonic() < deadline:\n"
+                        "    time.sleep(0.2)\n"
+                        "print('alive:', group.alive())"],
+                       tmp_path)
+
+    assert "node-1, node-2, node-3 (3 running)" in notebook.cells[1].outputs[0]["data"][
+        "text/plain"]
+    tables = [m["state"]["value"] for m in models(notebook, "HTMLModel")
+              if "fedmagic-participants" in m["state"]["value"]]
+    assert all(f"<td>node-{i}</td>" in tables[0] for i in (1, 2, 3))
+    assert [list(array(line, "x")) for line in models(notebook, "LinesModel")] == \
+        [[1, 2, 3, 4, 5]] * 3
+    assert notebook.cells[3].outputs[-1]["text"] == "alive: [False, False, False]\n"
