@@ -32,9 +32,16 @@ class JoinRun:
         self._finished = threading.Event()
         self._outcome: JoinOutcome | None = None
         self._error: BaseException | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._task: asyncio.Task[JoinOutcome] | None = None
 
     def done(self) -> bool:
         return self._finished.is_set()
+
+    def leave(self) -> None:
+        """Stop taking part; the initiator sees this node leave."""
+        if self._loop is not None and self._task is not None and not self.done():
+            self._loop.call_soon_threadsafe(self._task.cancel)
 
     def wait(self, timeout: float | None = None) -> JoinOutcome:
         """Block until this node's part ends.
@@ -78,13 +85,21 @@ def start_join(url: str, task: str, token: str, node: str, consent: Consent, *,
                                wait=wait, ssl=ssl)
         return await ParticipantRuntime(link, node, consent, record).run()
 
+    async def guarded() -> JoinOutcome:
+        run._loop, run._task = asyncio.get_running_loop(), asyncio.current_task()
+        try:
+            return await main()
+        except asyncio.CancelledError:
+            return JoinOutcome(task, node, False, "left the task")
+
     def target() -> None:
         try:
-            run._outcome = asyncio.run(main())
+            run._outcome = asyncio.run(guarded())
         except BaseException as exc:
             run._error = exc
         finally:
             run._finished.set()
+            record("ended", {"outcome": run._outcome, "error": run._error})
 
     threading.Thread(target=target, name=f"fedmagic-join-{node}", daemon=True).start()
     return run

@@ -9,6 +9,8 @@
     class DatasetVerify: ...
 
     %fedavg_local 3 --task TASK_ID      # participant kernels on this machine
+
+    %fedavg_join ws://HOST:PORT --task TASK_ID --token T --node NAME   # a data owner's panel
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 
 from .cells import TaskCell, join_tokens, task_cell, verify_classes
 from .local import LocalParticipants
+from .panel import ParticipantPanel
 from .relay import DEFAULT_PORT
 
 __all__ = ["FedMagics"]
@@ -30,7 +33,7 @@ __all__ = ["FedMagics"]
 
 @magics_class
 class FedMagics(Magics):
-    """``%%fedavg_task``, ``%%dataset_verify`` and ``%fedavg_local``."""
+    """``%%fedavg_task``, ``%%dataset_verify``, ``%fedavg_local`` and ``%fedavg_join``."""
 
     @magic_arguments()
     @argument("--wait", action="store_true",
@@ -93,6 +96,27 @@ class FedMagics(Magics):
         token = join_tokens.setdefault(args.task, secrets.token_urlsafe(16))
         return LocalParticipants(args.task, args.count, url, token, split=args.split,
                                  data_dir=args.data_dir)
+
+    @magic_arguments()
+    @argument("url", help="the relay, e.g. ws://127.0.0.1:8765")
+    @argument("--task", required=True, help="the task id")
+    @argument("--token", default=None, help="the task's join token (default $FEDMAGIC_TOKEN)")
+    @argument("--node", required=True, help="this node's name")
+    @argument("--data-root", help="run the task's code from this directory, where its "
+                                  "relative data paths start (default: the notebook's)")
+    @argument("--wait", type=float, default=300.0,
+              help="seconds to wait for the task to appear (default 300)")
+    @line_magic
+    def fedavg_join(self, line: str) -> ParticipantPanel:
+        """Join a task from this notebook: review its code, verify your data, accept, train."""
+        args = parse_argstring(self.fedavg_join, line)
+        token = args.token or os.environ.get("FEDMAGIC_TOKEN")
+        if not token:
+            raise UsageError("pass --token (or set FEDMAGIC_TOKEN): the task's author shares "
+                             "it with the join line")
+        if args.data_root:
+            os.chdir(args.data_root)
+        return ParticipantPanel(args.url, args.task, token, args.node, wait=args.wait)
 
     def _run(self, cell: str, filename: str) -> object:
         """Run ``cell`` in the user's namespace; return its last expression's value."""

@@ -9,7 +9,8 @@ from IPython.testing import globalipapp
 from conftest import port_is_free, wait_for
 from fedmagic.cells import running_tasks, verify_classes
 from fedmagic.errors import TaskDefinitionError
-from fedmagic.launch import TaskRun
+from fedmagic.examples.digits_task import DigitsScheduler
+from fedmagic.launch import TaskRun, start_task
 from fedmagic.rounds import TaskResult
 from test_tutorial import as_fedmagic_script, tutorial_final_code
 
@@ -114,3 +115,46 @@ def test_cell_returns_at_once_and_rerunning_it_finds_the_running_task(
     assert first.wait(60).rounds < 500
     for party in layout.nodes:
         assert federation.wait(party.name) == 0, federation.output(party.name)
+
+
+@pytest.mark.slow
+def test_a_data_owner_reviews_verifies_and_accepts_in_the_participant_panel(
+        ip, federation, monkeypatch):
+    layout = federation.write_digits(2)
+    federation.join("node-2", "panel")
+    monkeypatch.chdir(layout.nodes[0].workdir)  # its data, and the shared test set
+    run = start_task(DigitsScheduler(min_clients=2, max_clients=2, name="demo_task",
+                                     max_rounds=2), "panel", join_timeout=60)
+
+    panel = ip.run_line_magic("fedavg_join", f"{federation.url} --task panel --node node-1")
+    assert wait_for(lambda: not panel.accept_button.disabled, 60)
+    assert "class DigitsScheduler" in panel.code.value
+    assert panel.run.done() is False and run.history == []  # nothing runs before consent
+    panel.verify_button.click()
+    assert "data verified" in panel.verification.value
+    panel.accept_button.click()
+    result = run.wait(120)
+
+    assert panel.accepted_hash == panel.package.code_hash
+    assert [row["participants"] for row in result.history] == [2, 2]
+    assert panel.run.wait(30).ok
+    assert wait_for(lambda: panel.status.value.startswith("finished"), 10)
+    assert panel.progress.value == 2
+
+
+@pytest.mark.slow
+def test_a_data_owner_who_declines_is_never_selected(ip, federation, monkeypatch):
+    layout = federation.write_digits(2)
+    federation.join("node-2", "declined")
+    monkeypatch.chdir(layout.nodes[0].workdir)
+    run = start_task(DigitsScheduler(min_clients=1, max_clients=2, name="demo_task",
+                                     max_rounds=1), "declined", join_timeout=60, join_grace=8)
+
+    panel = ip.run_line_magic("fedavg_join", f"{federation.url} --task declined --node node-1")
+    assert wait_for(lambda: not panel.decline_button.disabled, 60)
+    panel.decline_button.click()
+    result = run.wait(120)
+
+    assert result.participants["node-1"].status == "declined"
+    assert result.history[0]["participants"] == 1
+    assert panel.accepted_hash is None

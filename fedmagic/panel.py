@@ -1,0 +1,125 @@
+"""The participant panel: a data owner joins a task from their own notebook.
+
+It shows the task's code and hash, checks the local data with the task's
+``DatasetVerify`` (Verify data), and runs nothing until its owner accepts
+that exact code. Training runs on a thread of its own, so the kernel stays
+responsive; the panel follows the rounds.
+"""
+
+from __future__ import annotations
+
+import html
+import threading
+import traceback
+from typing import Any
+
+import ipywidgets as widgets
+
+from .joining import JoinRun, start_join
+from .participant import describe_failure
+from .task import TaskPackage
+
+__all__ = ["ParticipantPanel"]
+
+
+class ParticipantPanel(widgets.VBox):
+    """Join ``task`` at ``url`` as ``node``: review, verify, accept, train."""
+
+    def __init__(self, url: str, task: str, token: str, node: str, wait: float = 300.0) -> None:
+        self.node = node
+        self.summary = widgets.HTML(f"connecting to {html.escape(url)} as "
+                                    f"<b>{html.escape(node)}</b>, waiting for task "
+                                    f"<b>{html.escape(task)}</b>...")
+        self.code = widgets.HTML()
+        self.verify_button = widgets.Button(description="Verify data", icon="check",
+                                            disabled=True)
+        self.accept_button = widgets.Button(description="Accept and join", icon="play",
+                                            button_style="success", disabled=True)
+        self.decline_button = widgets.Button(description="Decline", disabled=True)
+        self.leave_button = widgets.Button(description="Leave", icon="sign-out")
+        self.verification = widgets.HTML()
+        self.status = widgets.HTML()
+        self.progress = widgets.IntProgress(min=0, max=1, description="round")
+        self.verify_button.on_click(lambda _: self.verify_data())
+        self.accept_button.on_click(lambda _: self._decide(True))
+        self.decline_button.on_click(lambda _: self._decide(False))
+        self.leave_button.on_click(lambda _: self.leave())
+        super().__init__([self.summary, self.code,
+                          widgets.HBox([self.verify_button, self.accept_button,
+                                        self.decline_button, self.leave_button]),
+                          self.verification, self.status, self.progress])
+        self.add_class("fedmagic-participant")
+        self.package: TaskPackage | None = None
+        self.accepted_hash: str | None = None
+        self._decision = threading.Event()
+        self._accepted = False
+        self.run: JoinRun = start_join(url, task, token, node, self._consent, wait=wait,
+                                       on_event=self._on_event)
+
+    def verify_data(self) -> bool | None:
+        """Run the task's ``DatasetVerify`` on this node's data and show the outcome."""
+        if self.package is None:
+            return None
+        self.verification.value = "verifying the data..."
+        try:
+            verifier = self.package.build_verifier(self.node)
+            passed = True if verifier is None else bool(verifier.run())
+            detail = ("the task has no DatasetVerify" if verifier is None else
+                      "DatasetVerify.run() returned True" if passed else
+                      "DatasetVerify.run() returned False: the data is missing or not in "
+                      "the form the task expects")
+        except Exception as exc:
+            passed, detail = False, (f"{describe_failure(exc)}<pre>"
+                                     f"{html.escape(traceback.format_exc())}</pre>")
+        mark = ("<b style='color:#2e7d32'>data verified</b>" if passed else
+                "<b style='color:#c62828'>verification failed</b>")
+        self.verification.value = f"{mark}: {detail if '<pre>' in detail else html.escape(detail)}"
+        return passed
+
+    def leave(self) -> None:
+        """Decline if still asked, and stop taking part."""
+        self._decide(False)
+        self.run.leave()
+
+    def _consent(self, package: TaskPackage) -> bool:
+        # On the join's worker thread: show the code, then wait for its owner.
+        self.package = package
+        self.summary.value = (f"task <b>{html.escape(package.task_id)}</b>: "
+                              f"{html.escape(package.class_name)}, code hash "
+                              f"<code>{package.code_hash[:16]}</code>. Review the code, verify "
+                              "your data, then accept to join.")
+        self.code.value = (f"<details><summary>the task's code ({len(package.source.splitlines())}"
+                           f" lines, sha256 {package.code_hash})</summary><pre>"
+                           f"{html.escape(package.source)}</pre></details>")
+        for button in (self.verify_button, self.accept_button, self.decline_button):
+            button.disabled = False
+        self._decision.wait()
+        for button in (self.accept_button, self.decline_button):
+            button.disabled = True
+        if self._accepted:
+            self.accepted_hash = package.code_hash
+        return self._accepted
+
+    def _decide(self, accept: bool) -> None:
+        if not self._decision.is_set():
+            self._accepted = accept
+            self._decision.set()
+
+    def _on_event(self, kind: str, details: dict[str, Any]) -> None:
+        if kind == "verified":
+            self.progress.max = max(details["max_rounds"], 1)
+            self.status.value = f"joined: {details['samples']} training samples"
+        elif kind in ("round", "epoch"):
+            epoch = f", epoch {details['epoch']}/{details['epochs']}" if kind == "epoch" else ""
+            self.status.value = f"round {details['round']}: training{epoch}"
+        elif kind == "uploaded":
+            self.progress.value = min(self.progress.value + 1, self.progress.max)
+            self.status.value = f"round {details['round']}: update sent"
+        elif kind == "ended":
+            outcome, error = details["outcome"], details["error"]
+            text = (f"error: {error}" if error is not None else
+                    f"finished: {outcome.reason}" if outcome.ok else
+                    f"did not finish: {outcome.reason}")
+            self.status.value = html.escape(text)
+            self.leave_button.disabled = True
+            self.verify_button.disabled = True
