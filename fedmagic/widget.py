@@ -40,7 +40,8 @@ class TaskWidget(widgets.VBox):
         self.charts = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
         self.event_log = widgets.HTML()
         self.stop_button = widgets.Button(description="Stop after this round", icon="stop",
-                                          button_style="warning")
+                                          button_style="warning",
+                                          layout=widgets.Layout(width="auto"))
         self.stop_button.on_click(self._stop)
         self._lines: dict[str, bqplot.Lines] = {}
         super().__init__([self.header, self.progress, self.table, self.charts, self.event_log,
@@ -120,7 +121,9 @@ def _table(run: TaskRun) -> str:
                     f"<td style='color:{colour}'>{html.escape(p.status)}</td>"
                     f"<td>{p.samples or ''}</td><td>{seconds}</td>"
                     f"<td>{html.escape(p.detail)}</td></tr>")
-    return ("<table class='fedmagic-participants'><tr><th>node</th><th>status</th>"
+    return ("<style>.fedmagic-participants td, .fedmagic-participants th"
+            "{padding:2px 12px 2px 0;text-align:left}</style>"
+            "<table class='fedmagic-participants'><tr><th>node</th><th>status</th>"
             "<th>samples</th><th>s per round</th><th>detail</th></tr>"
             + "".join(rows) + "</table>")
 
