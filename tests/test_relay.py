@@ -25,6 +25,7 @@ from websockets.asyncio.server import serve
 
 from fedmagic.codec import PROTOCOL_VERSION, Frame, Kind, StateReader, encode_state
 from fedmagic.errors import ConnectionLost, RelayRefused
+from conftest import free_port
 from fedmagic import link as link_module
 from fedmagic.link import Link
 from fedmagic.relay import EmbeddedRelay, Relay, RelayLimits, serve_relay, ssl_context
@@ -67,12 +68,6 @@ def relay() -> Iterator[EmbeddedRelay]:
 
 def status(**fields: Any) -> Frame:
     return Frame({"t": Kind.STATUS, **fields})
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def relay_threads() -> list[threading.Thread]:
