@@ -15,6 +15,7 @@ Each exception keeps the facts as attributes and builds its message in
     ├── AggregationError (ValueError)      nothing, or nothing of weight, to average
     ├── RemoteError                        an exception raised on another node
     ├── DataNotFound (FileNotFoundError)   a dataset that was meant to be in place
+    ├── VerificationFailed                 data that the task's DatasetVerify refused
     └── TaskFailed (RuntimeError)          a task that ended without finishing
         └── NotEnoughParticipants          fewer than ``min_clients`` to go on with
 """
@@ -36,6 +37,7 @@ __all__ = [
     "TaskFailed",
     "UnsupportedTensor",
     "UpdateRejected",
+    "VerificationFailed",
 ]
 
 
@@ -191,6 +193,10 @@ class DataNotFound(FedMagicError, FileNotFoundError):
             f"({self.detail}). Put the files there before joining (for the digits "
             "sample data, run `fedmagic digits`); nodes are not expected to reach the internet"
         )
+
+
+class VerificationFailed(FedMagicError):
+    """A node's ``DatasetVerify.run()`` returned False: its data is not what the task needs."""
 
 
 class TaskFailed(FedMagicError, RuntimeError):

@@ -98,8 +98,10 @@ def start_join(url: str, task: str, token: str, node: str, consent: Consent, *,
         except BaseException as exc:
             run._error = exc
         finally:
-            run._finished.set()
-            record("ended", {"outcome": run._outcome, "error": run._error})
+            try:
+                record("ended", {"outcome": run._outcome, "error": run._error})
+            finally:
+                run._finished.set()  # after the last event: whoever waited sees them all
 
     threading.Thread(target=target, name=f"fedmagic-join-{node}", daemon=True).start()
     return run

@@ -234,9 +234,13 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
                                      weighted=weighted, history=history, on_event=record)
         return await run._aggregator.run()
 
-    log.info("task %r: code hash %s", task_id, package.code_hash[:16])
+    announce = [f"task {task_id!r}: code hash {package.code_hash[:16]}"]
     if url:
-        log.info("participants join with:  %s", run.join_command)
+        announce.append(f"participants join with:  {run.join_command}")
+    for line in announce:  # the widget's log starts with them; stderr only outside one
+        run._record(line)
+        if not quiet:
+            log.info("%s", line)
     run._start(main, embedded, quiet)
     return run
 

@@ -2,8 +2,10 @@
 
 It shows the task's code and hash, checks the local data with the task's
 ``DatasetVerify`` (Verify data), and runs nothing until its owner accepts
-that exact code. Training runs on a thread of its own, so the kernel stays
-responsive; the panel follows the rounds.
+that exact code. Consent is bound to the code's hash: joining again runs the
+same code without asking, and asks again if the code changed. Training runs
+on a thread of its own, so the kernel stays responsive; the panel follows
+the rounds. Every button has a method of the same name, for scripts.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Any
 import ipywidgets as widgets
 
 from .joining import JoinRun, start_join
-from .participant import describe_failure
+from .errors import VerificationFailed
+from .participant import describe_failure, verify_data
 from .task import TaskPackage
 
 __all__ = ["ParticipantPanel"]
@@ -26,7 +29,7 @@ class ParticipantPanel(widgets.VBox):
     """Join ``task`` at ``url`` as ``node``: review, verify, accept, train."""
 
     def __init__(self, url: str, task: str, token: str, node: str, wait: float = 300.0) -> None:
-        self.node = node
+        self.url, self.task_id, self.token, self.node, self.wait = url, task, token, node, wait
         self.summary = widgets.HTML(f"connecting to {html.escape(url)} as "
                                     f"<b>{html.escape(node)}</b>, waiting for task "
                                     f"<b>{html.escape(task)}</b>...")
@@ -36,44 +39,79 @@ class ParticipantPanel(widgets.VBox):
         self.accept_button = widgets.Button(description="Accept and join", icon="play",
                                             button_style="success", disabled=True)
         self.decline_button = widgets.Button(description="Decline", disabled=True)
+        self.join_button = widgets.Button(description="Join again", icon="sign-in",
+                                          disabled=True)
         self.leave_button = widgets.Button(description="Leave", icon="sign-out")
         self.verification = widgets.HTML()
         self.status = widgets.HTML()
         self.progress = widgets.IntProgress(min=0, max=1, description="round")
         self.verify_button.on_click(lambda _: self.verify_data())
-        self.accept_button.on_click(lambda _: self._decide(True))
-        self.decline_button.on_click(lambda _: self._decide(False))
+        self.accept_button.on_click(lambda _: self.accept())
+        self.decline_button.on_click(lambda _: self.decline())
+        self.join_button.on_click(lambda _: self.join())
         self.leave_button.on_click(lambda _: self.leave())
         super().__init__([self.summary, self.code,
                           widgets.HBox([self.verify_button, self.accept_button,
-                                        self.decline_button, self.leave_button]),
+                                        self.decline_button, self.join_button,
+                                        self.leave_button]),
                           self.verification, self.status, self.progress])
         self.add_class("fedmagic-participant")
         self.package: TaskPackage | None = None
         self.accepted_hash: str | None = None
+        self._code_shown = threading.Event()
         self._decision = threading.Event()
         self._accepted = False
-        self.run: JoinRun = start_join(url, task, token, node, self._consent, wait=wait,
-                                       on_event=self._on_event)
+        self.run: JoinRun = self._start()
+
+    def wait_for_code(self, timeout: float | None = None) -> TaskPackage:
+        """Block until the task's code is here to review; return its package.
+
+        Raises:
+            TimeoutError: if it has not arrived after ``timeout`` seconds.
+        """
+        if not self._code_shown.wait(timeout):
+            raise TimeoutError(f"task {self.task_id!r} has not sent its code to "
+                               f"{self.node!r} after {timeout:g} s: {self.run}")
+        return self.package
+
+    def accept(self) -> None:
+        """Run the code shown, and only that code (its hash is what was accepted)."""
+        if not self._code_shown.is_set():
+            raise RuntimeError("nothing to accept yet: the task's code has not arrived "
+                               "(panel.wait_for_code() waits for it)")
+        self._decide(True)
+
+    def decline(self) -> None:
+        """Refuse to run the code shown: this node is never selected."""
+        self._decide(False)
+
+    def join(self) -> None:
+        """Join the task again after taking part or leaving."""
+        if not self.run.done():
+            return
+        self.join_button.disabled = True
+        self.leave_button.disabled = False
+        self.status.value = ""
+        self.progress.value = 0
+        self.run = self._start()
 
     def verify_data(self) -> bool | None:
         """Run the task's ``DatasetVerify`` on this node's data and show the outcome."""
         if self.package is None:
             return None
         self.verification.value = "verifying the data..."
+        trace = ""
         try:
-            verifier = self.package.build_verifier(self.node)
-            passed = True if verifier is None else bool(verifier.run())
-            detail = ("the task has no DatasetVerify" if verifier is None else
-                      "DatasetVerify.run() returned True" if passed else
-                      "DatasetVerify.run() returned False: the data is missing or not in "
-                      "the form the task expects")
+            passed = True
+            detail = ("DatasetVerify.run() returned True" if verify_data(self.package, self.node)
+                      else "the task has no DatasetVerify")
         except Exception as exc:
-            passed, detail = False, (f"{describe_failure(exc)}<pre>"
-                                     f"{html.escape(traceback.format_exc())}</pre>")
+            passed, detail = False, describe_failure(exc)
+            if not isinstance(exc, VerificationFailed):  # the verifier itself broke
+                trace = f"<pre>{html.escape(traceback.format_exc())}</pre>"
         mark = ("<b style='color:#2e7d32'>data verified</b>" if passed else
                 "<b style='color:#c62828'>verification failed</b>")
-        self.verification.value = f"{mark}: {detail if '<pre>' in detail else html.escape(detail)}"
+        self.verification.value = f"{mark}: {html.escape(detail)}{trace}"
         return passed
 
     def leave(self) -> None:
@@ -81,18 +119,33 @@ class ParticipantPanel(widgets.VBox):
         self._decide(False)
         self.run.leave()
 
+    def _start(self) -> JoinRun:
+        self._code_shown.clear()
+        self._decision.clear()
+        return start_join(self.url, self.task_id, self.token, self.node, self._consent,
+                          wait=self.wait, on_event=self._on_event)
+
     def _consent(self, package: TaskPackage) -> bool:
         # On the join's worker thread: show the code, then wait for its owner.
         self.package = package
+        if package.code_hash == self.accepted_hash:
+            self.summary.value = (f"task <b>{html.escape(package.task_id)}</b>: the code you "
+                                  f"accepted before (hash <code>{package.code_hash[:16]}</code>)"
+                                  ", joining")
+            self._code_shown.set()
+            return True
+        changed = ("<b>The code changed since you accepted it.</b> "
+                   if self.accepted_hash is not None else "")
         self.summary.value = (f"task <b>{html.escape(package.task_id)}</b>: "
                               f"{html.escape(package.class_name)}, code hash "
-                              f"<code>{package.code_hash[:16]}</code>. Review the code, verify "
-                              "your data, then accept to join.")
+                              f"<code>{package.code_hash[:16]}</code>. {changed}Review the "
+                              "code, verify your data, then accept to join.")
         self.code.value = (f"<details><summary>the task's code ({len(package.source.splitlines())}"
                            f" lines, sha256 {package.code_hash})</summary><pre>"
                            f"{html.escape(package.source)}</pre></details>")
         for button in (self.verify_button, self.accept_button, self.decline_button):
             button.disabled = False
+        self._code_shown.set()
         self._decision.wait()
         for button in (self.accept_button, self.decline_button):
             button.disabled = True
@@ -121,5 +174,6 @@ class ParticipantPanel(widgets.VBox):
                     f"finished: {outcome.reason}" if outcome.ok else
                     f"did not finish: {outcome.reason}")
             self.status.value = html.escape(text)
-            self.leave_button.disabled = True
-            self.verify_button.disabled = True
+            for button in (self.accept_button, self.decline_button, self.leave_button):
+                button.disabled = True
+            self.join_button.disabled = False

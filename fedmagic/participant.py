@@ -9,13 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from .codec import Frame, Kind, StateReader
-from .errors import ConnectionLost, DataNotFound, ProtocolError, TaskDefinitionError, TaskFailed
+from .errors import (ConnectionLost, DataNotFound, ProtocolError, TaskDefinitionError,
+                     TaskFailed, VerificationFailed)
 from .link import Link
 from .task import TaskPackage
 
@@ -99,10 +101,7 @@ class ParticipantRuntime:
     def _prepare(self, package: TaskPackage) -> tuple[FedAvgScheduler, int]:
         scheduler = package.build_scheduler()
         scheduler._setup(package.task_id)
-        verifier = package.build_verifier(self.node)
-        if verifier is not None and not verifier.run():
-            raise _VerifyFailed("DatasetVerify.run() returned False: this node's data is "
-                                "missing or not in the form the task expects")
+        verify_data(package, self.node)
         scheduler.validate_context()
         if not scheduler._context_validated:
             raise TaskDefinitionError(type(scheduler).__name__, "validate_context() did not "
@@ -187,13 +186,51 @@ class ParticipantRuntime:
         await self.link.send(Frame({"t": Kind.STATUS, "stage": stage, **fields}))
 
 
-class _VerifyFailed(Exception):
-    pass
+def verify_data(package: TaskPackage, node: str) -> bool:
+    """Run the task's ``DatasetVerify`` on this node's data.
+
+    Returns whether the task has one. What it logs as warnings while it runs
+    (say, which files are missing) goes into the failure, so the task's author
+    reads why and not only that it failed.
+
+    Raises:
+        VerificationFailed: if ``run()`` returned False; whatever ``run()`` raised.
+    """
+    verifier = package.build_verifier(node)
+    if verifier is None:
+        return False
+    with _WarningsOfThisThread() as warnings:
+        passed = verifier.run()
+    if not passed:
+        why = "; ".join(warnings.lines) or ("this node's data is missing or not in the form "
+                                            "the task expects")
+        raise VerificationFailed(f"DatasetVerify.run() returned False: {why}")
+    return True
+
+
+class _WarningsOfThisThread(logging.Handler):
+    """Collects the warnings ``fedmagic.logger`` gets from this thread while in use."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.lines: list[str] = []
+        self._thread = threading.get_ident()
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.thread == self._thread:
+            self.lines.append(record.getMessage())
+
+    def __enter__(self) -> _WarningsOfThisThread:
+        logging.getLogger("fedmagic").addHandler(self)
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        logging.getLogger("fedmagic").removeHandler(self)
 
 
 def describe_failure(exc: BaseException) -> str:
     """One line saying what went wrong, with a hint where fedmagic knows one."""
-    text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, _VerifyFailed) else str(exc)
+    text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, VerificationFailed) else str(exc)
     chain = traceback.format_exception(exc)
     if any("download" in line.lower() for line in chain) and (
             "URLError" in "".join(chain) or "Error downloading" in "".join(chain)):

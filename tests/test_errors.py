@@ -12,7 +12,7 @@ from fedmagic import errors
 from fedmagic.errors import (AggregationError, CodecError, ConfigurationError, ConnectionLost,
                              DataNotFound, FedMagicError, NotEnoughParticipants, ProtocolError,
                              RelayRefused, RemoteError, TaskDefinitionError, TaskFailed,
-                             UnsupportedTensor, UpdateRejected)
+                             UnsupportedTensor, UpdateRejected, VerificationFailed)
 
 MESSAGES = [
     (FedMagicError("something went wrong"),
@@ -55,6 +55,8 @@ MESSAGES = [
      "the data under '/data/mnist' is not in place and could not be downloaded "
      "(no network). Put the files there before joining (for the digits sample data, "
      "run `fedmagic digits`); nodes are not expected to reach the internet"),
+    (VerificationFailed("DatasetVerify.run() returned False: no images under data/"),
+     "DatasetVerify.run() returned False: no images under data/"),
     (TaskFailed("t1", "the relay closed the task"),
      "task 't1' failed: the relay closed the task"),
     (TaskFailed("t1", "the initiator left", round=4),

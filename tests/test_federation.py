@@ -69,6 +69,7 @@ def test_bad_updates_and_failed_verification_are_refused_while_the_task_goes_on(
     assert 'in train\n    raise RuntimeError' in nodes["node-4"].traceback
     assert nodes["no-data"].status == "unverified"
     assert "DatasetVerify.run() returned False" in nodes["no-data"].detail
+    assert "missing ['train-images-idx3-ubyte'" in nodes["no-data"].detail  # what it logged
     assert any("update from 'node-2' in round 1 refused" in line for line in events)
     assert federation.wait("node-1") == 0
     assert federation.wait("node-4") == 1
