@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import base64
+import json
+import threading
+from pathlib import Path
 
 import nbformat
 import numpy as np
+import psutil
 import pytest
+from jupyter_client import KernelManager
 from nbclient import NotebookClient
 
 from conftest import free_port
+from fedmagic.examples import digits_task
 from test_tutorial import as_fedmagic_script, tutorial_final_code
 
 pytestmark = pytest.mark.slow
@@ -22,6 +28,12 @@ def execute(cells: list[str], cwd) -> nbformat.NotebookNode:
     NotebookClient(notebook, timeout=240, kernel_name="python3", store_widget_state=True,
                    resources={"metadata": {"path": str(cwd)}}).execute()
     return notebook
+
+
+def printed(cell: nbformat.NotebookNode) -> str:
+    """What a cell printed, stdout and stderr in order."""
+    return "".join(output.get("text", "") for output in cell.outputs
+                   if output["output_type"] == "stream")
 
 
 def models(notebook: nbformat.NotebookNode, name: str) -> list[dict]:
@@ -75,20 +87,27 @@ def test_a_background_task_logs_into_its_widget_not_into_other_cells(federation)
                         "'accuracy lines in the widget log')"],
                        layout.initiator.workdir)
 
-    waiting_cell = "".join(output.get("text", "") for output in notebook.cells[2].outputs)
-    assert waiting_cell == "rounds: 5\n"  # nothing of the task's own log landed here
+    assert printed(notebook.cells[2]) == "rounds: 5\n"  # nothing of the task's own log landed here
     assert "5 accuracy lines in the widget log" in notebook.cells[3].outputs[0]["text"]
 
 
-def test_local_participant_kernels_train_the_task_and_shut_down_when_it_ends(tmp_path,
-                                                                              monkeypatch):
+def digits_cell(task_id: str, rounds: int) -> str:
+    """The digits example as a ``%%fedavg_task`` cell: its classes, then the launch."""
+    source = Path(digits_task.__file__).read_text()
+    return (source[:source.index('if __name__ == "__main__":')]
+            + f"scheduler = DigitsScheduler(min_clients=2, max_clients=3, name='demo_task', "
+              f"max_rounds={rounds}, merge_epochs=2)\n"
+            + f"scheduler.launch_task(task_id={task_id!r})\n")
+
+
+def test_local_participant_kernels_reach_90_percent_and_shut_down_when_the_task_ends(
+        tmp_path, monkeypatch):
     monkeypatch.setenv("FEDMAGIC_PORT", str(free_port()))
     monkeypatch.delenv("FEDMAGIC_TOKEN", raising=False)
-    cell = as_fedmagic_script(tutorial_final_code(), "local")
 
     notebook = execute(["%load_ext fedmagic",
                         "group = %fedavg_local 3 --task local\ngroup",
-                        "%%fedavg_task --wait --join-timeout 120\n" + cell,
+                        "%%fedavg_task --wait --join-timeout 120\n" + digits_cell("local", 10),
                         "import time\n"
                         "deadline = time.monotonic() + 60\n"
                         "while any(group.alive()) and time.monotonic() < deadline:\n"
@@ -102,5 +121,167 @@ def test_local_participant_kernels_train_the_task_and_shut_down_when_it_ends(tmp
               if "fedmagic-participants" in m["state"]["value"]]
     assert all(f"<td>node-{i}</td>" in tables[0] for i in (1, 2, 3))
     assert [list(array(line, "x")) for line in models(notebook, "LinesModel")] == \
-        [[1, 2, 3, 4, 5]] * 3
+        [list(range(1, 11))] * 2  # loss and accuracy
+    history = json.loads((tmp_path / "models" / "demo_task" / "history.json").read_text())
+    assert history[-1]["accuracy"] >= 0.9, history[-1]
     assert notebook.cells[3].outputs[-1]["text"] == "alive: [False, False, False]\n"
+
+
+def test_owners_whose_data_fails_verification_or_who_decline_are_left_out_and_the_author_sees_why(
+        federation, tmp_path):
+    layout = federation.write_digits(2)
+    for party in layout.nodes:
+        federation.join(party.name, "owners")
+    (tmp_path / "empty").mkdir()
+    owners: dict[str, nbformat.NotebookNode | BaseException] = {}
+
+    def owner(node: str, workdir: Path, decision: str) -> None:
+        try:
+            owners[node] = execute([
+                "%load_ext fedmagic",
+                f"panel = %fedavg_join {federation.url} --task owners --token {federation.token}"
+                f" --node {node}\npanel",
+                "package = panel.wait_for_code(120)\n"
+                "print('verified' if panel.verify_data() else 'not verified')",
+                decision,
+                "print('outcome:', panel.run.wait(240).reason)"], workdir)
+        except BaseException as exc:  # reported by the test's own thread
+            owners[node] = exc
+
+    threads = [
+        threading.Thread(target=owner, args=("no-data", tmp_path / "empty", "panel.accept()")),
+        threading.Thread(target=owner, args=("careful", layout.nodes[0].workdir,
+                                             "panel.decline()"))]
+    for thread in threads:
+        thread.start()
+    author = execute(["%load_ext fedmagic",
+                      "%%dataset_verify owners\n" + VERIFY_CELL,
+                      "%%fedavg_task --wait --join-timeout 90\n" + digits_cell("owners", 3),
+                      "from fedmagic.cells import running_tasks\n"
+                      "for node, p in sorted(running_tasks['owners'].participants.items()):\n"
+                      "    print(node, p.status, p.detail)"],
+                     layout.initiator.workdir)
+    for thread in threads:
+        thread.join(300)
+
+    seen = printed(author.cells[3])
+    assert "no-data unverified DatasetVerify.run() returned False: no-data: missing " \
+           "['train-images-idx3-ubyte'" in seen
+    assert "careful declined the data owner did not consent" in seen
+    table = next(m["state"]["value"] for m in models(author, "HTMLModel")
+                 if "fedmagic-participants" in m["state"]["value"])
+    assert "missing [&#x27;train-images-idx3-ubyte&#x27;" in table  # the widget says why too
+    history = json.loads((layout.initiator.workdir / "models" / "demo_task" /
+                          "history.json").read_text())
+    assert [row["participants"] for row in history] == [2, 2, 2]  # node-1 and node-2 only
+    no_data, careful = owners["no-data"], owners["careful"]
+    assert not isinstance(no_data, BaseException), no_data
+    assert not isinstance(careful, BaseException), careful
+    assert "missing ['train-images-idx3-ubyte'" in printed(no_data.cells[2])
+    assert printed(no_data.cells[2]).endswith("not verified\n")
+    assert "outcome: data verification failed" in printed(no_data.cells[4])
+    assert printed(careful.cells[2]) == "verified\n"  # good data, and still declines
+    assert printed(careful.cells[4]) == "outcome: consent refused\n"
+
+
+VERIFY_CELL = """\
+import os
+from fedmagic import logger
+
+class DatasetVerify:
+    FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte"]
+
+    def __init__(self, task_id, current_node):
+        self.current_node = current_node
+
+    def run(self) -> bool:
+        raw = os.path.join("demo_task", "data", "MNIST", "raw")
+        missing = [name for name in self.FILES if not os.path.isfile(os.path.join(raw, name))]
+        if missing:
+            logger.warning(f"{self.current_node}: missing {missing} under {raw}")
+        return not missing
+"""
+
+
+# jupyter_client's blocking KernelManager starts one event-loop thread ("MainThread -
+# runner") on first use and reuses it for every later call; it is jupyter_client's to keep.
+SNAPSHOT = """\
+import psutil, threading
+
+def snapshot():
+    me = psutil.Process()
+    return {"threads": sorted(t.name for t in threading.enumerate()
+                              if t.name != "MainThread - runner"),
+            "sockets": len(me.net_connections("inet")),
+            "processes": len(me.children(recursive=True))}
+"""
+
+
+def test_rerunning_the_launch_cell_keeps_one_task_and_stopping_it_releases_everything(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDMAGIC_PORT", str(free_port()))
+    monkeypatch.delenv("FEDMAGIC_TOKEN", raising=False)
+    launch = "%%fedavg_task --join-timeout 120\n" + digits_cell("stop-me", 500)
+
+    notebook = execute([
+        "%load_ext fedmagic\n" + SNAPSHOT + "before = snapshot()",
+        "group = %fedavg_local 2 --task stop-me",
+        launch,
+        launch,  # the same cell run again while its task runs
+        "import time\n"
+        "from fedmagic.cells import running_tasks\n"
+        "run = running_tasks['stop-me']\n"
+        "during = snapshot()\n"
+        "deadline = time.monotonic() + 120\n"
+        "while not run.history and time.monotonic() < deadline:\n"
+        "    time.sleep(0.1)\n"
+        "run.stop()\n"
+        "result = run.wait(120)\n"
+        "while any(group.alive()) and time.monotonic() < deadline:\n"
+        "    time.sleep(0.1)\n"
+        "deadline = time.monotonic() + 10\n"
+        "while snapshot() != before and time.monotonic() < deadline:\n"
+        "    time.sleep(0.1)  # sockets close and threads end just after the task\n"
+        "print('tasks threads:', [t for t in during['threads'] if t.startswith('fedmagic-task')])\n"
+        "print('processes while running:', during['processes'])\n"
+        "print('rounds:', result.rounds)\n"
+        "print('left behind:', {k: (before[k], v) for k, v in snapshot().items() "
+        "if v != before[k]})"], tmp_path)
+
+    again = notebook.cells[3]
+    assert "task 'stop-me' is already running in this kernel; here it is" in printed(again)
+    assert [o["output_type"] for o in again.outputs][-1] == "display_data"  # its widget
+    report = printed(notebook.cells[4])
+    assert "tasks threads: ['fedmagic-task-stop-me']\n" in report
+    assert "processes while running: 2\n" in report
+    rounds = int(report.split("rounds: ")[1].split()[0])
+    assert 1 <= rounds < 500
+    assert "left behind: {}\n" in report
+
+
+def test_participant_kernels_exit_when_the_author_kernel_dies(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDMAGIC_PORT", str(free_port()))
+    outputs: list[dict] = []
+    author = KernelManager(kernel_name="python3")
+    author.start_kernel(cwd=str(tmp_path))
+    client = author.client()
+    client.start_channels()
+    try:
+        client.wait_for_ready(timeout=60)
+        reply = client.execute_interactive(
+            "%load_ext fedmagic\ngroup = %fedavg_local 2 --task orphans\n"
+            "print([m.provisioner.process.pid for m in group.managers])",
+            timeout=120, output_hook=lambda message: outputs.append(message))
+        assert reply["content"]["status"] == "ok", reply["content"]
+    finally:
+        client.stop_channels()
+    participants = [psutil.Process(pid) for pid in json.loads(next(
+        m["content"]["text"] for m in outputs if m["msg_type"] == "stream"
+        and m["content"]["name"] == "stdout"))]
+    assert all(p.is_running() for p in participants)
+
+    author.provisioner.process.kill()  # no shutdown, no atexit: the kernel just dies
+
+    gone, alive = psutil.wait_procs(participants, timeout=30)
+    assert alive == [], f"participant kernels outlived their author: {alive}"
+    author.cleanup_resources()
