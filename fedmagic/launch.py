@@ -26,7 +26,7 @@ from .errors import ConfigurationError
 from .link import Link
 from .log import log_sink
 from .relay import DEFAULT_PORT, EmbeddedRelay, Relay
-from .rounds import Aggregator, Participant, TaskResult
+from .rounds import Aggregator, Participant, TaskResult, metrics_of, metrics_text
 from .task import TaskPackage
 
 if TYPE_CHECKING:
@@ -144,13 +144,26 @@ class TaskRun:
                                         daemon=True)
         self._thread.start()
 
+    def summary(self) -> str:
+        """The task as text: its state, each participant, and each round's metrics."""
+        history, participants = self.history, self.participants
+        state = ("running" if not self.done() else "finished" if self._error is None
+                 else f"failed: {self._error}")
+        lines = [f"task {self.task_id!r} {state}: round {len(history)}/"
+                 f"{self.max_rounds or '?'}, {len(participants)} participants"]
+        lines += [f"  {p.node}: {p.status}" + (f", {p.samples} samples" if p.samples else "")
+                  + (f" ({p.detail})" if p.detail else "") for p in participants.values()]
+        lines += [f"  round {row['round']}: {row['participants']} participants"
+                  + (f", {metrics_text(row)}" if metrics_of(row) else "") for row in history]
+        return "\n".join(lines)
+
     def _ipython_display_(self) -> None:
-        """The live widget in a notebook; a line of text anywhere else."""
+        """The live widget in a notebook; the text summary anywhere else."""
         from IPython import get_ipython
         from IPython.display import display
 
         if getattr(get_ipython(), "kernel", None) is None:
-            print(repr(self))
+            print(self.summary())
             return
         from .widget import TaskWidget
 

@@ -71,12 +71,23 @@ class TaskResult:
         """The last tested round's metrics."""
         for row in reversed(self.history):
             if "tested" in row and row["tested"]:
-                return {key: value for key, value in row.items() if key not in _ROW_KEYS}
+                return metrics_of(row)
         return {}
 
 
-_ROW_KEYS = ("round", "participants", "samples", "seconds", "train_seconds", "test_seconds",
-             "tested")
+# What a history row records about the round itself; the rest is what ``test()`` returned.
+_ROUND_KEYS = frozenset({"round", "participants", "samples", "seconds", "train_seconds",
+                        "test_seconds", "tested"})
+
+
+def metrics_of(row: dict[str, Any]) -> dict[str, Any]:
+    """The metrics ``test()`` returned in a history row."""
+    return {key: value for key, value in row.items() if key not in _ROUND_KEYS}
+
+
+def metrics_text(row: dict[str, Any]) -> str:
+    """A history row's metrics as ``loss=0.31, accuracy=0.91``."""
+    return ", ".join(f"{key}={_short(value)}" for key, value in metrics_of(row).items())
 
 
 @dataclass
@@ -260,8 +271,7 @@ class Aggregator:
         self.history.append(row)
         await asyncio.to_thread(self.checkpoint.save, scheduler.state_dict(), round,
                                 self.history, self.task_id)
-        shown = ", ".join(f"{key}={_short(value)}" for key, value in row.items()
-                          if key not in _ROW_KEYS)
+        shown = metrics_text(row)
         self._event(f"round {round}/{scheduler.max_rounds or '?'}: averaged {contributions} "
                     f"updates in {round_seconds:.2f} s" + (f"; {shown}" if shown else ""))
 

@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import html
 import time
+import traceback
 from typing import TYPE_CHECKING, Any
 
 import bqplot
 import ipywidgets as widgets
+
+from .rounds import metrics_of
 
 if TYPE_CHECKING:
     from .launch import TaskRun
@@ -20,8 +23,6 @@ if TYPE_CHECKING:
 __all__ = ["TaskWidget"]
 
 LOG_LINES = 12
-_ROW_KEYS = {"round", "participants", "samples", "seconds", "train_seconds", "test_seconds",
-             "tested"}
 _STATUS_COLOURS = {"uploaded": "#2e7d32", "ready": "#2e7d32", "training": "#1565c0",
                    "trained": "#1565c0", "uploading": "#1565c0", "refused": "#c62828",
                    "failed": "#c62828", "unverified": "#c62828", "declined": "#c62828",
@@ -66,8 +67,8 @@ class TaskWidget(widgets.VBox):
 
     def _plot(self, history: list[dict[str, Any]]) -> None:
         tested = [row for row in history if row.get("tested")]
-        names = [key for row in tested for key, value in row.items()
-                 if key not in _ROW_KEYS and isinstance(value, (int, float))]
+        names = [key for row in tested for key, value in metrics_of(row).items()
+                 if isinstance(value, (int, float)) and not isinstance(value, bool)]
         for name in dict.fromkeys(names):
             points = [(row["round"], row[name]) for row in tested if name in row]
             if name not in self._lines:
@@ -87,6 +88,11 @@ class TaskWidget(widgets.VBox):
         self.charts.children = (*self.charts.children, figure)
         return line
 
+    def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
+        # Where widgets do not render (nbconvert, a terminal client), the task as text.
+        bundle = super()._repr_mimebundle_(**kwargs)
+        return {**bundle, "text/plain": self.run.summary()}
+
     def _on_event(self, text: str) -> None:
         self.refresh()
 
@@ -97,10 +103,17 @@ class TaskWidget(widgets.VBox):
 
 def _header(run: TaskRun, done: bool) -> str:
     state = "finished" if done and run.error is None else "failed" if done else "running"
+    trace = ""
     if done and run.error is not None:
         state += f": {html.escape(str(run.error))}"
-    return (f"<b>task {html.escape(run.task_id)}</b> &middot; {state}<br>"
+        trace = _traceback("".join(traceback.format_exception(run.error)))
+    return (f"<b>task {html.escape(run.task_id)}</b> &middot; {state}{trace}<br>"
             f"data owners join with: <code>{html.escape(run.join_command)}</code>")
+
+
+def _traceback(text: str) -> str:
+    return (f"<details><summary>traceback</summary><pre>{html.escape(text)}</pre></details>"
+            if text else "")
 
 
 def _bar_style(run: TaskRun, done: bool) -> str:
@@ -120,7 +133,7 @@ def _table(run: TaskRun) -> str:
         rows.append(f"<tr><td>{html.escape(p.node)}</td>"
                     f"<td style='color:{colour}'>{html.escape(p.status)}</td>"
                     f"<td>{p.samples or ''}</td><td>{seconds}</td>"
-                    f"<td>{html.escape(p.detail)}</td></tr>")
+                    f"<td>{html.escape(p.detail)}{_traceback(p.traceback)}</td></tr>")
     return ("<style>.fedmagic-participants td, .fedmagic-participants th"
             "{padding:2px 12px 2px 0;text-align:left}</style>"
             "<table class='fedmagic-participants'><tr><th>node</th><th>status</th>"

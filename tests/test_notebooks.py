@@ -84,18 +84,51 @@ def test_a_background_task_logs_into_its_widget_not_into_other_cells(federation)
                         "print('rounds:', result.rounds)",
                         "events = [text for _, text in running_tasks['quiet'].events]\n"
                         "print(sum('Test set: Accuracy' in text for text in events), "
-                        "'accuracy lines in the widget log')"],
+                        "'accuracy lines in the widget log')",
+                        "print(running_tasks['quiet'].summary())"],
                        layout.initiator.workdir)
 
     assert printed(notebook.cells[2]) == "rounds: 5\n"  # nothing of the task's own log landed here
     assert "5 accuracy lines in the widget log" in notebook.cells[3].outputs[0]["text"]
+    summary = printed(notebook.cells[4]).splitlines()
+    assert summary[0] == "task 'quiet' finished: round 5/5, 2 participants"
+    assert summary[-1].startswith("  round 5: 2 participants, average loss=")
+    widget = notebook.cells[1].outputs[-1]["data"]
+    assert widget["text/plain"].startswith("task 'quiet' running")  # where widgets do not render
 
 
-def digits_cell(task_id: str, rounds: int) -> str:
+def test_an_error_in_the_background_shows_in_the_widget_with_its_traceback(
+        tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDMAGIC_PORT", str(free_port()))
+    monkeypatch.delenv("FEDMAGIC_TOKEN", raising=False)
+    broken = ("class BrokenTest(DigitsScheduler):\n"
+              "    def test(self):\n"
+              "        raise ValueError('no test images in this copy')\n\n")
+
+    notebook = execute(["%load_ext fedmagic",
+                        "group = %fedavg_local 2 --task broken",
+                        "%%fedavg_task --join-timeout 120\n"
+                        + digits_cell("broken", 3, "BrokenTest", broken),
+                        "from fedmagic.cells import running_tasks\n"
+                        "try:\n"
+                        "    running_tasks['broken'].wait(180)\n"
+                        "except Exception as error:\n"
+                        "    print('the task failed:', error)"],
+                       tmp_path)
+
+    assert "the task failed:" in printed(notebook.cells[3])
+    header = next(m["state"]["value"] for m in models(notebook, "HTMLModel")
+                  if "data owners join with" in m["state"]["value"])
+    assert "failed:" in header and "<summary>traceback</summary>" in header
+    assert "raise ValueError(&#x27;no test images in this copy&#x27;)" in header
+
+
+def digits_cell(task_id: str, rounds: int, scheduler: str = "DigitsScheduler",
+                extra: str = "") -> str:
     """The digits example as a ``%%fedavg_task`` cell: its classes, then the launch."""
     source = Path(digits_task.__file__).read_text()
-    return (source[:source.index('if __name__ == "__main__":')]
-            + f"scheduler = DigitsScheduler(min_clients=2, max_clients=3, name='demo_task', "
+    return (source[:source.index('if __name__ == "__main__":')] + extra
+            + f"scheduler = {scheduler}(min_clients=2, max_clients=3, name='demo_task', "
               f"max_rounds={rounds}, merge_epochs=2)\n"
             + f"scheduler.launch_task(task_id={task_id!r})\n")
 
