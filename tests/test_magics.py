@@ -158,3 +158,37 @@ def test_a_data_owner_who_declines_is_never_selected(ip, federation, monkeypatch
     assert result.participants["node-1"].status == "declined"
     assert result.history[0]["participants"] == 1
     assert panel.accepted_hash is None
+
+
+@pytest.mark.slow
+def test_consent_is_bound_to_the_code_hash_when_a_data_owner_joins_again(
+        ip, federation, monkeypatch):
+    layout = federation.write_digits(1)
+    monkeypatch.chdir(layout.nodes[0].workdir)
+
+    def launch(rounds: int):
+        return start_task(DigitsScheduler(min_clients=1, max_clients=1, name="demo_task",
+                                          max_rounds=rounds), "again", join_timeout=60)
+
+    run = launch(1)
+    panel = ip.run_line_magic("fedavg_join", f"{federation.url} --task again --node node-1")
+    accepted = panel.wait_for_code(60)
+    panel.accept()
+    run.wait(120)
+    assert panel.run.wait(30).ok
+
+    run = launch(1)  # the same code and arguments: joins without asking
+    panel.join()
+    assert run.wait(120).rounds == 1
+    assert panel.run.wait(30).ok
+    assert panel.accept_button.disabled and "the code you accepted before" in panel.summary.value
+
+    run = launch(2)  # other arguments, another hash: asked again, nothing runs meanwhile
+    panel.join()
+    changed = panel.wait_for_code(60)
+    assert changed.code_hash != accepted.code_hash
+    assert "The code changed since you accepted it" in panel.summary.value
+    assert not panel.accept_button.disabled and run.history == []
+    panel.accept()
+    assert run.wait(120).rounds == 2
+    assert panel.accepted_hash == changed.code_hash
