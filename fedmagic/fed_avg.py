@@ -17,7 +17,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from .aggregate import check_state
-from .cells import current_cell, running_tasks
+from .cells import changed, current_cell, running_tasks
 from .errors import ConfigurationError, TaskDefinitionError
 from .task import launch_is_disabled
 
@@ -180,6 +180,8 @@ class FedAvgScheduler(abc.ABC):
             running = start_task(self, task_id, **{"quiet": in_kernel and not cell.wait,
                                                    **cell.options, **options})
             running_tasks[task_id] = running
+            running.subscribe(lambda _event: changed())
+            changed()
         if not cell.wait:
             return running
         from IPython.display import display

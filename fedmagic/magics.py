@@ -23,7 +23,7 @@ from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from .cells import TaskCell, join_tokens, task_cell, verify_classes
+from .cells import TaskCell, changed, join_tokens, joined_tasks, task_cell, verify_classes
 from .local import LocalParticipants
 from .panel import ParticipantPanel
 from .relay import DEFAULT_PORT
@@ -116,7 +116,10 @@ class FedMagics(Magics):
                              "it with the join line")
         if args.data_root:
             os.chdir(args.data_root)
-        return ParticipantPanel(args.url, args.task, token, args.node, wait=args.wait)
+        panel = joined_tasks[args.task] = ParticipantPanel(args.url, args.task, token,
+                                                           args.node, wait=args.wait)
+        changed()
+        return panel
 
     def _run(self, cell: str, filename: str) -> object:
         """Run ``cell`` in the user's namespace; return its last expression's value."""

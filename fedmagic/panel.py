@@ -18,6 +18,7 @@ from typing import Any
 import ipywidgets as widgets
 
 from .joining import JoinRun, start_join
+from .cells import changed
 from .errors import VerificationFailed
 from .participant import describe_failure, verify_data
 from .task import TaskPackage
@@ -57,6 +58,10 @@ class ParticipantPanel(widgets.VBox):
                           self.verification, self.status, self.progress])
         self.add_class("fedmagic-participant")
         self.package: TaskPackage | None = None
+        #: The last Verify data: (passed, what it found), or None before any.
+        self.verified: tuple[bool, str] | None = None
+        #: Whether this node's part in the task is over (Join again starts another).
+        self.ended = False
         self.accepted_hash: str | None = None
         self._code_shown = threading.Event()
         self._decision = threading.Event()
@@ -91,6 +96,7 @@ class ParticipantPanel(widgets.VBox):
             return
         self.join_button.disabled = True
         self.leave_button.disabled = False
+        self.ended = False
         self.status.value = ""
         self.progress.value = 0
         self.run = self._start()
@@ -112,6 +118,8 @@ class ParticipantPanel(widgets.VBox):
         mark = ("<b style='color:#2e7d32'>data verified</b>" if passed else
                 "<b style='color:#c62828'>verification failed</b>")
         self.verification.value = f"{mark}: {html.escape(detail)}{trace}"
+        self.verified = (passed, detail)
+        changed()
         return passed
 
     def leave(self) -> None:
@@ -133,12 +141,13 @@ class ParticipantPanel(widgets.VBox):
                                   f"accepted before (hash <code>{package.code_hash[:16]}</code>)"
                                   ", joining")
             self._code_shown.set()
+            changed()
             return True
-        changed = ("<b>The code changed since you accepted it.</b> "
+        notice = ("<b>The code changed since you accepted it.</b> "
                    if self.accepted_hash is not None else "")
         self.summary.value = (f"task <b>{html.escape(package.task_id)}</b>: "
                               f"{html.escape(package.class_name)}, code hash "
-                              f"<code>{package.code_hash[:16]}</code>. {changed}Review the "
+                              f"<code>{package.code_hash[:16]}</code>. {notice}Review the "
                               "code, verify your data, then accept to join.")
         self.code.value = (f"<details><summary>the task's code ({len(package.source.splitlines())}"
                            f" lines, sha256 {package.code_hash})</summary><pre>"
@@ -146,11 +155,13 @@ class ParticipantPanel(widgets.VBox):
         for button in (self.verify_button, self.accept_button, self.decline_button):
             button.disabled = False
         self._code_shown.set()
+        changed()
         self._decision.wait()
         for button in (self.accept_button, self.decline_button):
             button.disabled = True
         if self._accepted:
             self.accepted_hash = package.code_hash
+        changed()
         return self._accepted
 
     def _decide(self, accept: bool) -> None:
@@ -159,6 +170,10 @@ class ParticipantPanel(widgets.VBox):
             self._decision.set()
 
     def _on_event(self, kind: str, details: dict[str, Any]) -> None:
+        self._show(kind, details)
+        changed()
+
+    def _show(self, kind: str, details: dict[str, Any]) -> None:
         if kind == "verified":
             self.progress.max = max(details["max_rounds"], 1)
             self.status.value = f"joined: {details['samples']} training samples"
@@ -169,6 +184,7 @@ class ParticipantPanel(widgets.VBox):
             self.progress.value = min(self.progress.value + 1, self.progress.max)
             self.status.value = f"round {details['round']}: update sent"
         elif kind == "ended":
+            self.ended = True
             outcome, error = details["outcome"], details["error"]
             text = (f"error: {error}" if error is not None else
                     f"finished: {outcome.reason}" if outcome.ok else

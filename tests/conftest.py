@@ -17,6 +17,12 @@ from fedmagic.digits import Layout, write_partitions
 TASKS = Path(__file__).with_name("tasks")
 sys.path.insert(0, str(TASKS))  # task modules the tests launch as initiator
 
+# Child processes (kernels, participants, Jupyter servers) import this tree's fedmagic too,
+# not whichever copy was installed last; the installed wheel still brings the labextension.
+REPO = Path(__file__).resolve().parents[1]
+os.environ["PYTHONPATH"] = os.pathsep.join(
+    filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+
 
 def free_port() -> int:
     with socket.socket() as probe:

@@ -1,0 +1,115 @@
+"""The kernel's end of the JupyterLab extension: one comm per kernel.
+
+``%load_ext fedmagic`` opens a comm named ``fedmagic`` to the frontend. The
+kernel sends over it the state of the tasks it runs and has joined, whenever
+they move on; the frontend finds the comm again after a page reload (with
+``comm_info``), asks for the state, runs Verify data and stops tasks. Jupyter's
+own channels carry it all: no side server, no port of its own.
+"""
+
+from __future__ import annotations
+
+import html
+import logging
+import threading
+from typing import Any
+
+from .cells import joined_tasks, running_tasks, watchers
+from .rounds import metrics_of
+
+__all__ = ["TARGET", "LabBridge"]
+
+TARGET = "fedmagic"
+
+log = logging.getLogger("fedmagic")
+
+
+class LabBridge:
+    """The comm that keeps the frontend's Federation panel and Verify data button current."""
+
+    def __init__(self) -> None:
+        from comm import create_comm
+
+        self._lock = threading.Lock()  # tasks report from their own threads
+        self.comm = create_comm(target_name=TARGET, data={"type": "state", **self.state()})
+        self.comm.on_msg(self._on_message)
+        watchers.append(self.push)
+
+    def state(self) -> dict[str, Any]:
+        """What the frontend shows: every task this kernel runs or has joined."""
+        return {"tasks": [_task_state(run) for run in list(running_tasks.values())],
+                "joins": [_join_state(panel) for panel in list(joined_tasks.values())]}
+
+    def push(self) -> None:
+        with self._lock:
+            try:
+                self.comm.send({"type": "state", **self.state()})
+            except Exception:  # a closed comm or a broken frontend must not stop a task
+                log.debug("could not update the JupyterLab extension", exc_info=True)
+
+    def close(self) -> None:
+        if self.push in watchers:
+            watchers.remove(self.push)
+        self.comm.close()
+
+    def _on_message(self, message: dict[str, Any]) -> None:
+        data = message["content"]["data"]
+        action = data.get("action")
+        if action == "refresh":
+            self.push()
+        elif action == "verify":
+            self.comm.send({"type": "verified", "results": self.verify_data()})
+            self.push()
+        elif action == "stop":
+            run = running_tasks.get(str(data.get("task_id")))
+            if run is not None:
+                run.stop()
+            self.push()
+        else:
+            log.warning("the JupyterLab extension sent an unknown action %r", action)
+
+    def verify_data(self) -> list[dict[str, Any]]:
+        """Run Verify data for every task this kernel joined; say so when it joined none."""
+        if not joined_tasks:
+            return [{"passed": False, "task_id": None, "node": None,
+                     "detail": "this kernel has not joined a task: run %fedavg_join "
+                               "URL --task ID --token T --node NAME first"}]
+        results = []
+        for task_id, panel in list(joined_tasks.items()):
+            if panel.package is None:
+                results.append({"passed": False, "task_id": task_id, "node": panel.node,
+                                "detail": "the task's code has not arrived yet: wait for "
+                                          "the task to start, then verify"})
+                continue
+            passed = panel.verify_data()
+            _, detail = panel.verified
+            results.append({"passed": bool(passed), "task_id": task_id, "node": panel.node,
+                            "detail": detail})
+        return results
+
+
+def _task_state(run: Any) -> dict[str, Any]:
+    history = run.history
+    tested = [row for row in history if row.get("tested")]
+    done, error = run.done(), run.error
+    return {"task_id": run.task_id, "role": "author",
+            "status": "running" if not done else "finished" if error is None else "failed",
+            "error": None if error is None else str(error),
+            "stopping": run.stop_requested and not done,
+            "round": len(history), "max_rounds": run.max_rounds,
+            "participants": [{"node": p.node, "status": p.status, "detail": p.detail}
+                             for p in run.participants.values()],
+            "metrics": {key: value for key, value in metrics_of(tested[-1]).items()
+                        if isinstance(value, (int, float, str))} if tested else {},
+            "join_command": run.join_command}
+
+
+def _join_state(panel: Any) -> dict[str, Any]:
+    passed, detail = panel.verified if panel.verified is not None else (None, "")
+    return {"task_id": panel.task_id, "role": "participant", "node": panel.node,
+            "status": "ended" if panel.ended else "running",
+            "detail": html.unescape(panel.status.value),
+            "code_hash": panel.package.code_hash if panel.package is not None else None,
+            "accepted": panel.accepted_hash is not None,
+            "round": panel.progress.value, "max_rounds": panel.progress.max,
+            "verified": passed, "verification": detail}
