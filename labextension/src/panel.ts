@@ -65,7 +65,7 @@ export class FederationPanel extends Widget {
   }
 
   private _taskCard(federation: Federation, task: ITaskState): HTMLElement {
-    const card = element('section', '', `fedmagic-task fedmagic-status-${task.status}`);
+    const card = element('section', '', `fedmagic-TaskCard fedmagic-status-${task.status}`);
     card.dataset.taskId = task.task_id;
     const state = task.stopping ? 'stopping after this round' : task.status;
     card.append(
@@ -88,7 +88,7 @@ export class FederationPanel extends Widget {
   }
 
   private _joinCard(join: IJoinState): HTMLElement {
-    const card = element('section', '', `fedmagic-join fedmagic-status-${join.status}`);
+    const card = element('section', '', `fedmagic-JoinCard fedmagic-status-${join.status}`);
     card.dataset.taskId = join.task_id;
     const verification =
       join.verified === null ? 'not verified yet'
