@@ -6,7 +6,6 @@ import argparse
 import asyncio
 import importlib
 import os
-import secrets
 import signal
 import socket
 import subprocess
@@ -195,13 +194,14 @@ def _digits(options: argparse.Namespace) -> int:
 
 def _demo(options: argparse.Namespace) -> int:
     from .digits import write_partitions
+    from .relay import new_token
 
     workdir = Path(options.workdir or tempfile.mkdtemp(prefix="fedmagic-demo-"))
     layout = write_partitions(workdir, options.participants, split=options.split,
                               data_dir="demo_task/data")
     port = _free_port()
     url = f"ws://127.0.0.1:{port}"
-    env = {**os.environ, "FEDMAGIC_PORT": str(port), "FEDMAGIC_TOKEN": secrets.token_urlsafe(16),
+    env = {**os.environ, "FEDMAGIC_PORT": str(port), "FEDMAGIC_TOKEN": new_token(),
            "OMP_NUM_THREADS": "1"}
     env.pop("FEDMAGIC_RELAY", None)
     print(f"demo in {workdir}: {options.participants} participants ({options.split} split), "

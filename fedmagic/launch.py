@@ -14,7 +14,6 @@ import asyncio
 import contextvars
 import logging
 import os
-import secrets
 import threading
 import time
 from pathlib import Path
@@ -25,7 +24,7 @@ from .checkpoint import Checkpoint
 from .errors import ConfigurationError
 from .link import Link
 from .log import log_sink
-from .relay import DEFAULT_PORT, EmbeddedRelay, Relay
+from .relay import DEFAULT_PORT, EmbeddedRelay, Relay, new_token
 from .rounds import Aggregator, Participant, TaskResult, metrics_of, metrics_text
 from .task import TaskPackage
 
@@ -221,7 +220,7 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
         scheduler.current_round = done
         log.info("resuming task %r after round %d from %s", task_id, done, checkpoint.directory)
     token = (token or join_tokens.get(task_id) or os.environ.get("FEDMAGIC_TOKEN")
-             or secrets.token_urlsafe(16))
+             or new_token())
     relay_token = relay_token or os.environ.get("FEDMAGIC_RELAY_TOKEN")
     url = relay or os.environ.get("FEDMAGIC_RELAY")
     embedded = None

@@ -46,6 +46,8 @@ class Link:
             RelayRefused: if the relay is unreachable or says no.
         """
         deadline = time.monotonic() + wait
+        if ssl is None and url.startswith("wss://"):
+            ssl = ssl_module.create_default_context()  # the system's trust ($SSL_CERT_FILE)
         while True:
             try:
                 connection = await connect(

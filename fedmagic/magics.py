@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import ast
 import os
-import secrets
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -26,7 +25,7 @@ from IPython.core.magic_arguments import argument, magic_arguments, parse_argstr
 from .cells import TaskCell, changed, join_tokens, joined_tasks, task_cell, verify_classes
 from .local import LocalParticipants
 from .panel import ParticipantPanel
-from .relay import DEFAULT_PORT
+from .relay import DEFAULT_PORT, new_token
 
 __all__ = ["FedMagics"]
 
@@ -93,7 +92,7 @@ class FedMagics(Magics):
             raise UsageError("start at least one participant")
         port = int(os.environ.get("FEDMAGIC_PORT", DEFAULT_PORT))
         url = args.relay or os.environ.get("FEDMAGIC_RELAY") or f"ws://127.0.0.1:{port}"
-        token = join_tokens.setdefault(args.task, secrets.token_urlsafe(16))
+        token = join_tokens.setdefault(args.task, new_token())
         return LocalParticipants(args.task, args.count, url, token, split=args.split,
                                  data_dir=args.data_dir)
 

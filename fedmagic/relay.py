@@ -17,6 +17,7 @@ import asyncio
 import hmac
 import logging
 import math
+import secrets
 import ssl as ssl_module
 import threading
 import time
@@ -29,9 +30,14 @@ from websockets.exceptions import ConnectionClosed
 from .codec import CHUNK_BYTES, MAX_HEADER_BYTES, PROTOCOL_VERSION, Frame, Kind
 from .errors import CodecError
 
-__all__ = ["DEFAULT_PORT", "EmbeddedRelay", "Relay", "RelayLimits", "serve_relay"]
+__all__ = ["DEFAULT_PORT", "EmbeddedRelay", "Relay", "RelayLimits", "new_token", "serve_relay"]
 
 DEFAULT_PORT = 8765
+
+
+def new_token() -> str:
+    """A fresh join token: hex, so a command line never reads it as an option ("-x...")."""
+    return secrets.token_hex(16)
 INITIATOR = "@initiator"
 POLICY_VIOLATION = 1008
 MAX_CLOSE_REASON_BYTES = 120

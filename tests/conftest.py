@@ -53,7 +53,7 @@ class Federation:
         self.root = root
         self.port = free_port()
         self.url = f"ws://127.0.0.1:{self.port}"
-        self.token = secrets.token_urlsafe(12)
+        self.token = secrets.token_hex(12)
         self.env = {**os.environ, "FEDMAGIC_PORT": str(self.port),
                     "FEDMAGIC_TOKEN": self.token, "OMP_NUM_THREADS": "1"}
         self.env.pop("FEDMAGIC_RELAY", None)

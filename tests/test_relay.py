@@ -881,6 +881,25 @@ def test_wss_relay_carries_a_task_for_clients_that_trust_its_certificate(certifi
     run(scenario())
 
 
+def test_wss_with_no_context_trusts_what_the_system_trusts(certificate, monkeypatch):
+    monkeypatch.setenv("SSL_CERT_FILE", certificate[0])  # how a private CA is named
+
+    async def scenario():
+        # Prepare
+        server, url = await serving_wss(certificate)
+        try:
+            # Execute
+            link = await bounded(Link.open(url, role="initiator", task=TASK, token=JOIN))
+            await link.close()
+            return link.welcome.header
+        finally:
+            server.close()
+            await bounded(server.wait_closed())
+
+    # Assert
+    assert run(scenario())["t"] == Kind.WELCOME
+
+
 def test_wss_relay_is_unreachable_for_clients_that_do_not_trust_its_certificate(certificate):
     async def scenario():
         # Prepare
