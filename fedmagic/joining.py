@@ -13,6 +13,7 @@ import threading
 from typing import Any, Callable
 
 from .link import Link
+from .log import log_sink
 from .participant import Consent, JoinOutcome, ParticipantRuntime
 
 __all__ = ["JoinRun", "start_join"]
@@ -65,13 +66,16 @@ class JoinRun:
 
 def start_join(url: str, task: str, token: str, node: str, consent: Consent, *,
                wait: float = 300.0, ssl: ssl_module.SSLContext | None = None,
-               on_event: Callable[[str, dict[str, Any]], None] | None = None) -> JoinRun:
+               on_event: Callable[[str, dict[str, Any]], None] | None = None,
+               quiet: bool = False) -> JoinRun:
     """Join ``task`` at the relay ``url`` as ``node`` and take part in the background.
 
     Args:
         consent: shown the task's package; returns whether to run its code.
         wait: seconds to keep trying while the relay or the task is not up yet.
         on_event: called with ``(kind, details)`` as the task goes on.
+        quiet: the task's log lines become ``("log", {"text": line})`` events
+            instead of going to stderr (in a notebook, whichever cell runs).
     """
     run = JoinRun(task, node)
 
@@ -93,6 +97,8 @@ def start_join(url: str, task: str, token: str, node: str, consent: Consent, *,
             return JoinOutcome(task, node, False, "left the task")
 
     def target() -> None:
+        if quiet:
+            log_sink.set(lambda line: record("log", {"text": line}))
         try:
             run._outcome = asyncio.run(guarded())
         except BaseException as exc:

@@ -4,7 +4,8 @@ Each is a real Jupyter kernel in a directory of its own, holding its own
 partition of the digits data, that joins the task in the background with
 consent given (they are the author's own). They shut down when the task
 ends, when ``shutdown()`` is called, or when the kernel that started them
-exits (ipykernel ends a kernel whose parent died).
+exits (ipykernel ends a kernel whose parent died). Each kernel's own output
+goes to ``kernel.log`` in its directory.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import shutil
 import tempfile
 import threading
 from pathlib import Path
+from typing import IO
 
 from jupyter_client import KernelManager
 
@@ -45,6 +47,7 @@ class LocalParticipants:
                  split: str = "iid", data_dir: str = "demo_task/data",
                  workdir: str | os.PathLike[str] | None = None, wait: float = 600.0) -> None:
         self.task_id = task_id
+        self._own_workdir = workdir is None  # removed at shutdown
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fedmagic-local-"))
         layout = write_partitions(self.workdir, count, split=split, data_dir=data_dir)
         if not Path(data_dir).exists():
@@ -52,11 +55,15 @@ class LocalParticipants:
         self.nodes = [party.name for party in layout.nodes]
         self.managers: list[KernelManager] = []
         self._stopped = threading.Event()
+        self._lock = threading.Lock()  # shutdown() runs from the watcher and from users
+        self._logs: list[IO[bytes]] = []
         atexit.register(self.shutdown)
         try:
             for party in layout.nodes:
                 manager = KernelManager(kernel_name="python3")
-                manager.start_kernel(cwd=str(party.workdir),
+                log = open(party.workdir / "kernel.log", "wb")  # not into the author's cell
+                self._logs.append(log)
+                manager.start_kernel(cwd=str(party.workdir), stdout=log, stderr=log,
                                      env={**os.environ, "OMP_NUM_THREADS": "1"})
                 self.managers.append(manager)
                 client = manager.client()
@@ -77,11 +84,16 @@ class LocalParticipants:
         return [manager.is_alive() for manager in self.managers]
 
     def shutdown(self) -> None:
-        """Stop every participant kernel (harmless if already stopped)."""
+        """Stop every participant kernel and remove their directory (harmless twice)."""
         self._stopped.set()
-        for manager in self.managers:
-            if manager.is_alive():
-                manager.shutdown_kernel(now=True)
+        with self._lock:
+            for manager in self.managers:
+                if manager.has_kernel:
+                    manager.shutdown_kernel(now=True)
+            for log in self._logs:
+                log.close()
+            if self._own_workdir:
+                shutil.rmtree(self.workdir, ignore_errors=True)
 
     def _shutdown_when_task_ends(self) -> None:
         while not self._stopped.wait(0.5):

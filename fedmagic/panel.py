@@ -17,13 +17,15 @@ from typing import Any
 
 import ipywidgets as widgets
 
-from .joining import JoinRun, start_join
 from .cells import changed
 from .errors import VerificationFailed
+from .joining import JoinRun, start_join
 from .participant import describe_failure, verify_data
 from .task import TaskPackage
 
 __all__ = ["ParticipantPanel"]
+
+LOG_LINES = 8
 
 
 class ParticipantPanel(widgets.VBox):
@@ -46,6 +48,8 @@ class ParticipantPanel(widgets.VBox):
         self.verification = widgets.HTML()
         self.status = widgets.HTML()
         self.progress = widgets.IntProgress(min=0, max=1, description="round")
+        self.task_log = widgets.HTML()  # the task's log lines on this node
+        self._log_lines: list[str] = []
         self.verify_button.on_click(lambda _: self.verify_data())
         self.accept_button.on_click(lambda _: self.accept())
         self.decline_button.on_click(lambda _: self.decline())
@@ -55,7 +59,7 @@ class ParticipantPanel(widgets.VBox):
                           widgets.HBox([self.verify_button, self.accept_button,
                                         self.decline_button, self.join_button,
                                         self.leave_button]),
-                          self.verification, self.status, self.progress])
+                          self.verification, self.status, self.progress, self.task_log])
         self.add_class("fedmagic-participant")
         self.package: TaskPackage | None = None
         #: The last Verify data: (passed, what it found), or None before any.
@@ -131,7 +135,7 @@ class ParticipantPanel(widgets.VBox):
         self._code_shown.clear()
         self._decision.clear()
         return start_join(self.url, self.task_id, self.token, self.node, self._consent,
-                          wait=self.wait, on_event=self._on_event)
+                          wait=self.wait, on_event=self._on_event, quiet=True)
 
     def _consent(self, package: TaskPackage) -> bool:
         # On the join's worker thread: show the code, then wait for its owner.
@@ -174,6 +178,11 @@ class ParticipantPanel(widgets.VBox):
         changed()
 
     def _show(self, kind: str, details: dict[str, Any]) -> None:
+        if kind == "log":
+            self._log_lines = [*self._log_lines[-(LOG_LINES - 1):], details["text"]]
+            self.task_log.value = ("<pre style='max-height:10em;overflow:auto'>"
+                              + html.escape("\n".join(self._log_lines)) + "</pre>")
+            return
         if kind == "verified":
             self.progress.max = max(details["max_rounds"], 1)
             self.status.value = f"joined: {details['samples']} training samples"
