@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import secrets
 import shutil
 import subprocess
@@ -168,6 +169,15 @@ def wait_without_tracebacks(page, selector: str, timeout: float = 120_000):
     return found
 
 
+def wait_for_widget(page, participants: int):
+    """The live widget, once its table has a row per participant."""
+    widget = wait_without_tracebacks(page, ".fedmagic-task")
+    page.wait_for_function(
+        f"() => document.querySelectorAll('.fedmagic-participants tr').length == "
+        f"{participants + 1}", timeout=120_000)
+    return widget
+
+
 def test_the_tutorials_code_shows_the_live_widget_in_jupyterlab(jupyterlab, page):
     cell = as_fedmagic_script(tutorial_final_code(), "browser")
     notebook = nbformat.v4.new_notebook(cells=[
@@ -180,10 +190,7 @@ def test_the_tutorials_code_shows_the_live_widget_in_jupyterlab(jupyterlab, page
 
     open_notebook(page, jupyterlab.open("author.ipynb"))
     run_all_cells(page)
-    widget = wait_without_tracebacks(page, ".fedmagic-task")
-    page.wait_for_function(
-        "() => document.querySelectorAll('.fedmagic-participants tr').length == 4",
-        timeout=120_000)
+    widget = wait_for_widget(page, participants=3)
     page.wait_for_function(
         "() => (document.querySelector('.fedmagic-task .widget-html-content') || {})"
         ".textContent?.includes('finished')", timeout=180_000)
@@ -218,12 +225,8 @@ def test_the_quickstart_runs_with_the_federation_panel_following_its_task(jupyte
     open_notebook(page, jupyterlab.open("quickstart.ipynb"))
     page.click("li.lm-TabBar-tab[data-id='fedmagic-federation']")
     page.wait_for_selector(".fedmagic-FederationPanel:has-text('has not loaded fedmagic')")
-    page.wait_for_selector(".jp-StatusBar-Widget:has-text('| Idle')")  # restarted, then idle
     run_all_cells(page)
-    wait_without_tracebacks(page, ".fedmagic-task")
-    page.wait_for_function(
-        "() => document.querySelectorAll('.fedmagic-participants tr').length == 4",
-        timeout=120_000)
+    wait_for_widget(page, participants=3)
     page.wait_for_function(f"() => ({CHART_POINTS}) >= 1", timeout=120_000)
     first = page.evaluate(f"() => {CHART_POINTS}")
     page.wait_for_function(f"() => ({CHART_POINTS}) > {first}", timeout=120_000)
@@ -232,12 +235,15 @@ def test_the_quickstart_runs_with_the_federation_panel_following_its_task(jupyte
     running = card.inner_text()
     page.locator(".fedmagic-task").scroll_into_view_if_needed()
     page.screenshot(path=str(DOCS / "federation-panel.png"))
+    page.click(".fedmagic-FederationPanel button:has-text('Stop after this round')")
     page.wait_for_selector(".fedmagic-FederationPanel section.fedmagic-status-finished",
                            timeout=180_000)
     finished = card.inner_text()
 
     assert "participants" in running and "fedmagic join ws://127.0.0.1:" in running
     assert "3 (3 " in finished and "accuracy" in finished
+    rounds = int(re.search(r"round\s*(\d+) / 5", finished).group(1))
+    assert 2 <= rounds < 5  # stopped after the round it was in, checkpoint kept
     assert page.console_errors == []
 
 
@@ -271,7 +277,10 @@ def test_verify_data_in_a_participant_notebooks_toolbar(jupyterlab, page, federa
     page.screenshot(path=str(DOCS / "verify-data.png"))
     page.click(".fedmagic-participant button:has-text('Accept and join')")
     result = author.wait(180)
-    page.click("li.lm-TabBar-tab[data-id='fedmagic-federation']")
+    page.keyboard.press("Control+Shift+C")  # the command palette
+    page.fill(".lm-CommandPalette-input", "federat")
+    commands = page.inner_text(".lm-CommandPalette-content")  # the enabled ones
+    page.click(".lm-CommandPalette-item:has-text('Show the Federation Panel')")
     card = page.wait_for_selector(
         ".fedmagic-FederationPanel section.fedmagic-JoinCard.fedmagic-status-ended")
     ended = card.inner_text()
@@ -284,6 +293,8 @@ def test_verify_data_in_a_participant_notebooks_toolbar(jupyterlab, page, federa
 
     assert "hospital-a in task toolbar: data verified" in verified
     assert result.rounds == 2 and result.participants["hospital-a"].status == "uploaded"
+    assert "Verify Data of the Joined Tasks" in commands
+    assert "Stop This Notebook's Federated Tasks" not in commands  # it authors no task
     assert "passed" in ended and "accepted" in ended  # then forgotten with the kernel
     assert page.console_errors == []
 
@@ -294,10 +305,7 @@ def test_the_quickstart_renders_its_live_widget_in_notebook_7(tmp_path, page):
 
         open_notebook(page, notebook7.open("quickstart.ipynb"))
         run_all_cells(page)
-        wait_without_tracebacks(page, ".fedmagic-task")
-        page.wait_for_function(
-            "() => document.querySelectorAll('.fedmagic-participants tr').length == 4",
-            timeout=120_000)
+        wait_for_widget(page, participants=3)
         page.wait_for_function(f"() => ({CHART_POINTS}) >= 2", timeout=180_000)
         charts = page.locator(".fedmagic-task .bqplot").count()
         errors = list(page.console_errors)  # before the server stops under the page
