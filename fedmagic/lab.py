@@ -12,10 +12,14 @@ from __future__ import annotations
 import html
 import logging
 import threading
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .cells import joined_tasks, running_tasks, watchers
 from .rounds import metrics_of
+
+if TYPE_CHECKING:
+    from .launch import TaskRun
+    from .panel import ParticipantPanel
 
 __all__ = ["TARGET", "LabBridge"]
 
@@ -88,7 +92,7 @@ class LabBridge:
         return results
 
 
-def _task_state(run: Any) -> dict[str, Any]:
+def _task_state(run: TaskRun) -> dict[str, Any]:
     history = run.history
     tested = [row for row in history if row.get("tested")]
     done, error = run.done(), run.error
@@ -104,7 +108,7 @@ def _task_state(run: Any) -> dict[str, Any]:
             "join_command": run.join_command}
 
 
-def _join_state(panel: Any) -> dict[str, Any]:
+def _join_state(panel: ParticipantPanel) -> dict[str, Any]:
     passed, detail = panel.verified if panel.verified is not None else (None, "")
     return {"task_id": panel.task_id, "role": "participant", "node": panel.node,
             "status": "ended" if panel.ended else "running",

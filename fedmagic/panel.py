@@ -148,7 +148,7 @@ class ParticipantPanel(widgets.VBox):
             changed()
             return True
         notice = ("<b>The code changed since you accepted it.</b> "
-                   if self.accepted_hash is not None else "")
+                  if self.accepted_hash is not None else "")
         self.summary.value = (f"task <b>{html.escape(package.task_id)}</b>: "
                               f"{html.escape(package.class_name)}, code hash "
                               f"<code>{package.code_hash[:16]}</code>. {notice}Review the "
@@ -181,7 +181,7 @@ class ParticipantPanel(widgets.VBox):
         if kind == "log":
             self._log_lines = [*self._log_lines[-(LOG_LINES - 1):], details["text"]]
             self.task_log.value = ("<pre style='max-height:10em;overflow:auto'>"
-                              + html.escape("\n".join(self._log_lines)) + "</pre>")
+                                   + html.escape("\n".join(self._log_lines)) + "</pre>")
             return
         if kind == "verified":
             self.progress.max = max(details["max_rounds"], 1)
