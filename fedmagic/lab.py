@@ -15,7 +15,7 @@ import threading
 from typing import TYPE_CHECKING, Any
 
 from .cells import joined_tasks, running_tasks, watchers
-from .rounds import metrics_of
+from .rounds import last_metrics
 
 if TYPE_CHECKING:
     from .launch import TaskRun
@@ -94,7 +94,6 @@ class LabBridge:
 
 def _task_state(run: TaskRun) -> dict[str, Any]:
     history = run.history
-    tested = [row for row in history if row.get("tested")]
     done, error = run.done(), run.error
     return {"task_id": run.task_id, "role": "author",
             "status": "running" if not done else "finished" if error is None else "failed",
@@ -103,8 +102,8 @@ def _task_state(run: TaskRun) -> dict[str, Any]:
             "round": len(history), "max_rounds": run.max_rounds,
             "participants": [{"node": p.node, "status": p.status, "detail": p.detail}
                              for p in run.participants.values()],
-            "metrics": {key: value for key, value in metrics_of(tested[-1]).items()
-                        if isinstance(value, (int, float, str))} if tested else {},
+            "metrics": {key: value for key, value in last_metrics(history).items()
+                        if isinstance(value, (int, float, str))},
             "join_command": run.join_command}
 
 

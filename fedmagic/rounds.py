@@ -69,10 +69,7 @@ class TaskResult:
     @property
     def metrics(self) -> dict[str, Any]:
         """The last tested round's metrics."""
-        for row in reversed(self.history):
-            if "tested" in row and row["tested"]:
-                return metrics_of(row)
-        return {}
+        return last_metrics(self.history)
 
 
 # What a history row records about the round itself; the rest is what ``test()`` returned.
@@ -83,6 +80,14 @@ _ROUND_KEYS = frozenset({"round", "participants", "samples", "seconds", "train_s
 def metrics_of(row: dict[str, Any]) -> dict[str, Any]:
     """The metrics ``test()`` returned in a history row."""
     return {key: value for key, value in row.items() if key not in _ROUND_KEYS}
+
+
+def last_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
+    """The metrics of the last tested round, or none before the first test."""
+    for row in reversed(history):
+        if row.get("tested"):
+            return metrics_of(row)
+    return {}
 
 
 def metrics_text(row: dict[str, Any]) -> str:

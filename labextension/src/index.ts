@@ -3,7 +3,6 @@ import {
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
 import {
-  Clipboard,
   ICommandPalette,
   Notification,
   ToolbarButton
@@ -14,7 +13,7 @@ import { checkIcon } from '@jupyterlab/ui-components';
 import { DisposableDelegate, IDisposable } from '@lumino/disposable';
 
 import { Federation, IVerifyResult } from './federation';
-import { FederationPanel } from './panel';
+import { copyJoinLine, FederationPanel } from './panel';
 
 namespace CommandIDs {
   export const verifyData = 'fedmagic:verify-data';
@@ -164,8 +163,7 @@ const plugin: JupyterFrontEndPlugin<void> = {
         const panel = current();
         const task = panel ? federations.of(panel).tasks[0] : undefined;
         if (task) {
-          Clipboard.copyToSystem(task.join_command);
-          Notification.info(`Join line of task ${task.task_id} copied`, { autoClose: 3000 });
+          copyJoinLine(task);
         }
       }
     });

@@ -76,10 +76,7 @@ export class FederationPanel extends Widget {
       row('last metrics', metricsText(task.metrics) || 'none yet')
     );
     const join = element('code', task.join_command, 'fedmagic-join-line');
-    const copy = button('Copy join line', () => {
-      Clipboard.copyToSystem(task.join_command);
-      Notification.info(`Join line of task ${task.task_id} copied`, { autoClose: 3000 });
-    });
+    const copy = button('Copy join line', () => copyJoinLine(task));
     const stop = button('Stop after this round', () => federation.stop(task.task_id));
     stop.disabled = task.status !== 'running' || task.stopping;
     card.append(join, element('div', '', 'fedmagic-actions'));
@@ -110,6 +107,12 @@ export class FederationPanel extends Widget {
   private _verify: () => Promise<void>;
   private _notebook: NotebookPanel | null = null;
   private _federation: Federation | null = null;
+}
+
+/** Put a task's join line on the clipboard, for its author to send to data owners. */
+export function copyJoinLine(task: ITaskState): void {
+  Clipboard.copyToSystem(task.join_command);
+  Notification.info(`Join line of task ${task.task_id} copied`, { autoClose: 3000 });
 }
 
 function participantsText(task: ITaskState): string {
