@@ -18,7 +18,27 @@ from typing import Any
 
 import torch
 
-__all__ = ["Checkpoint"]
+from .errors import ConfigurationError
+
+__all__ = ["Checkpoint", "check_folder_name"]
+
+
+def check_folder_name(parameter: str, name: str) -> None:
+    """Refuse a task name that would put its checkpoint outside ``models/``.
+
+    The name becomes one folder under ``models/``: a separator, ``..`` or an
+    absolute path would let a task write, and overwrite, files anywhere.
+
+    Raises:
+        ConfigurationError: naming ``parameter``.
+    """
+    if name in (".", "..") or any(bad in name for bad in ("/", "\\", "\0")) or \
+            os.path.isabs(name):
+        raise ConfigurationError(
+            parameter, name, "becomes the checkpoint folder models/<name>/, so it must be one "
+            "folder name: no '/', '\\', '..' or absolute path"
+            + ("; pass name='...' to launch under another name" if parameter == "task_id"
+               else ""))
 
 
 class Checkpoint:

@@ -18,6 +18,7 @@ from torch.utils.data import DataLoader
 
 from .aggregate import check_state
 from .cells import changed, current_cell, running_tasks
+from .checkpoint import check_folder_name
 from .errors import ConfigurationError, TaskDefinitionError
 from .task import launch_is_disabled
 
@@ -81,6 +82,8 @@ class FedAvgScheduler(abc.ABC):
         if name is not None and (not isinstance(name, str) or not name.strip()):
             raise ConfigurationError("name", name, "must be a non-empty string, or None "
                                      "to use the task id")
+        if name is not None:
+            check_folder_name("name", name)
         if is_centralized is not True:
             raise ConfigurationError("is_centralized", is_centralized,
                                      "decentralized FedAvg (an aggregator elected each round) "
@@ -196,6 +199,7 @@ class FedAvgScheduler(abc.ABC):
                                       "__init__", "call super().__init__(...) in __init__")
         self.task_id = task_id
         if self.name is None:
+            check_folder_name("task_id", task_id)
             self.name = task_id
         model = self.make_model()
         if not isinstance(model, nn.Module):

@@ -48,6 +48,27 @@ def test_bad_configuration_fails_at_construction_naming_the_parameter(arguments,
     assert str(error.value) == message
 
 
+@pytest.mark.parametrize("name", ["../../x", "/tmp/x", "models/x", "..", "a\\b"])
+def test_checkpoint_name_outside_models_is_refused_naming_the_parameter(name):
+    with pytest.raises(ConfigurationError) as error:
+        Minimal(min_clients=1, max_clients=1, max_rounds=1, name=name)
+
+    assert str(error.value).startswith(f"name={name!r}: becomes the checkpoint folder "
+                                       "models/<name>/, so it must be one folder name")
+
+
+def test_task_id_that_would_name_a_folder_outside_models_is_refused_before_anything_runs(
+        tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+
+    with pytest.raises(ConfigurationError) as error:
+        Minimal(min_clients=1, max_clients=1, max_rounds=1).launch_task(task_id="../escape")
+
+    assert "task_id='../escape': becomes the checkpoint folder" in str(error.value)
+    assert "pass name='...' to launch under another name" in str(error.value)
+    assert list(tmp_path.parent.glob("escape")) == [] and list(tmp_path.iterdir()) == []
+
+
 def test_zero_max_rounds_fails_at_launch_unless_is_task_finished_decides():
     with pytest.raises(ConfigurationError, match="max_rounds=0: must be positive, or override "
                        r"is_task_finished\(\)"):
