@@ -117,9 +117,11 @@ def _join(options: argparse.Namespace) -> int:
     bar: dict[str, Any] = {}
 
     def consent(package: TaskPackage) -> bool:
-        print(f"task {package.task_id!r}: {package.class_name} from {package.filename} "
-              f"({len(package.source.splitlines())} lines), code hash {package.code_hash}",
-              flush=True)
+        verify = ("" if package.verify_source is None else
+                  f" and DatasetVerify code ({len(package.verify_source.splitlines())} lines)")
+        print(f"task {package.task_id!r} runs {package.call}\nfrom {package.filename} "
+              f"({len(package.source.splitlines())} lines){verify}, code hash "
+              f"{package.code_hash}", flush=True)
         if options.yes:
             return True
         if not sys.stdin.isatty():
@@ -129,7 +131,7 @@ def _join(options: argparse.Namespace) -> int:
         while True:
             answer = input("Run this code on this machine? [y]es / [n]o / [s]how code: ")
             if answer.lower().startswith("s"):
-                print(package.source)
+                print(package.review())
             else:
                 return answer.lower().startswith("y")
 

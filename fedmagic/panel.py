@@ -153,9 +153,12 @@ class ParticipantPanel(widgets.VBox):
                               f"{html.escape(package.class_name)}, code hash "
                               f"<code>{package.code_hash[:16]}</code>. {notice}Review the "
                               "code, verify your data, then accept to join.")
-        self.code.value = (f"<details><summary>the task's code ({len(package.source.splitlines())}"
-                           f" lines, sha256 {package.code_hash})</summary><pre>"
-                           f"{html.escape(package.source)}</pre></details>")
+        verify = ("" if package.verify_source is None else
+                  f" and its DatasetVerify ({len(package.verify_source.splitlines())} lines)")
+        self.code.value = (f"<div>runs <code>{html.escape(package.call)}</code></div>"
+                           f"<details><summary>the task's code ({len(package.source.splitlines())}"
+                           f" lines){verify}, sha256 {package.code_hash}</summary><pre>"
+                           f"{html.escape(package.review())}</pre></details>")
         for button in (self.verify_button, self.accept_button, self.decline_button):
             button.disabled = False
         self._code_shown.set()

@@ -81,8 +81,9 @@ class TaskPackage:
         source, filename = _source_of(scheduler_cls)
         args, kwargs = scheduler._init_call
         _check_arguments_travel(scheduler_cls, args, kwargs)
+        # Participants see the file's name, not where it sits on the author's machine.
         return cls(task_id=task_id, class_name=scheduler_cls.__qualname__, source=source,
-                   filename=filename, args=list(args), kwargs=dict(kwargs),
+                   filename=os.path.basename(filename), args=list(args), kwargs=dict(kwargs),
                    verify_source=_verify_source(dataset_verify))
 
     @property
@@ -91,6 +92,22 @@ class TaskPackage:
         material = msgpack.packb([PROTOCOL_VERSION, self.class_name, self.source,
                                   self.verify_source or "", self.args, self.kwargs])
         return hashlib.sha256(material).hexdigest()
+
+    @property
+    def call(self) -> str:
+        """The constructor call participants repeat, e.g. ``Digits(2, 3, max_rounds=5)``."""
+        arguments = [repr(value) for value in self.args]
+        arguments += [f"{key}={value!r}" for key, value in self.kwargs.items()]
+        return f"{self.class_name}({', '.join(arguments)})"
+
+    def review(self) -> str:
+        """Everything the code hash covers, as its data owner reads it before consenting."""
+        parts = [f"# task {self.task_id!r}, code hash {self.code_hash}",
+                 f"# runs: {self.call}", f"# ---- {self.filename} ----", self.source.rstrip()]
+        if self.verify_source is not None:
+            parts += ["# ---- DatasetVerify (its own code, run on your data first) ----",
+                      self.verify_source.rstrip()]
+        return "\n".join(parts) + "\n"
 
     def to_header(self) -> dict[str, Any]:
         return {"t": Kind.TASK, "task": self.task_id, "class_name": self.class_name,

@@ -6,7 +6,7 @@ import pytest
 from IPython.core.error import UsageError
 from IPython.testing import globalipapp
 
-from conftest import port_is_free, wait_for
+from conftest import TASKS, port_is_free, wait_for
 from fedmagic.cells import running_tasks, verify_classes
 from fedmagic.errors import TaskDefinitionError
 from fedmagic.examples.digits_task import DigitsScheduler
@@ -124,11 +124,17 @@ def test_a_data_owner_reviews_verifies_and_accepts_in_the_participant_panel(
     federation.join("node-2", "panel")
     monkeypatch.chdir(layout.nodes[0].workdir)  # its data, and the shared test set
     run = start_task(DigitsScheduler(min_clients=2, max_clients=2, name="demo_task",
-                                     max_rounds=2), "panel", join_timeout=60)
+                                     max_rounds=2), "panel", join_timeout=60,
+                     dataset_verify=TASKS / "hidden_verify.py")
 
     panel = ip.run_line_magic("fedavg_join", f"{federation.url} --task panel --node node-1")
     assert wait_for(lambda: not panel.accept_button.disabled, 60)
+    # everything the hash covers: the arguments, the scheduler, the DatasetVerify file
+    assert ("runs <code>DigitsScheduler(min_clients=2, max_clients=2, name=&#x27;demo_task&#x27;"
+            ", max_rounds=2)</code>") in panel.code.value
     assert "class DigitsScheduler" in panel.code.value
+    assert "Path(&quot;verify-ran.txt&quot;).write_text(" in panel.code.value
+    assert not (layout.nodes[0].workdir / "verify-ran.txt").exists()
     assert panel.run.done() is False and run.history == []  # nothing runs before consent
     panel.verify_button.click()
     assert "data verified" in panel.verification.value
