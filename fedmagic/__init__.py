@@ -1,9 +1,11 @@
 """fedmagic: federated averaging that feels native in Jupyter.
 
     from fedmagic import FedAvgScheduler, logger
+
+``FedAvgScheduler`` is imported on first use: it brings torch, which the
+relay (``fedmagic relay``, ``import fedmagic.relay``) does without.
 """
 
-from .fed_avg import FedAvgScheduler
 from .log import logger
 
 __all__ = ["FedAvgScheduler", "load_ipython_extension", "logger", "unload_ipython_extension",
@@ -11,6 +13,19 @@ __all__ = ["FedAvgScheduler", "load_ipython_extension", "logger", "unload_ipytho
 __version__ = "0.1.0"
 
 _bridge = None
+
+
+def __getattr__(name: str) -> object:
+    if name == "FedAvgScheduler":
+        from .fed_avg import FedAvgScheduler
+
+        globals()[name] = FedAvgScheduler  # later lookups skip this function
+        return FedAvgScheduler
+    raise AttributeError(f"module 'fedmagic' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
 
 
 def load_ipython_extension(ipython) -> None:

@@ -35,6 +35,16 @@ def main(argv: Sequence[str] | None = None) -> int:
                        "(default $FEDMAGIC_RELAY_TOKEN; none: anyone may)")
     relay.add_argument("--certfile", help="TLS certificate (PEM) to serve wss://")
     relay.add_argument("--keyfile", help="TLS private key (PEM), if not in --certfile")
+    relay.add_argument("--max-connections", type=int, help="connections served at once, "
+                       "beyond which clients hear 'relay busy' (default: from the open-file "
+                       "limit, which the relay raises to its hard limit)")
+    relay.add_argument("--max-waiting", type=int, help="joins held waiting for a task that "
+                       "has not started (default 256, at most half the connections)")
+    relay.add_argument("--max-waiting-per-address", type=int,
+                       help="of those, from one IP address (default 16)")
+    relay.add_argument("--max-mib-per-second", type=float,
+                       help="MiB per second one connection may send, after a burst; a faster "
+                       "sender is read slower (default 512)")
 
     join = commands.add_parser("join", help="take part in a task from this machine")
     join.add_argument("url", help="the relay, e.g. ws://127.0.0.1:8765")
@@ -71,19 +81,38 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _relay(options: argparse.Namespace) -> int:
-    from .relay import Relay, serve_relay, ssl_context
+    from .relay import Relay, RelayLimits, log, raise_open_file_limit, serve_relay, ssl_context
+
+    for name in ("max_connections", "max_waiting", "max_waiting_per_address",
+                 "max_mib_per_second"):
+        value = getattr(options, name)
+        if value is not None and value <= 0:
+            print(f"fedmagic relay: --{name.replace('_', '-')} must be positive, not {value:g}",
+                  file=sys.stderr)
+            return 2
+    # One open file per connection: the usual soft limit of 1024 would cap the relay early.
+    files = raise_open_file_limit()
+    if files is not None:
+        before, after = files
+        log.info("open-file limit %d%s", after,
+                 f" (raised from {before})" if after > before else "")
+    chosen = {"max_connections": options.max_connections, "max_waiting": options.max_waiting,
+              "max_waiting_per_address": options.max_waiting_per_address}
+    if options.max_mib_per_second is not None:
+        chosen["max_bytes_per_second"] = options.max_mib_per_second * (1 << 20)
+    limits = RelayLimits(**{name: value for name, value in chosen.items() if value is not None})
 
     async def run() -> None:
         context = ssl_context(options.certfile, options.keyfile)
-        server = await serve_relay(Relay(token=options.token), options.host, options.port,
-                                   ssl=context)
+        server = await serve_relay(Relay(token=options.token, limits=limits), options.host,
+                                   options.port, ssl=context)
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for signum in (signal.SIGINT, signal.SIGTERM):  # before saying so: then it may be stopped
+            loop.add_signal_handler(signum, stop.set)
         scheme = "wss" if context else "ws"
         print(f"fedmagic relay listening on {scheme}://{options.host}:{options.port}"
               + (" (initiators need the relay token)" if options.token else ""), flush=True)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for signum in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(signum, stop.set)
         await stop.wait()
         server.close()
         await server.wait_closed()

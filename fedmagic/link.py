@@ -5,21 +5,32 @@ from __future__ import annotations
 import asyncio
 import ssl as ssl_module
 import time
-from typing import Any, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import torch
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import (ConcurrencyError, ConnectionClosed, InvalidHandshake,
                                    InvalidURI)
 
-from .codec import CHUNK_BYTES, MAX_HEADER_BYTES, PROTOCOL_VERSION, Frame, Kind, encode_state
 from .errors import ConnectionLost, RelayRefused
+from .frames import CHUNK_BYTES, MAX_HEADER_BYTES, PROTOCOL_VERSION, Frame, Kind
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["Link"]
 
 RETRY_DELAY = 0.25
+#: How long to wait before asking a busy relay again.
+BUSY_RETRY_DELAY = 2.0
+#: Refusals worth asking again while ``wait`` lasts: a full relay, a task not started yet.
+RETRYABLE = frozenset({"busy", "unknown_task"})
 #: How long a relay may take to answer a hello, beyond the time a participant waits.
 WELCOME_TIMEOUT = 30.0
+#: Seconds between pings, without a pong before the relay counts as gone, and
+#: for it to answer a close frame: a dead relay is noticed within their sum.
+PING_INTERVAL = 5.0
+PING_TIMEOUT = 12.0
+CLOSE_TIMEOUT = 3.0
 
 
 class Link:
@@ -30,17 +41,37 @@ class Link:
         self.url = url
         self.welcome = welcome
 
+    @property
+    def session(self) -> str | None:
+        """The secret a participant presents to take its place back after a reconnect.
+
+        None for an initiator.
+        """
+        session = self.welcome.header.get("session")
+        return session if isinstance(session, str) else None
+
     @classmethod
     async def open(cls, url: str, *, role: str, task: str, token: str,
                    node: str | None = None, relay_token: str | None = None,
                    wait: float = 0.0, ssl: ssl_module.SSLContext | None = None,
-                   max_frame_bytes: int = CHUNK_BYTES + MAX_HEADER_BYTES + 1024) -> Link:
+                   session: str | None = None, allowed_nodes: Sequence[str] | None = None,
+                   max_frame_bytes: int = CHUNK_BYTES + MAX_HEADER_BYTES + 1024,
+                   ping_interval: float | None = PING_INTERVAL,
+                   ping_timeout: float | None = PING_TIMEOUT) -> Link:
         """Connect and say hello.
 
         Args:
             wait: for this many seconds, keep trying while the relay is not
-                up yet, and (participants) let the relay hold the connection
-                until the task starts.
+                up yet or is busy, and (participants) while the task has not
+                started: the relay holds the connection for a while, then
+                this asks again.
+            session: a participant's ``Link.session`` from an earlier
+                connection: it replaces that connection if the relay still
+                holds it (a restarted node), and keeps the session after a
+                relay restart.
+            allowed_nodes: an initiator's list of the only node names the
+                relay may admit to the task; None admits any node with the
+                join token.
 
         Raises:
             RelayRefused: if the relay is unreachable or says no.
@@ -48,12 +79,36 @@ class Link:
         deadline = time.monotonic() + wait
         if ssl is None and url.startswith("wss://"):
             ssl = ssl_module.create_default_context()  # the system's trust ($SSL_CERT_FILE)
+        hello: dict[str, Any] = {"t": Kind.HELLO, "protocol": PROTOCOL_VERSION, "role": role,
+                                 "task": task, "token": token}
+        if node is not None:
+            hello["node"] = node
+        if relay_token is not None:
+            hello["relay_token"] = relay_token
+        if session is not None:
+            hello["session"] = session
+        if allowed_nodes is not None:
+            hello["allowed_nodes"] = list(allowed_nodes)
+        options = {"ssl": ssl, "compression": None, "proxy": None, "max_size": max_frame_bytes,
+                   "max_queue": 4, "ping_interval": ping_interval,
+                   "ping_timeout": ping_timeout, "close_timeout": CLOSE_TIMEOUT,
+                   "write_limit": 4 << 20, "open_timeout": 10}
         while True:
             try:
-                connection = await connect(
-                    url, ssl=ssl, compression=None, proxy=None, max_size=max_frame_bytes,
-                    max_queue=4, ping_interval=20, ping_timeout=60, write_limit=4 << 20,
-                    open_timeout=10)
+                return await cls._attempt(url, hello, deadline, options)
+            except RelayRefused as refusal:
+                delay = BUSY_RETRY_DELAY if refusal.code == "busy" else RETRY_DELAY
+                if refusal.code not in RETRYABLE or time.monotonic() + delay >= deadline:
+                    raise
+                await asyncio.sleep(delay)
+
+    @classmethod
+    async def _attempt(cls, url: str, hello: dict[str, Any], deadline: float,
+                       options: dict[str, Any]) -> Link:
+        """Connect (trying until ``deadline``) and say hello once."""
+        while True:
+            try:
+                connection = await connect(url, **options)
                 break
             except InvalidURI as exc:
                 raise RelayRefused("bad_url", f"{exc}; use ws://HOST:PORT or wss://HOST:PORT",
@@ -63,17 +118,14 @@ class Link:
                     raise RelayRefused("unreachable", f"cannot connect ({exc or type(exc)}); is "
                                        "the relay running at that address?", url) from None
                 await asyncio.sleep(RETRY_DELAY)
-        hello: dict[str, Any] = {"t": Kind.HELLO, "protocol": PROTOCOL_VERSION, "role": role,
-                                 "task": task, "token": token}
-        if node is not None:
-            hello["node"] = node
-        if relay_token is not None:
-            hello["relay_token"] = relay_token
-        if wait > 0:
-            hello["wait"] = max(deadline - time.monotonic(), 0.001)
+        if deadline > time.monotonic():
+            hello = {**hello, "wait": max(deadline - time.monotonic(), 0.001)}
         link = cls(connection, url, Frame({"t": Kind.HELLO}))
         try:
-            await connection.send(Frame(hello).serialize())
+            try:
+                await connection.send(Frame(hello).serialize())
+            except ConnectionClosed:
+                pass  # a busy relay says why at once and closes: its error frame is queued
             answer_within = max(deadline - time.monotonic(), 0) + WELCOME_TIMEOUT
             try:
                 reply = await asyncio.wait_for(link.recv(), answer_within)
@@ -89,7 +141,7 @@ class Link:
         except ConnectionLost as exc:
             raise RelayRefused("closed", exc.detail, url) from None
         except BaseException:
-            await connection.close()
+            await link.close()
             raise
         link.welcome = reply
         return link
@@ -102,6 +154,8 @@ class Link:
 
     async def send_state(self, state: Mapping[str, torch.Tensor], **fields: Any) -> None:
         """Stream a state dict tensor by tensor, in bounded frames."""
+        from .codec import encode_state  # torch: only for the parties that hold tensors
+
         for frame in encode_state(state, **fields):
             await self.send(frame)
 

@@ -11,9 +11,11 @@ import asyncio
 import contextlib
 import errno
 import shutil
+import signal
 import socket
 import ssl
 import subprocess
+import sys
 import threading
 import time
 from typing import Any, Iterator
@@ -376,7 +378,8 @@ def test_second_initiator_for_a_running_task_is_refused(relay):
     run(scenario())
 
 
-def test_duplicate_node_name_is_refused(relay):
+@pytest.mark.parametrize("session", [None, "0123abcd"], ids=["no_session", "wrong_session"])
+def test_name_in_use_is_refused_without_that_nodes_session(relay, session):
     async def scenario():
         async with Clients(relay.url) as clients:
             # Prepare
@@ -384,11 +387,130 @@ def test_duplicate_node_name_is_refused(relay):
             (alice,) = await clients.join(initiator, "alice")
             # Execute
             with pytest.raises(RelayRefused) as refusal:
-                await clients.participant("alice")
+                await clients.participant("alice", session=session)
             # Assert
             assert refusal.value.code == "node_taken"
+            assert "in use by a connected node" in refusal.value.message
             assert "pick another --node name" in refusal.value.message
+            assert "restarting, present its session" in refusal.value.message
             await assert_task_works(clients, initiator, alice, "alice")
+    run(scenario())
+
+
+def test_participant_gets_a_session_in_its_welcome_and_an_initiator_none(relay):
+    async def scenario():
+        async with Clients(relay.url) as clients:
+            # Execute
+            initiator = await clients.initiator()
+            alice, bob = await clients.join(initiator, "alice", "bob")
+            # Assert
+            assert initiator.session is None
+            assert alice.session and bob.session and alice.session != bob.session
+            assert int(alice.session, 16) >= 0  # hex
+            assert alice.welcome.header["session"] == alice.session
+    run(scenario())
+
+
+def test_reconnect_with_its_session_replaces_the_stale_connection_at_once(relay):
+    async def scenario():
+        async with Clients(relay.url) as clients:
+            # Prepare: alice's process froze; its connection is still open at the relay
+            initiator = await clients.initiator()
+            stale, bob = await clients.join(initiator, "alice", "bob")
+            # Execute
+            started = time.monotonic()
+            fresh = await clients.participant("alice", session=stale.session)
+            elapsed = time.monotonic() - started
+            left, joined = await recv(initiator), await recv(initiator)
+            stale_frames = await drain_until_closed(stale)
+            # Assert
+            assert elapsed < 1
+            assert fresh.session == stale.session
+            assert (left.kind, left.header["from"]) == (Kind.PEER_LEFT, "alice")
+            assert (joined.kind, joined.header["from"]) == (Kind.PEER_JOINED, "alice")
+            assert stale_frames == []
+            assert "replaced by a reconnect of the same node" in stale.connection.close_reason
+            await assert_task_works(clients, initiator, fresh, "alice")
+            await assert_task_works(clients, initiator, bob, "bob")
+    run(scenario())
+
+
+def test_session_presented_for_a_free_name_is_adopted_so_it_survives_a_relay_restart():
+    # Prepare: alice joined a relay that then restarted
+    async def first(url):
+        async with Clients(url) as clients:
+            initiator = await clients.initiator()
+            (alice,) = await clients.join(initiator, "alice")
+            return alice.session
+
+    with running_relay() as embedded:
+        session = run(first(embedded.url))
+
+    async def second(url):
+        async with Clients(url) as clients:
+            initiator = await clients.initiator()
+            # Execute
+            alice = await clients.participant("alice", session=session)
+            assert (await recv(initiator)).kind == Kind.PEER_JOINED
+            with pytest.raises(RelayRefused) as impostor:
+                await clients.participant("alice")
+            again = await clients.participant("alice", session=session)
+            left, joined = await recv(initiator), await recv(initiator)
+            # Assert
+            assert alice.session == session
+            assert impostor.value.code == "node_taken"
+            assert again.session == session
+            assert [left.kind, joined.kind] == [Kind.PEER_LEFT, Kind.PEER_JOINED]
+            await assert_task_works(clients, initiator, again, "alice")
+
+    with running_relay() as embedded:
+        run(second(embedded.url))
+
+
+def test_name_the_initiator_did_not_allow_is_refused_naming_the_task(relay):
+    async def scenario():
+        async with Clients(relay.url) as clients:
+            # Prepare
+            initiator = await clients.initiator(allowed_nodes=["alice", "bob"])
+            # Execute
+            with pytest.raises(RelayRefused) as refusal:
+                await clients.participant("mallory")
+            # Assert
+            assert refusal.value.code == "node_not_allowed"
+            assert f"task {TASK!r}" in refusal.value.message
+            assert "'mallory'" in refusal.value.message
+            assert "ask the task's author" in refusal.value.message
+            (alice,) = await clients.join(initiator, "alice")
+            await assert_task_works(clients, initiator, alice, "alice")
+    run(scenario())
+
+
+def test_names_the_initiator_allowed_are_admitted(relay):
+    async def scenario():
+        async with Clients(relay.url) as clients:
+            # Prepare
+            initiator = await clients.initiator(allowed_nodes=["alice", "bob"])
+            # Execute
+            alice, bob = await clients.join(initiator, "alice", "bob")
+            # Assert
+            await assert_task_works(clients, initiator, alice, "alice")
+            await assert_task_works(clients, initiator, bob, "bob")
+    run(scenario())
+
+
+def test_waiting_participant_the_initiator_did_not_allow_is_refused_once_the_task_appears(
+        relay):
+    async def scenario():
+        async with Clients(relay.url) as clients:
+            # Prepare
+            joining = asyncio.ensure_future(clients.participant("mallory", wait=4))
+            await asyncio.sleep(0.3)
+            # Execute
+            await clients.initiator(allowed_nodes=["alice"])
+            with pytest.raises(RelayRefused) as refusal:
+                await bounded(joining)
+            # Assert
+            assert refusal.value.code == "node_not_allowed"
     run(scenario())
 
 
@@ -460,20 +582,22 @@ def test_wait_for_a_task_that_never_starts_is_refused_in_time(relay):
 
 
 def test_relay_caps_a_participants_wait_at_max_join_wait():
+    # A raw hello: a Link would ask again until its own wait is over.
     async def scenario(url):
         async with Clients(url) as clients:
+            waiting = await clients.raw()
             # Execute
             started = time.monotonic()
-            with pytest.raises(RelayRefused) as refusal:
-                await clients.participant("alice", task="never", wait=60)
-            return refusal.value, time.monotonic() - started
+            reply, _ = await refused(waiting, hello(role="participant", node="alice",
+                                                    task="never", wait=60))
+            return reply.header, time.monotonic() - started
 
     # Prepare
     with running_relay(Relay(limits=RelayLimits(max_join_wait=0.3))) as embedded:
-        refusal, elapsed = run(scenario(embedded.url))
+        reply, elapsed = run(scenario(embedded.url))
     # Assert
-    assert refusal.code == "unknown_task"
-    assert "within 0.3 s" in refusal.message
+    assert reply["code"] == "unknown_task"
+    assert "within 0.3 s" in reply["message"]
     assert elapsed < 2
 
 
@@ -489,6 +613,10 @@ HOSTILE_FIRST_MESSAGES = {
     "hello_without_role": (hello(role=None), "protocol"),
     "participant_without_node": (hello(role="participant"), "protocol"),
     "wait_not_a_number": (hello(role="participant", node="x", wait="soon"), "protocol"),
+    "session_not_hex": (hello(role="participant", node="x", session="not hex!"), "protocol"),
+    "session_not_a_string": (hello(role="participant", node="x", session=7), "protocol"),
+    "allowed_nodes_not_a_list": (hello(allowed_nodes="alice"), "protocol"),
+    "allowed_nodes_with_a_bad_name": (hello(allowed_nodes=["alice", "@initiator"]), "protocol"),
 }
 
 
@@ -731,6 +859,37 @@ def test_closing_a_link_with_unread_frames_does_not_wait_for_close_timeout(relay
     assert elapsed < 1
 
 
+def test_silently_dead_participant_is_dropped_within_the_ping_timeout():
+    async def scenario(url):
+        async with Clients(url) as clients:
+            # Prepare
+            initiator = await clients.initiator()
+            alice, bob = await clients.join(initiator, "alice", "bob")
+            # Execute: alice stops reading, as a frozen machine does, without closing
+            started = time.monotonic()
+            alice.connection.transport.pause_reading()
+            left = await recv(initiator)
+            elapsed = time.monotonic() - started
+            alice.connection.transport.resume_reading()
+            # Assert
+            assert (left.kind, left.header["from"]) == (Kind.PEER_LEFT, "alice")
+            assert elapsed < 2
+            await assert_task_works(clients, initiator, bob, "bob")
+
+    # Prepare
+    limits = RelayLimits(ping_interval=0.2, ping_timeout=0.4, close_timeout=0.5)
+    with running_relay(Relay(limits=limits)) as embedded:
+        run(scenario(embedded.url))
+
+
+def test_default_pings_notice_a_dead_connection_within_20_seconds():
+    # Assert: the worst case is a ping interval, a ping timeout and a close timeout
+    limits = RelayLimits()
+    assert limits.ping_interval + limits.ping_timeout + limits.close_timeout <= 20
+    assert link_module.PING_INTERVAL + link_module.PING_TIMEOUT + link_module.CLOSE_TIMEOUT <= 20
+    assert limits.max_send_stall < limits.ping_timeout  # a stalled sender's pongs wait too
+
+
 # -- the embedded relay's lifecycle ------------------------------------------------------
 
 def test_stop_closes_connected_clients_and_releases_the_port():
@@ -938,3 +1097,59 @@ def test_link_to_a_server_that_never_answers_the_hello_gives_up(monkeypatch):
 
     assert refusal.code == "timeout"
     assert "is that a fedmagic relay?" in refusal.message
+
+
+# -- a relay without torch ---------------------------------------------------------------
+
+def loaded_modules(code: str) -> set[str]:
+    """The top-level modules a fresh interpreter has loaded after running ``code``."""
+    output = subprocess.run([sys.executable, "-c", code + "\nimport sys\n"
+                             "print(' '.join(sorted({name.split('.')[0] for name in "
+                             "sys.modules})))"],
+                            capture_output=True, text=True, timeout=60, check=True).stdout
+    return set(output.split())
+
+
+def test_importing_the_relay_loads_neither_torch_nor_numpy():
+    # Execute
+    modules = loaded_modules("import fedmagic.relay, fedmagic.frames, fedmagic.link")
+    # Assert
+    assert "fedmagic" in modules
+    assert not {"torch", "numpy"} & modules
+
+
+def test_relay_command_loads_neither_torch_nor_numpy():
+    # Prepare
+    relay = subprocess.Popen([sys.executable, "-X", "importtime", "-m", "fedmagic", "relay",
+                              "--port", str(free_port())],
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        # Execute
+        listening = relay.stdout.readline()
+        relay.send_signal(signal.SIGINT)
+        _, imports = relay.communicate(timeout=30)
+    finally:
+        if relay.poll() is None:
+            relay.kill()
+            relay.wait(timeout=10)
+    modules = {line.rsplit("|", 1)[1].strip().split(".")[0]
+               for line in imports.splitlines() if line.startswith("import time:")}
+    # Assert
+    assert "listening on" in listening
+    assert relay.returncode == 0
+    assert "websockets" in modules
+    assert not {"torch", "numpy"} & modules
+
+
+def test_package_still_gives_fedavgscheduler_and_logger_and_a_sane_dir():
+    # Execute
+    modules = loaded_modules(
+        "import fedmagic\n"
+        "names = dir(fedmagic)\n"
+        "assert 'FedAvgScheduler' in names and 'logger' in names, names\n"
+        "assert 'torch' not in __import__('sys').modules\n"
+        "from fedmagic import FedAvgScheduler, logger\n"
+        "assert FedAvgScheduler.__module__ == 'fedmagic.fed_avg'\n"
+        "assert fedmagic.FedAvgScheduler is FedAvgScheduler\n")
+    # Assert
+    assert "torch" in modules  # imported once FedAvgScheduler was asked for
