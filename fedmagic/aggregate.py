@@ -14,14 +14,15 @@ flag.
 from __future__ import annotations
 
 import math
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
 from .codec import DTYPES
 from .errors import AggregationError, UnsupportedTensor
 
-__all__ = ["WeightedMean", "check_state", "non_finite", "weighted_mean"]
+__all__ = ["WeightedMean", "check_state", "coordinate_median", "non_finite", "trimmed_mean",
+           "weighted_mean"]
 
 State = Mapping[str, torch.Tensor]
 
@@ -167,10 +168,14 @@ class WeightedMean:
             raise AggregationError("no update was added in this round")
 
     def _cast(self, name: str, value: torch.Tensor) -> torch.Tensor:
-        dtype = self._dtypes[name]
-        if not (dtype.is_floating_point or dtype.is_complex):
-            value = torch.round(value)
-        return value.to(dtype)
+        return _cast_back(value, self._dtypes[name])
+
+
+def _cast_back(value: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """An accumulator's value in the model's dtype; integers rounded half to even."""
+    if not (dtype.is_floating_point or dtype.is_complex):
+        value = torch.round(value)
+    return value.to(dtype)
 
 
 def weighted_mean(updates: Iterable[tuple[State, float]]) -> dict[str, torch.Tensor]:
@@ -192,3 +197,67 @@ def weighted_mean(updates: Iterable[tuple[State, float]]) -> dict[str, torch.Ten
     if mean is None:
         raise AggregationError("no update was given")
     return mean.result()
+
+
+def coordinate_median(states: Sequence[State]) -> dict[str, torch.Tensor]:
+    """Each coordinate's median across the updates (unweighted).
+
+    Robust to a minority of arbitrary updates (Yin et al., "Byzantine-Robust
+    Distributed Learning", 2018): one node sending zeros or huge values cannot
+    drag a coordinate past its honest neighbours. With an even count, the mean
+    of the two middle values.
+
+    Raises:
+        AggregationError: for no updates, or updates whose names or shapes differ.
+    """
+    def median(stacked: torch.Tensor) -> torch.Tensor:
+        ordered, count = stacked.sort(dim=0).values, stacked.shape[0]
+        if count % 2:
+            return ordered[count // 2]
+        return (ordered[count // 2 - 1] + ordered[count // 2]) / 2
+
+    return _coordinate_wise(states, median)
+
+
+def trimmed_mean(states: Sequence[State], trim: float) -> dict[str, torch.Tensor]:
+    """Each coordinate's mean after dropping its ``trim`` share of highest and lowest values.
+
+    ``floor(trim * len(states))`` values go from each end, so three updates
+    with ``trim=0.1`` give the plain mean, and ten drop one from each end.
+
+    Raises:
+        AggregationError: for no updates, updates whose names or shapes differ,
+            or a ``trim`` that would leave nothing (it must be in [0, 0.5)).
+    """
+    if not 0 <= trim < 0.5:
+        raise AggregationError(f"trim must be in [0, 0.5), got {trim!r}")
+    cut = math.floor(trim * len(states))
+    return _coordinate_wise(
+        states, lambda stacked: stacked.sort(dim=0).values[cut:stacked.shape[0] - cut].mean(0))
+
+
+def _coordinate_wise(states: Sequence[State],
+                     reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Reduce each tensor over the updates, one tensor at a time to bound the memory used."""
+    if not states:
+        raise AggregationError("no update was given")
+    reference = states[0]
+    for state in states[1:]:
+        if set(state) != set(reference):
+            raise AggregationError(f"updates differ in their tensors: "
+                                   f"{sorted(set(reference) ^ set(state))}")
+        for name, tensor in reference.items():
+            if state[name].shape != tensor.shape:
+                raise AggregationError(f"tensor {name!r} has shape {tuple(state[name].shape)} "
+                                       f"in one update and {tuple(tensor.shape)} in another")
+    result = {}
+    for name, tensor in reference.items():
+        accumulator = _accumulator_dtype(tensor.dtype)
+        stacked = torch.stack([state[name].detach().to(device="cpu", dtype=accumulator)
+                               for state in states])
+        if stacked.is_complex():  # real and imaginary parts each on their own
+            value = torch.view_as_complex(reduce(torch.view_as_real(stacked)).contiguous())
+        else:
+            value = reduce(stacked)
+        result[name] = _cast_back(value, tensor.dtype)
+    return result

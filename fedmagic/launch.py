@@ -14,6 +14,7 @@ import asyncio
 import contextvars
 import logging
 import os
+import shlex
 import threading
 import time
 from pathlib import Path
@@ -24,6 +25,7 @@ from .checkpoint import Checkpoint
 from .errors import ConfigurationError
 from .link import Link
 from .log import log_sink
+from .policy import RoundPolicy
 from .relay import DEFAULT_PORT, EmbeddedRelay, Relay, new_token
 from .rounds import Aggregator, Participant, TaskResult, metrics_of, metrics_text
 from .task import TaskPackage
@@ -51,7 +53,8 @@ class TaskRun:
         self.url = url
         self.token = token
         self.max_rounds = max_rounds
-        self.join_command = f"fedmagic join {url} --task {task_id} --token {token} --node NAME"
+        self.join_command = shlex.join(["fedmagic", "join", url, "--task", task_id,
+                                        "--token", token, "--node", "NAME"])
         self.events: list[tuple[float, str]] = []
         self._aggregator: Aggregator | None = None
         self._loop = asyncio.new_event_loop()
@@ -176,7 +179,10 @@ class TaskRun:
 def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = None,
                token: str | None = None, relay_token: str | None = None,
                dataset_verify: Any = None, join_timeout: float = 300.0, join_grace: float = 3.0,
-               resume: bool = False, weighted: bool = True,
+               resume: bool = False, weighted: bool = True, aggregation: str = "mean",
+               trim: float = 0.1, max_weight_share: float | None = None,
+               max_samples: int = 10 ** 9, upload_timeout: float | None = None,
+               upload_memory: int = 256 << 20, allowed_nodes: list[str] | None = None,
                checkpoint_dir: str | os.PathLike[str] | None = None,
                on_event: Callable[[str], None] | None = None, quiet: bool = False) -> TaskRun:
     """Start a task as its initiator and return its ``TaskRun`` at once.
@@ -190,10 +196,12 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
         relay_token: the relay operator's token; default ``$FEDMAGIC_RELAY_TOKEN``.
         dataset_verify: a ``DatasetVerify`` class or file to send with the task;
             default: the class a ``%%dataset_verify`` cell registered for it.
-        join_timeout: seconds to wait for ``min_clients`` participants.
-        join_grace: seconds to wait for more, up to ``max_clients``.
+        join_timeout, join_grace, weighted, aggregation, trim, max_weight_share,
+            max_samples, upload_timeout, upload_memory: how rounds run; see
+            :class:`fedmagic.policy.RoundPolicy`.
+        allowed_nodes: the only node names that may join (None: anyone with
+            the join token), so a token holder cannot take another's name.
         resume: continue from the checkpoint in ``models/<name>/``.
-        weighted: average weighted by sample counts (else a plain mean).
         checkpoint_dir: default ``models/<name>``.
         on_event: called (on the task's thread) with each event line.
         quiet: keep the task's log lines out of stderr; they are still in
@@ -207,6 +215,16 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
     if not isinstance(task_id, str) or not task_id.strip():
         raise ConfigurationError("task_id", task_id, "pass the id participants will join, "
                                  "e.g. launch_task(task_id='digits')")
+    policy = RoundPolicy(join_timeout=join_timeout, join_grace=join_grace, weighted=weighted,
+                         aggregation=aggregation, trim=trim, max_weight_share=max_weight_share,
+                         max_samples=max_samples, upload_timeout=upload_timeout,
+                         upload_memory=upload_memory)
+    policy.check_clients(scheduler.min_clients)
+    if allowed_nodes is not None and (
+            isinstance(allowed_nodes, str)
+            or not all(isinstance(node, str) and node for node in allowed_nodes)):
+        raise ConfigurationError("allowed_nodes", allowed_nodes, "must be a list of node "
+                                 "names, e.g. ['hospital-a', 'hospital-b'], or None")
     scheduler._check_rounds()
     scheduler._setup(task_id)
     if dataset_verify is None:
@@ -239,11 +257,11 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
             record(f"the checkpoint of task {task_id!r} is already finished; nothing to run")
             return TaskResult(task_id, scheduler.name, scheduler.current_round, history,
                               checkpoint.directory)
+        pinned = {} if allowed_nodes is None else {"allowed_nodes": list(allowed_nodes)}
         link = await Link.open(url, role="initiator", task=task_id, token=token,
-                               relay_token=relay_token)
+                               relay_token=relay_token, **pinned)
         run._aggregator = Aggregator(scheduler, package, link, checkpoint=checkpoint,
-                                     join_timeout=join_timeout, join_grace=join_grace,
-                                     weighted=weighted, history=history, on_event=record)
+                                     policy=policy, history=history, on_event=record)
         return await run._aggregator.run()
 
     announce = [f"task {task_id!r}: code hash {package.code_hash[:16]}"]

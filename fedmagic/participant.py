@@ -128,15 +128,24 @@ class ParticipantRuntime:
                 if failure is not None:
                     return JoinOutcome(task_id, self.node, False, failure, self.rounds)
                 trained = frame.header.get("round")
+                if frame.header.get("upload") is True:  # room for every update: no request
+                    await self._upload(trained)
+                    trained = None
             elif frame.kind == Kind.UPLOAD and frame.header.get("round") == trained:
-                update = await asyncio.to_thread(self.scheduler.state_dict)
-                await self.link.send_state(update, round=trained)
-                self.rounds += 1
-                self.on_event("uploaded", {"round": trained})
+                await self._upload(trained)
                 trained = None
             else:
                 raise ProtocolError("initiator", f"expected a round, an upload request or the "
                                     f"end of the task, got {frame}")
+
+    async def _upload(self, round: int) -> None:
+        update = await asyncio.to_thread(self.scheduler.state_dict)
+        try:
+            await self.link.send_state(update, round=round)
+        except ConnectionLost:
+            return  # the task may have ended meanwhile: the next frame read says how
+        self.rounds += 1
+        self.on_event("uploaded", {"round": round})
 
     async def _train(self, round: int, epochs: int | None) -> str | None:
         """Load the global weights, train, report; the failure's text if ``train()`` raised."""

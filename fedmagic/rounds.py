@@ -1,11 +1,17 @@
 """The initiator's side of a task: gather participants, run rounds, average.
 
 Each round the global weights fan out once through the relay to the
-selected participants; each trains and says so; the aggregator then asks
-one participant at a time for its update, checks it (names, dtypes, shapes,
-finite values) and folds it into a running weighted mean. One upload at a
-time keeps memory at a few copies of the model however many participants
-there are.
+selected participants. Each trains, says so, and uploads its update, several
+at once within a memory budget (with room for every update, they send it
+straight after training, with no request in between). The aggregator checks
+each update (names, dtypes, shapes, finite values) and folds it into a
+running weighted mean as it completes, so memory stays at a few copies of
+the model however many participants there are.
+
+No party can stretch a round: training has ``calculation_timeout``, each
+upload a whole-upload deadline, and a node that misses either sits out the
+next round(s). Who may take part and how much weight they carry follow the
+task's :class:`~fedmagic.policy.RoundPolicy`.
 """
 
 from __future__ import annotations
@@ -23,12 +29,13 @@ from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 
-from .aggregate import WeightedMean, non_finite
+from .aggregate import WeightedMean, coordinate_median, non_finite, trimmed_mean
 from .checkpoint import Checkpoint
 from .codec import Frame, Kind, StateReader
 from .errors import (CodecError, ConnectionLost, NotEnoughParticipants,
                      RemoteError, TaskFailed, UpdateRejected)
 from .link import Link
+from .policy import RoundPolicy, over_share, sit_out_rounds
 from .task import TaskPackage
 
 if TYPE_CHECKING:
@@ -39,7 +46,9 @@ __all__ = ["Aggregator", "Participant", "TaskResult"]
 log = logging.getLogger("fedmagic")
 
 #: Statuses from which a participant may be picked for the next round.
-AVAILABLE = ("ready", "uploaded", "refused")
+AVAILABLE = ("ready", "uploaded", "refused", "timed out")
+#: Statuses of a selected node the round is still waiting for.
+OWED = ("training", "trained", "uploading")
 
 
 @dataclass
@@ -53,8 +62,10 @@ class Participant:
     traceback: str = ""
     round: int = 0
     train_seconds: float | None = None
-
-
+    #: The last round this node sits out, after timing out or stalling.
+    sits_out_until: int = 0
+    #: Deadlines missed in a row; each doubles the rounds sat out.
+    strikes: int = 0
 @dataclass
 class TaskResult:
     """How a task ended: its history, last metrics and checkpoint."""
@@ -95,14 +106,40 @@ def metrics_text(row: dict[str, Any]) -> str:
     return ", ".join(f"{key}={_short(value)}" for key, value in metrics_of(row).items())
 
 
-@dataclass
+@dataclass(eq=False)
 class _Upload:
+    """One node's update on its way in."""
+
     node: str
     round: int
     reader: StateReader
-    last_progress: float
+    deadline: float
+    buffer: dict[str, torch.Tensor]
+    received: int = 0
     state: dict[str, torch.Tensor] | None = None
     error: str | None = None
+
+
+@dataclass(eq=False)
+class _Round:
+    """What the aggregator tracks while one round runs."""
+
+    number: int
+    selected: list[str]
+    global_state: dict[str, torch.Tensor]
+    state_bytes: int
+    train_deadline: float
+    upload_seconds: float
+    upload_now: bool
+    #: Selected nodes the round still waits for.
+    owed: set[str] = field(default_factory=set)
+    #: Nodes that trained and wait for room to upload.
+    queued: collections.deque[str] = field(default_factory=collections.deque)
+    uploads: dict[str, _Upload] = field(default_factory=dict)
+    #: Uploads complete (or broken), to fold in or refuse, in arrival order.
+    arrived: collections.deque[_Upload] = field(default_factory=collections.deque)
+    #: Updates kept whole for a robust aggregation.
+    kept: list[dict[str, torch.Tensor]] = field(default_factory=list)
 
 
 class Aggregator:
@@ -112,36 +149,27 @@ class Aggregator:
         scheduler: the author's scheduler, already set up.
         package: the task's code, sent to each participant that joins.
         link: an initiator's link to the relay.
-        join_timeout: seconds to wait for ``min_clients`` verified participants.
-        join_grace: once ``min_clients`` are in, seconds to wait for more (up
-            to ``max_clients``) before round 1.
-        weighted: weight updates by sample counts (FedAvg); False gives the
-            plain mean.
+        policy: selection, weighting, deadlines and aggregation.
         on_event: called with every event line, for displays.
     """
 
     def __init__(self, scheduler: FedAvgScheduler, package: TaskPackage, link: Link, *,
-                 checkpoint: Checkpoint, join_timeout: float = 300.0, join_grace: float = 3.0,
-                 weighted: bool = True, history: list[dict[str, Any]] | None = None,
+                 checkpoint: Checkpoint, policy: RoundPolicy = RoundPolicy(),
+                 history: list[dict[str, Any]] | None = None,
                  on_event: Callable[[str], None] | None = None) -> None:
         self.scheduler = scheduler
         self.package = package
         self.link = link
         self.checkpoint = checkpoint
-        self.join_timeout = join_timeout
-        self.join_grace = join_grace
-        self.weighted = weighted
+        self.policy = policy
         self.history = history or []
         self.on_event = on_event
         self.participants: dict[str, Participant] = {}
-        self.upload_timeout = max(60.0, scheduler.calculation_timeout)
         self._task_header = package.to_header()
-        self._ready: collections.deque[str] = collections.deque()
-        self._upload: _Upload | None = None
-        # Reused from round to round: the incoming update and the running mean.
-        self._staging: dict[str, torch.Tensor] = {}
+        self._current: _Round | None = None
+        # Reused from round to round: buffers for incoming updates, and the running mean.
+        self._buffers: list[dict[str, torch.Tensor]] = []
         self._mean: WeightedMean | None = None
-        self._round = 0
         self._changed = asyncio.Event()
         self._lost: BaseException | None = None
         #: Set (from any thread) to end the task cleanly after the current round.
@@ -190,79 +218,77 @@ class Aggregator:
         self._event(f"waiting for {need} to {most} participants to join and verify their data")
         loop = asyncio.get_running_loop()
         if not await self._wait_until(lambda: self._count_available() >= need,
-                                      loop.time() + self.join_timeout):
+                                      loop.time() + self.policy.join_timeout):
             raise NotEnoughParticipants(self.task_id, self._count_available(), need,
-                                        waited=self.join_timeout)
+                                        waited=self.policy.join_timeout)
         await self._wait_until(lambda: self._count_available() >= most,
-                               loop.time() + self.join_grace)
+                               loop.time() + self.policy.join_grace)
 
     def _count_available(self) -> int:
         return sum(p.status in AVAILABLE for p in self.participants.values())
 
     # One round.
 
-    async def _run_round(self, round: int) -> None:
+    async def _run_round(self, number: int) -> None:
         scheduler = self.scheduler
         started = time.perf_counter()
         loop = asyncio.get_running_loop()
         if self._count_available() < scheduler.min_clients:
-            self._event(f"round {round}: waiting for participants")
+            self._event(f"round {number}: waiting for participants")
             await self._wait_until(lambda: self._count_available() >= scheduler.min_clients,
-                                   loop.time() + self.join_timeout)
-        available = [p.node for p in self.participants.values() if p.status in AVAILABLE]
-        # As in FedAvg, a random subset when more are available than a round uses.
-        selected = (random.sample(available, scheduler.max_clients)
-                    if len(available) > scheduler.max_clients else available)
+                                   loop.time() + self.policy.join_timeout)
+        selected = self._select(number)
         if len(selected) < scheduler.min_clients:
             raise NotEnoughParticipants(self.task_id, len(selected), scheduler.min_clients,
-                                        waited=self.join_timeout)
-        self._round = round
-        for node in selected:
-            self.participants[node].status = "training"
-            self.participants[node].round = round
-        self._event(f"round {round}: training on {', '.join(selected)}")
+                                        waited=self.policy.join_timeout)
         global_state = scheduler.state_dict()
-        await self.link.send(Frame({"t": Kind.ROUND, "to": selected, "round": round,
-                                    "epochs": scheduler.merge_epochs}))
-        await self.link.send_state(global_state, to=selected, round=round)
+        state_bytes = sum(t.numel() * t.element_size() for t in global_state.values())
+        keep = self.policy.aggregation != "mean"
+        slots = len(selected) if keep else self.policy.upload_slots(state_bytes)
+        current = self._current = _Round(
+            number, selected, global_state, state_bytes,
+            train_deadline=loop.time() + scheduler.calculation_timeout,
+            upload_seconds=self.policy.upload_seconds(state_bytes),
+            upload_now=slots >= len(selected), owed=set(selected))
+        for node in selected:
+            participant = self.participants[node]
+            participant.status, participant.round = "training", number
+        self._event(f"round {number}: training on {', '.join(selected)}")
+        await self.link.send(Frame({"t": Kind.ROUND, "to": selected, "round": number,
+                                    "epochs": scheduler.merge_epochs,
+                                    "upload": current.upload_now}))
+        await self.link.send_state(global_state, to=selected, round=number)
 
-        if self._mean is None:
-            self._mean = WeightedMean(global_state)
-        mean = self._mean
-        mean.reset()
-        deadline = loop.time() + scheduler.calculation_timeout
-        while True:
-            if self._ready:
-                await self._collect(self._ready.popleft(), round, global_state, mean)
-                continue
-            training = [node for node in selected
-                        if self.participants[node].status == "training"]
-            if not training:
-                break
-            if not await self._wait_until(lambda: bool(self._ready) or not any(
-                    self.participants[n].status == "training" for n in training), deadline):
-                for node in training:
-                    if self.participants[node].status == "training":
-                        self.participants[node].status = "timed out"
-                        self._event(f"round {round}: {node} timed out after "
-                                    f"{scheduler.calculation_timeout:g} s (calculation_timeout)")
-                break
+        if not keep:
+            if self._mean is None:
+                self._mean = WeightedMean(global_state)
+            self._mean.reset()
+        try:
+            await self._collect(current, slots)
+        finally:
+            self._current = None
+            for upload in current.uploads.values():
+                self._release(upload)
 
-        contributions, samples = mean.count, int(mean.total_weight)
+        if keep:
+            contributions, samples = len(current.kept), None
+        else:
+            contributions, samples = self._mean.count, int(self._mean.total_weight)
         if contributions < scheduler.min_clients:
             raise NotEnoughParticipants(self.task_id, contributions, scheduler.min_clients,
-                                        round=round)
-        averaged = await asyncio.to_thread(mean.result_in_place)
+                                        round=number)
+        averaged = await asyncio.to_thread(self._combine, current)
         await asyncio.to_thread(scheduler.load_state_dict, averaged)
-        if mean.shares_memory_with(scheduler.state_dict()):
+        if self._mean is not None and self._mean.shares_memory_with(scheduler.state_dict()):
             self._mean = None  # the scheduler kept our tensors: next round gets new ones
         del averaged
-        scheduler.current_round = round
+        current.kept.clear()
+        scheduler.current_round = number
         finished = scheduler.is_task_finished()
-        row: dict[str, Any] = {"round": round, "participants": contributions,
-                               "samples": samples if self.weighted else None}
+        row: dict[str, Any] = {"round": number, "participants": contributions,
+                               "samples": samples if self.policy.weighted else None}
         log_rounds = scheduler.log_rounds
-        tested = round == 1 or finished or (log_rounds > 0 and round % log_rounds == 0)
+        tested = number == 1 or finished or (log_rounds > 0 and number % log_rounds == 0)
         row["tested"] = tested
         trained = [self.participants[node].train_seconds for node in selected
                    if self.participants[node].status == "uploaded"
@@ -274,53 +300,173 @@ class Aggregator:
             row["test_seconds"] = time.perf_counter() - test_started
         row["seconds"] = round_seconds = time.perf_counter() - started
         self.history.append(row)
-        await asyncio.to_thread(self.checkpoint.save, scheduler.state_dict(), round,
+        await asyncio.to_thread(self.checkpoint.save, scheduler.state_dict(), number,
                                 self.history, self.task_id)
         shown = metrics_text(row)
-        self._event(f"round {round}/{scheduler.max_rounds or '?'}: averaged {contributions} "
+        self._event(f"round {number}/{scheduler.max_rounds or '?'}: averaged {contributions} "
                     f"updates in {round_seconds:.2f} s" + (f"; {shown}" if shown else ""))
 
-    async def _collect(self, node: str, round: int, global_state: dict[str, torch.Tensor],
-                       mean: WeightedMean) -> None:
-        participant = self.participants[node]
-        if participant.status != "trained":
-            return
+    def _select(self, number: int) -> list[str]:
+        """This round's participants: rested nodes first, nobody over the weight cap."""
+        scheduler, policy = self.scheduler, self.policy
+        available = [p for p in self.participants.values() if p.status in AVAILABLE]
+        if policy.max_weight_share is not None and policy.weighted:
+            capped = over_share({p.node: p.samples for p in available}, policy.max_weight_share)
+            for node, share in capped.items():
+                participant = self.participants[node]
+                participant.status = "refused"
+                participant.detail = (f"its {participant.samples} samples would be {share:.0%} "
+                                      f"of round {number}'s weight, over max_weight_share="
+                                      f"{policy.max_weight_share:g}")
+                self._event(f"round {number}: {node} left out: {participant.detail}",
+                            logging.WARNING)
+            available = [p for p in available if p.node not in capped]
+        rested = [p.node for p in available if p.sits_out_until < number]
+        resting = [p.node for p in available if p.sits_out_until >= number]
+        # As in FedAvg, a random subset when more are available than a round uses.
+        selected = (random.sample(rested, scheduler.max_clients)
+                    if len(rested) > scheduler.max_clients else rested)
+        if len(selected) < scheduler.min_clients and resting:
+            back = random.sample(resting, min(len(resting),
+                                              scheduler.min_clients - len(selected)))
+            self._event(f"round {number}: taking {', '.join(back)} back early, since too few "
+                        "others are available for min_clients", logging.WARNING)
+            selected += back
+        return selected
+
+    async def _collect(self, current: _Round, slots: int) -> None:
+        """Wait for every selected node's update, its deadlines, or its departure."""
         loop = asyncio.get_running_loop()
-        upload = _Upload(node, round, StateReader(global_state, out=self._staging),
-                         last_progress=loop.time())
-        self._upload = upload
-        participant.status = "uploading"
+        next_progress = loop.time() + self.policy.progress_every
+        while True:
+            # Cleared first: whatever arrives while this pass awaits wakes the next one.
+            self._changed.clear()
+            self._check_lost()
+            while current.arrived:
+                await self._fold(current, current.arrived.popleft())
+            await self._grant_uploads(current, slots)
+            now = loop.time()
+            self._expire(current, now)
+            if not current.owed and not current.arrived:
+                return
+            if now >= next_progress:
+                self._event(f"round {current.number}: {self._waiting_for(current, now)}")
+                next_progress = now + self.policy.progress_every
+            wake = [next_progress, *(upload.deadline for upload in current.uploads.values())]
+            if any(self.participants[node].status == "training" for node in current.owed):
+                wake.append(current.train_deadline)
+            try:
+                await asyncio.wait_for(self._changed.wait(), max(min(wake) - now, 0))
+            except asyncio.TimeoutError:
+                pass
+
+    async def _grant_uploads(self, current: _Round, slots: int) -> None:
+        """Let queued nodes upload while the memory budget has room."""
+        granted = []
+        while current.queued and len(current.uploads) < slots:
+            node = current.queued.popleft()
+            if node in current.owed and self.participants[node].status == "trained":
+                self._open_upload(current, node)
+                granted.append(node)
+        if granted:
+            await self.link.send(Frame({"t": Kind.UPLOAD, "to": granted,
+                                        "round": current.number}))
+
+    def _open_upload(self, current: _Round, node: str) -> None:
+        buffer = {} if self.policy.aggregation != "mean" else (
+            self._buffers.pop() if self._buffers else {})
+        deadline = asyncio.get_running_loop().time() + current.upload_seconds
+        current.uploads[node] = _Upload(node, current.number,
+                                        StateReader(current.global_state, out=buffer),
+                                        deadline, buffer)
+        self.participants[node].status = "uploading"
+
+    def _expire(self, current: _Round, now: float) -> None:
+        """Leave out the nodes past a deadline; they sit out the next round(s)."""
+        for node in list(current.owed):
+            participant = self.participants[node]
+            upload = current.uploads.get(node)
+            if participant.status == "training" and now >= current.train_deadline:
+                self._strike(current, participant, f"did not finish training within "
+                             f"{self.scheduler.calculation_timeout:g} s (calculation_timeout)")
+            elif upload is not None and upload.state is None and now >= upload.deadline:
+                del current.uploads[node]
+                self._release(upload)
+                self._strike(current, participant, f"sent {_size(upload.received)} of its "
+                             f"{_size(current.state_bytes)} update within "
+                             f"{current.upload_seconds:g} s (upload_timeout)")
+
+    def _strike(self, current: _Round, participant: Participant, why: str) -> None:
+        participant.strikes += 1
+        rounds = sit_out_rounds(participant.strikes)
+        participant.sits_out_until = current.number + rounds
+        participant.status, participant.detail = "timed out", why
+        current.owed.discard(participant.node)
+        sits = (f"round {current.number + 1}" if rounds == 1 else
+                f"rounds {current.number + 1}-{current.number + rounds}")
+        self._event(f"round {current.number}: {participant.node} {why}; it sits out {sits}",
+                    logging.WARNING)
+
+    def _waiting_for(self, current: _Round, now: float) -> str:
+        """Whom the round waits for, and how far each got."""
+        parts = []
+        for node in sorted(current.owed):
+            participant, upload = self.participants[node], current.uploads.get(node)
+            if upload is not None:
+                share = upload.received / current.state_bytes if current.state_bytes else 1
+                parts.append(f"{node} (uploading: {share:.0%} of {_size(current.state_bytes)}, "
+                             f"{max(upload.deadline - now, 0):.0f} s left)")
+            elif participant.status == "training":
+                parts.append(f"{node} (training, "
+                             f"{max(current.train_deadline - now, 0):.0f} s left)")
+            else:
+                parts.append(f"{node} ({participant.status})")
+        return "waiting for " + ", ".join(parts) if parts else "folding in the last updates"
+
+    async def _fold(self, current: _Round, upload: _Upload) -> None:
+        """Check a complete update and fold it in, or refuse it and say why."""
+        participant = self.participants[upload.node]
+        current.uploads.pop(upload.node, None)
+        current.owed.discard(upload.node)
         try:
-            await self.link.send(Frame({"t": Kind.UPLOAD, "to": [node], "round": round}))
-            while upload.state is None and upload.error is None:
-                if participant.status == "dropped":
-                    return
-                stalled = loop.time() - upload.last_progress
-                if stalled >= self.upload_timeout:
-                    upload.error = f"no data for {self.upload_timeout:g} s"
-                    break
-                self._changed.clear()
-                try:
-                    await asyncio.wait_for(self._changed.wait(), self.upload_timeout - stalled)
-                except asyncio.TimeoutError:
-                    pass
-                self._check_lost()
+            if upload.error is None:
+                weight = participant.samples if self.policy.weighted else 1
+                if weight <= 0:
+                    upload.error = "it reported no training samples, so it has no weight"
+                else:
+                    upload.error = await asyncio.to_thread(self._add, current, upload, weight)
         finally:
-            self._upload = None
-        if upload.error is None:
-            bad = await asyncio.to_thread(non_finite, upload.state)
-            if bad:
-                upload.error = f"non-finite values (NaN or infinity) in {', '.join(bad)}"
-        if upload.error is None and self.weighted and participant.samples <= 0:
-            upload.error = "it reported no training samples, so it has no weight"
+            self._release(upload)
         if upload.error is not None:
-            participant.status = "refused"
-            participant.detail = upload.error
-            self._event(str(UpdateRejected(node, round, upload.error)), logging.WARNING)
+            participant.status, participant.detail = "refused", upload.error
+            self._event(str(UpdateRejected(upload.node, upload.round, upload.error)),
+                        logging.WARNING)
             return
-        weight = participant.samples if self.weighted else 1
-        await asyncio.to_thread(mean.add, upload.state, weight)
-        participant.status = "uploaded"
+        participant.status, participant.strikes = "uploaded", 0
+
+    def _add(self, current: _Round, upload: _Upload, weight: float) -> str | None:
+        """Fold one update in (on a worker thread); why it was refused, or None."""
+        bad = non_finite(upload.state)
+        if bad:
+            return f"non-finite values (NaN or infinity) in {', '.join(bad)}"
+        if self.policy.aggregation == "mean":
+            self._mean.add(upload.state, weight)
+        else:
+            current.kept.append(upload.state)
+        return None
+
+    def _combine(self, current: _Round) -> dict[str, torch.Tensor]:
+        if self.policy.aggregation == "median":
+            return coordinate_median(current.kept)
+        if self.policy.aggregation == "trimmed_mean":
+            return trimmed_mean(current.kept, self.policy.trim)
+        return self._mean.result_in_place()
+
+    def _release(self, upload: _Upload) -> None:
+        """Give an upload's buffer back, for the next upload to fill."""
+        if self.policy.aggregation == "mean" and upload.buffer is not None:
+            self._buffers.append(upload.buffer)
+            upload.buffer = None
 
     # Frames from the relay.
 
@@ -339,7 +485,12 @@ class Aggregator:
     async def _dispatch(self, frame: Frame) -> None:
         node = frame.header.get("from")
         kind = frame.kind
+        if kind == Kind.STATE or kind == Kind.STATE_END:
+            self._on_state(node, frame)
+            return
         if kind == Kind.PEER_JOINED:
+            if node in self.participants:
+                self._leave_round(node, "reconnected; its work in this round is lost")
             self.participants[node] = Participant(node)
             self._event(f"{node} joined; sending it the task's code")
             await self.link.send(Frame({**self._task_header, "to": [node]}))
@@ -351,15 +502,15 @@ class Aggregator:
         if kind == Kind.PEER_LEFT:
             if participant.status not in ("declined", "unverified", "failed"):
                 participant.status = "dropped"
+            self._leave_round(node, "left")
             self._event(f"{node} left", logging.WARNING)
         elif kind == Kind.STATUS:
             self._on_status(participant, frame.header)
         elif kind == Kind.TRAINED:
             self._on_trained(participant, frame.header)
-        elif kind in (Kind.STATE, Kind.STATE_END):
-            self._on_state(participant, frame)
         elif kind == Kind.FAILED:
             participant.status = "failed"
+            self._leave_round(node, "failed")
             error = RemoteError(node, str(frame.header.get("during", "training")),
                                 str(frame.header.get("error")),
                                 str(frame.header.get("traceback", "")))
@@ -367,6 +518,16 @@ class Aggregator:
             self._event(str(error), logging.ERROR)
         else:
             log.warning("ignored an unexpected %s frame from %r", kind, node)
+
+    def _leave_round(self, node: str, why: str) -> None:
+        current = self._current
+        if current is None or node not in current.owed:
+            return
+        current.owed.discard(node)
+        upload = current.uploads.pop(node, None)
+        if upload is not None:
+            self._release(upload)
+        log.debug("round %d: %s %s", current.number, node, why)
 
     def _on_status(self, participant: Participant, header: dict[str, Any]) -> None:
         node = participant.node
@@ -377,6 +538,14 @@ class Aggregator:
             self._event(f"{node} declined the task's code: {participant.detail}", logging.WARNING)
         elif stage == "verified" and header.get("ok"):
             samples = header.get("samples")
+            limit = self.policy.max_samples
+            if isinstance(samples, int) and not isinstance(samples, bool) and samples > limit:
+                participant.status = "unverified"
+                participant.detail = (f"reported {samples} training samples, over max_samples="
+                                      f"{limit}: implausible, so its update would outweigh "
+                                      "everyone's; raise max_samples if the count is real")
+                self._event(f"{node} refused: {participant.detail}", logging.WARNING)
+                return
             participant.samples = samples if isinstance(samples, int) and samples > 0 else 0
             participant.status = "ready"
             self._event(f"{node} verified its data: {participant.samples} training samples")
@@ -389,30 +558,34 @@ class Aggregator:
     def _on_trained(self, participant: Participant, header: dict[str, Any]) -> None:
         seconds = header.get("seconds")
         participant.train_seconds = seconds if isinstance(seconds, numbers.Real) else None
-        if header.get("round") == self._round and participant.status == "training":
-            participant.status = "trained"
-            self._ready.append(participant.node)
-        elif participant.status == "timed out":
-            participant.status = "ready"  # late, but free for the next round
+        current = self._current
+        if (current is None or header.get("round") != current.number
+                or participant.status != "training" or participant.node not in current.owed):
+            return  # late: the round gave up on it, and it may be picked again
+        participant.status = "trained"
+        if current.upload_now:
+            self._open_upload(current, participant.node)
+        else:
+            current.queued.append(participant.node)
 
-    def _on_state(self, participant: Participant, frame: Frame) -> None:
-        upload = self._upload
-        if upload is None or upload.node != participant.node:
-            # The rest of a refused or late update: nothing was asked of it any more.
-            log.debug("ignored state data %s from %r", frame, participant.node)
+    def _on_state(self, node: Any, frame: Frame) -> None:
+        current = self._current
+        upload = current.uploads.get(node) if current is not None else None
+        if (upload is None or upload.state is not None or upload.error is not None
+                or frame.header.get("round") != upload.round):
+            # The rest of a refused, late or unrequested update: nothing asked for it.
+            log.debug("ignored state data %s from %r", frame, node)
             return
-        if upload.error is not None or upload.state is not None:
-            return
-        upload.last_progress = asyncio.get_running_loop().time()
         try:
-            if frame.header.get("round") != upload.round:
-                raise CodecError(f"state is for round {frame.header.get('round')!r}", "update")
             if frame.kind == Kind.STATE:
                 upload.reader.feed(frame)
+                upload.received += frame.payload_size
             else:
                 upload.state = upload.reader.finish(frame)
         except CodecError as exc:
             upload.error = str(exc)
+        if upload.state is not None or upload.error is not None:
+            current.arrived.append(upload)
 
     # Helpers.
 
@@ -432,7 +605,8 @@ class Aggregator:
 
     def _check_lost(self) -> None:
         if self._lost is not None:
-            raise TaskFailed(self.task_id, str(self._lost), self._round or None) from self._lost
+            number = self._current.number if self._current else None
+            raise TaskFailed(self.task_id, str(self._lost), number) from self._lost
 
     async def _tell_all(self, header: dict[str, Any]) -> None:
         if self._lost is None:
@@ -466,3 +640,12 @@ def _short(value: Any) -> str:
     if isinstance(value, float) and math.isfinite(value):
         return f"{value:.4g}"
     return str(value)
+
+
+def _size(nbytes: float) -> str:
+    """Bytes for people: ``85.0 KiB``."""
+    for unit in ("bytes", "KiB", "MiB"):
+        if nbytes < 1024:
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1024
+    return f"{nbytes:.1f} GiB"

@@ -1,0 +1,307 @@
+"""The round loop against participants that misbehave on purpose.
+
+The initiator's ``Aggregator`` runs in this process over a real relay on
+127.0.0.1; each participant is a short script speaking the protocol through
+its own ``Link``: honest, slow, silent, or lying about its weight. No
+process starts, so each scenario takes well under a second of overhead.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any, Awaitable, Callable
+
+import pytest
+import torch
+
+from fedmagic import FedAvgScheduler
+from fedmagic.checkpoint import Checkpoint
+from fedmagic.codec import Frame, Kind, StateReader, encode_state
+from fedmagic.errors import ConfigurationError, ConnectionLost, NotEnoughParticipants
+from fedmagic.link import Link
+from fedmagic.policy import RoundPolicy, over_share, sit_out_rounds
+from fedmagic.relay import EmbeddedRelay, Relay
+from fedmagic.rounds import Aggregator, TaskResult
+from fedmagic.task import TaskPackage
+
+TOKEN = "join-token"
+pytestmark = pytest.mark.timeout(60)
+
+
+class Tiny(FedAvgScheduler):
+    """A model of one weight vector; ``test()`` reports it, so the mean can be read."""
+
+    def make_model(self): return torch.nn.Linear(4, 1, bias=False)
+    def make_train_dataloader(self): return []
+    def make_test_dataloader(self): return []
+    def state_dict(self): return self.model.state_dict()
+    def load_state_dict(self, state_dict): self.model.load_state_dict(state_dict)
+    def train(self): pass
+    def test(self): return {"w": float(self.model.weight.detach().mean())}
+
+
+# A participant script, run each round once the global state is in: what it does with the
+# link, given the round's number and header, and an event set when it may upload.
+Behaviour = Callable[[Link, int, dict[str, Any], asyncio.Event], Awaitable[None]]
+
+
+def sends(value: float) -> Behaviour:
+    """An honest node whose training leaves every weight at ``value``."""
+    async def behave(link, round, round_header, may_upload):
+        await link.send(Frame({"t": Kind.TRAINED, "round": round, "seconds": 0.0}))
+        await may_upload.wait()
+        await link.send_state({"weight": torch.full((1, 4), value)}, round=round)
+    return behave
+
+
+async def trickles(link, round, round_header, may_upload):
+    """Says it trained, then sends empty state frames for ever: data that never ends."""
+    await link.send(Frame({"t": Kind.TRAINED, "round": round, "seconds": 0.0}))
+    await may_upload.wait()
+    while True:
+        await link.send(Frame({"t": Kind.STATE, "round": round, "pieces": []}))
+        await asyncio.sleep(0.2)
+
+
+async def never_uploads(link, round, round_header, may_upload):
+    await link.send(Frame({"t": Kind.TRAINED, "round": round, "seconds": 0.0}))
+    await asyncio.Event().wait()
+
+
+async def never_trains(link, round, round_header, may_upload):
+    await asyncio.Event().wait()
+
+
+async def participant(url: str, node: str, behaviour: Behaviour, samples: int = 100) -> None:
+    """Join, say the data is verified, and act out ``behaviour`` every round."""
+    link = await Link.open(url, role="participant", task="rounds", token=TOKEN, node=node,
+                           wait=10)
+    work: asyncio.Task | None = None
+    try:
+        assert (await link.recv()).kind == Kind.TASK
+        await link.send(Frame({"t": Kind.STATUS, "stage": "verified", "ok": True,
+                               "samples": samples}))
+        reader, may_upload = None, asyncio.Event()
+        while True:
+            frame = await link.recv()
+            if frame.kind == Kind.FINISH:
+                return
+            if frame.kind == Kind.ROUND:
+                if work is not None:
+                    work.cancel()
+                header, reader, may_upload = frame.header, StateReader(), asyncio.Event()
+                if header.get("upload"):  # room for every update: no request will come
+                    may_upload.set()
+            elif frame.kind == Kind.UPLOAD and frame.header["round"] == header["round"]:
+                may_upload.set()
+            elif frame.kind == Kind.STATE:
+                reader.feed(frame)
+            elif frame.kind == Kind.STATE_END:
+                reader.finish(frame)
+                work = asyncio.create_task(behaviour(link, header["round"], header,
+                                                     may_upload))
+    except ConnectionLost:
+        pass
+    finally:
+        if work is not None:
+            work.cancel()
+        await link.close()
+
+
+def run_task(tmp_path: Path, behaviours: dict[str, Behaviour], *, rounds: int = 1,
+             min_clients: int = 1, samples: dict[str, int] | None = None,
+             calculation_timeout: float = 10, **policy: Any) -> tuple[Any, list[str], float]:
+    """Run a Tiny task with these participants; its result (or error), events and seconds."""
+    events: list[str] = []
+    samples = samples or {}
+
+    async def scenario():
+        with EmbeddedRelay("127.0.0.1", 0, Relay()) as relay:
+            scheduler = Tiny(min_clients=min_clients, max_clients=len(behaviours),
+                             max_rounds=rounds, calculation_timeout=calculation_timeout)
+            scheduler._setup("rounds")
+            with torch.no_grad():
+                scheduler.model.weight.zero_()
+            package = TaskPackage.from_scheduler(scheduler, "rounds")
+            link = await Link.open(relay.url, role="initiator", task="rounds", token=TOKEN)
+            policy.setdefault("join_grace", 1)
+            aggregator = Aggregator(scheduler, package, link,
+                                    checkpoint=Checkpoint(tmp_path / "models" / "rounds"),
+                                    policy=RoundPolicy(join_timeout=10, **policy),
+                                    on_event=events.append)
+            nodes = [asyncio.create_task(participant(relay.url, node, behaviour,
+                                                     samples.get(node, 100)))
+                     for node, behaviour in behaviours.items()]
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            try:
+                result: Any = await aggregator.run()
+            except NotEnoughParticipants as exc:
+                result = exc
+            seconds = loop.time() - started
+            # Each hears the task end and closes its link; cancelling one mid-close would
+            # leave its unread frames holding the relay's closing handshake.
+            _, stuck = await asyncio.wait(nodes, timeout=10)
+            for node in stuck:
+                node.cancel()
+            await asyncio.gather(*nodes, return_exceptions=True)
+            return result, seconds
+
+    result, seconds = asyncio.run(asyncio.wait_for(scenario(), 50))
+    return result, events, seconds
+
+
+# -- averaging ------------------------------------------------------------------------------
+
+def test_updates_are_averaged_weighted_by_sample_counts(tmp_path):
+    result, events, _ = run_task(tmp_path, {"a": sends(1.0), "b": sends(4.0)},
+                                 samples={"a": 100, "b": 200}, min_clients=2)
+
+    assert isinstance(result, TaskResult), result
+    assert result.metrics["w"] == pytest.approx(3.0)
+    assert result.history[0]["samples"] == 300
+
+
+def test_updates_arrive_one_at_a_time_when_the_memory_budget_holds_one_model(tmp_path):
+    result, events, _ = run_task(tmp_path, {"a": sends(1.0), "b": sends(3.0), "c": sends(5.0)},
+                                 min_clients=3, upload_memory=16, weighted=False)
+
+    assert isinstance(result, TaskResult), result
+    assert result.metrics["w"] == pytest.approx(3.0)
+
+
+def test_a_zero_update_with_an_inflated_sample_count_is_refused_as_implausible(tmp_path):
+    result, events, _ = run_task(
+        tmp_path, {"a": sends(1.0), "b": sends(1.0), "hijacker": sends(0.0)},
+        samples={"hijacker": 10 ** 12}, min_clients=2)
+
+    assert isinstance(result, TaskResult), result
+    assert result.metrics["w"] == pytest.approx(1.0)  # the zeros took no part
+    assert result.participants["hijacker"].status == "unverified"
+    assert ("hijacker refused: reported 1000000000000 training samples, over max_samples="
+            "1000000000: implausible") in "\n".join(events)
+
+
+def test_a_node_over_max_weight_share_is_left_out_of_the_round(tmp_path):
+    result, events, _ = run_task(
+        tmp_path, {"a": sends(1.0), "b": sends(1.0), "big": sends(0.0)},
+        samples={"big": 5000}, min_clients=2, max_weight_share=0.5)
+
+    assert isinstance(result, TaskResult), result
+    assert result.metrics["w"] == pytest.approx(1.0)
+    assert result.participants["big"].status == "refused"
+    assert ("round 1: big left out: its 5000 samples would be 96% of round 1's weight, over "
+            "max_weight_share=0.5") in events
+
+
+@pytest.mark.parametrize("aggregation", ["median", "trimmed_mean"])
+def test_robust_aggregation_ignores_one_poisoned_update(tmp_path, aggregation):
+    honest = {f"n{i}": sends(1.0 + i / 100) for i in range(4)}
+
+    result, events, _ = run_task(tmp_path, {**honest, "poison": sends(1000.0)}, min_clients=5,
+                                 aggregation=aggregation, trim=0.2)
+
+    assert isinstance(result, TaskResult), result
+    assert 1.0 <= result.metrics["w"] <= 1.03
+
+
+# -- deadlines ------------------------------------------------------------------------------
+
+def test_a_slow_loris_upload_is_cut_at_its_whole_upload_deadline_and_sits_out(tmp_path):
+    result, events, seconds = run_task(
+        tmp_path, {"a": sends(2.0), "b": sends(2.0), "loris": trickles}, rounds=2,
+        upload_timeout=1.5)
+
+    assert isinstance(result, TaskResult), result
+    assert seconds < 8  # two rounds; the trickle never stretched the deadline
+    assert ("round 1: loris sent 0 bytes of its 16 bytes update within 1.5 s (upload_timeout); "
+            "it sits out round 2") in events
+    assert "round 2: training on a, b" in events or "round 2: training on b, a" in events
+    assert [row["participants"] for row in result.history] == [2, 2]
+
+
+def test_a_node_that_says_trained_but_never_uploads_sits_out_the_next_round(tmp_path):
+    result, events, seconds = run_task(
+        tmp_path, {"a": sends(2.0), "silent": never_uploads}, rounds=3, upload_timeout=1)
+
+    assert isinstance(result, TaskResult), result
+    lines = "\n".join(events)
+    assert ("round 1: silent sent 0 bytes of its 16 bytes update within 1 s (upload_timeout); "
+            "it sits out round 2") in lines
+    assert "round 2: training on a\n" in lines + "\n"
+    # back in round 3, misses again, and sits out twice as long
+    assert "round 3: silent sent 0 bytes of its 16 bytes update within 1 s (upload_timeout); " \
+           "it sits out rounds 4-5" in lines
+    assert seconds < 8
+
+
+def test_a_node_that_never_finishes_training_is_cut_at_calculation_timeout(tmp_path):
+    result, events, seconds = run_task(
+        tmp_path, {"a": sends(2.0), "stuck": never_trains}, calculation_timeout=1)
+
+    assert isinstance(result, TaskResult), result
+    assert ("round 1: stuck did not finish training within 1 s (calculation_timeout); "
+            "it sits out round 2") in events
+    assert result.participants["stuck"].status == "timed out"
+
+
+def test_the_initiator_says_whom_it_waits_for_and_how_far_each_upload_got(tmp_path):
+    result, events, _ = run_task(
+        tmp_path, {"a": sends(2.0), "stuck": never_trains, "silent": never_uploads},
+        calculation_timeout=1.2, upload_timeout=1.2, progress_every=0.5)
+
+    waiting = [line for line in events if "waiting for" in line and line.startswith("round")]
+    assert waiting, events
+    assert "silent (uploading: 0% of 16 bytes, 1 s left)" in waiting[0]
+    assert "stuck (training, 1 s left)" in waiting[0]
+
+
+def test_too_few_updates_within_the_deadlines_ends_the_task_saying_why(tmp_path):
+    result, events, seconds = run_task(
+        tmp_path, {"a": sends(2.0), "silent": never_uploads}, min_clients=2, upload_timeout=1)
+
+    assert isinstance(result, NotEnoughParticipants)
+    assert "only 1 of the 2 participants needed (min_clients) sent a valid update" in str(result)
+    assert seconds < 5
+
+
+# -- the rules themselves -------------------------------------------------------------------
+
+def test_an_inflated_count_does_not_push_honest_nodes_over_the_share_cap():
+    assert over_share({"a": 100, "b": 100, "liar": 10 ** 12}, 0.5) == {"liar": pytest.approx(1)}
+    assert over_share({"a": 100, "b": 300}, 0.8) == {}
+
+
+def test_sitting_out_doubles_with_each_deadline_missed_in_a_row_up_to_eight_rounds():
+    assert [sit_out_rounds(strikes) for strikes in range(1, 7)] == [1, 2, 4, 8, 8, 8]
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"aggregation": "mode"}, "aggregation='mode': choose one of 'mean', 'median', "
+                              "'trimmed_mean'"),
+    ({"trim": 0.5}, "trim=0.5: the share cut from each end must be at least 0 and below 0.5"),
+    ({"max_weight_share": 0}, "max_weight_share=0: must be a share above 0 and at most 1"),
+    ({"upload_timeout": -1}, "upload_timeout=-1: must be a positive number of seconds"),
+    ({"upload_memory": 0}, "upload_memory=0: must be a whole number, at least 1"),
+])
+def test_round_rules_that_cannot_work_are_refused_at_launch(options, message):
+    with pytest.raises(ConfigurationError) as error:
+        RoundPolicy(**options)
+
+    assert str(error.value).startswith(message)
+
+
+def test_a_share_cap_no_round_of_min_clients_could_meet_is_refused():
+    with pytest.raises(ConfigurationError, match=r"max_weight_share=0.4: cannot be met by a "
+                       r"round of min_clients=2.*raise it to 0.5 or more"):
+        RoundPolicy(max_weight_share=0.4).check_clients(2)
+
+
+def test_upload_deadline_grows_with_the_state_and_budget_gives_at_least_one_slot():
+    policy = RoundPolicy()
+    assert policy.upload_seconds(0) == 30
+    assert policy.upload_seconds(100 << 20) == 130
+    assert RoundPolicy(upload_timeout=5).upload_seconds(100 << 20) == 5
+    assert policy.upload_slots(1 << 30) == 1
+    assert policy.upload_slots(1 << 20) == 256
