@@ -135,6 +135,7 @@ def _join(options: argparse.Namespace) -> int:
     from .errors import FedMagicError
     from .link import Link
     from .participant import ParticipantRuntime
+    from .sessions import load_session, save_session
     from .task import TaskPackage
 
     if not options.token:
@@ -185,9 +186,13 @@ def _join(options: argparse.Namespace) -> int:
     async def run() -> Any:
         context = ssl.create_default_context(cafile=options.cafile) \
             if options.url.startswith("wss:") else None
+        print(f"waiting up to {options.wait:g} s for task {options.task!r} at {options.url} "
+              f"(the relay must be up and the task launched)", flush=True)
+        session = load_session(options.url, options.task, options.node)
         link = await Link.open(options.url, role="participant", task=options.task,
                                token=options.token, node=options.node, wait=options.wait,
-                               ssl=context)
+                               ssl=context, session=session)
+        save_session(options.url, options.task, options.node, link.session)
         print(f"joined task {options.task!r} at {options.url} as {options.node!r}", flush=True)
         return await ParticipantRuntime(link, options.node, consent, on_event).run()
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import signal
 import threading
+import time
 
 import pytest
 import torch
@@ -233,3 +235,32 @@ def test_a_task_started_in_the_background_stops_cleanly_after_the_current_round(
         assert federation.wait(party.name) == 0, federation.output(party.name)
     assert not [t for t in threading.enumerate() if t.name.startswith("fedmagic-")]
     assert port_is_free(federation.port)
+
+
+def test_a_frozen_node_is_replaced_by_its_restarted_self_within_seconds(
+        federation, monkeypatch):
+    layout = federation.write_digits(2)
+    federation.join("node-1", "frozen", fault="slow")  # 1.5 s a round: time to rejoin
+    frozen = federation.join("node-2", "frozen", fault="slow")
+    monkeypatch.chdir(layout.initiator.workdir)
+    run = start_task(FaultyDigits(min_clients=1, max_clients=2, name="demo_task", max_rounds=8,
+                                  calculation_timeout=120), "frozen", join_timeout=60)
+    try:
+        assert wait_for(lambda: any("round 1: training on" in t for _, t in run.events), 60)
+        frozen.send_signal(signal.SIGSTOP)  # a silent network drop: no close, no pongs
+        restarted_at = time.monotonic()
+        # Execute: the same node starts again in its own directory, with its session on disk
+        federation.join("node-2", "frozen", fault="slow")
+        assert wait_for(lambda: sum("node-2 verified its data" in t for _, t in run.events) == 2,
+                        30)
+        rejoined_after = time.monotonic() - restarted_at
+        result = run.wait(120)
+    finally:
+        frozen.kill()
+        frozen.wait(10)
+        run.stop(now=True)
+
+    assert rejoined_after < 15  # not ping_interval + ping_timeout later, and not node_taken
+    assert result.history[0]["participants"] == 1  # round 1 did not wait for the frozen one
+    assert result.history[-1]["participants"] == 2  # the restarted node took its place
+    assert federation.wait("node-2") == 0, federation.output("node-2")
