@@ -52,7 +52,8 @@ class Checkpoint:
         return self.directory / "model.pt"
 
     def save(self, state: dict[str, torch.Tensor], round: int,
-             history: list[dict[str, Any]], task_id: str) -> None:
+             history: list[dict[str, Any]], task_id: str, code_hash: str = "",
+             finished: bool = False) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         temporary = self.directory / ".model.pt.tmp"
         torch.save({name: tensor.detach().cpu() for name, tensor in state.items()}, temporary)
@@ -60,10 +61,27 @@ class Checkpoint:
         self._write("history.json", json.dumps(history, indent=1).encode())
         self._write("history.csv", _csv(history).encode())
         self._write("checkpoint.json",
-                    json.dumps({"task_id": task_id, "round": round}).encode())
+                    json.dumps({"task_id": task_id, "round": round, "code_hash": code_hash,
+                                "finished": finished}).encode())
 
     def exists(self) -> bool:
         return (self.directory / "checkpoint.json").is_file() and self.model_path.is_file()
+
+    def unfinished_run_of(self, code_hash: str) -> int:
+        """The round an unfinished run of this exact code saved here, or 0.
+
+        Running the same code again continues from it: nothing in the code,
+        and so nothing data owners consented to, has to change to resume.
+        """
+        try:
+            meta = json.loads((self.directory / "checkpoint.json").read_text())
+        except (OSError, ValueError):
+            return 0
+        if (not isinstance(meta, dict) or meta.get("code_hash") != code_hash
+                or meta.get("finished") is not False or not self.model_path.is_file()):
+            return 0
+        saved = meta.get("round")
+        return saved if isinstance(saved, int) and saved > 0 else 0
 
     def load(self) -> tuple[dict[str, torch.Tensor], int, list[dict[str, Any]]]:
         """The saved state, the round it ends and the history so far."""

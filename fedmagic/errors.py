@@ -207,10 +207,17 @@ class TaskFailed(FedMagicError, RuntimeError):
         self.task_id = task_id
         self.reason = reason
         self.round = round
+        #: Where the last completed round's model is, and which round that was.
+        self.checkpoint: str | None = None
+        self.saved_round = 0
 
     def __str__(self) -> str:
         where = f" in round {self.round}" if self.round else ""
-        return f"task {self.task_id!r} failed{where}: {self.reason}"
+        text = f"task {self.task_id!r} failed{where}: {self.reason}"
+        if self.checkpoint and self.saved_round:
+            text += (f"\nthe model after round {self.saved_round} is in {self.checkpoint}; run "
+                     "the same code again to continue from there")
+        return text
 
 
 class NotEnoughParticipants(TaskFailed):
@@ -223,7 +230,7 @@ class NotEnoughParticipants(TaskFailed):
         self.waited = waited
         if round:
             reason = (f"only {have} of the {need} participants needed (min_clients) "
-                      "sent a valid update; see the log above for why the others did not")
+                      "sent a valid update; the task's log says why each of the others did not")
         else:
             within = f" within {waited:g} s" if waited is not None else ""
             reason = (f"only {have} of the {need} participants needed (min_clients) "

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 from .aggregate import check_state
 from .cells import changed, current_cell, running_tasks
 from .checkpoint import check_folder_name
-from .errors import ConfigurationError, TaskDefinitionError
+from .errors import ConfigurationError, TaskDefinitionError, TaskFailed
 from .task import launch_is_disabled
 
 __all__ = ["FedAvgScheduler"]
@@ -171,7 +171,11 @@ class FedAvgScheduler(abc.ABC):
 
         cell = current_cell()
         if cell is None:
-            return run_task(self, task_id, **options)
+            try:
+                return run_task(self, task_id, **options)
+            except (TaskFailed, KeyboardInterrupt) as exc:
+                # Expected endings: their message says it all, fedmagic's frames add nothing.
+                raise exc.with_traceback(None) from None
         running = running_tasks.get(task_id)
         if running is not None and not running.done():
             log.info("task %r is already running in this kernel; here it is (to start it "

@@ -46,6 +46,7 @@ class TaskRun:
         url: the relay's URL.
         join_command: the exact line a data owner runs to join.
         events: ``(time, text)`` of everything that happened, oldest first.
+        checkpoint: the folder the task saves its model and history to.
     """
 
     def __init__(self, task_id: str, url: str, token: str, max_rounds: int = 0) -> None:
@@ -56,6 +57,7 @@ class TaskRun:
         self.join_command = shlex.join(["fedmagic", "join", url, "--task", task_id,
                                         "--token", token, "--node", "NAME"])
         self.events: list[tuple[float, str]] = []
+        self.checkpoint: Path | None = None
         self._aggregator: Aggregator | None = None
         self._loop = asyncio.new_event_loop()
         self._task: asyncio.Task[TaskResult] | None = None
@@ -179,7 +181,7 @@ class TaskRun:
 def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = None,
                token: str | None = None, relay_token: str | None = None,
                dataset_verify: Any = None, join_timeout: float = 300.0, join_grace: float = 3.0,
-               resume: bool = False, weighted: bool = True, aggregation: str = "mean",
+               resume: bool | None = None, weighted: bool = True, aggregation: str = "mean",
                trim: float = 0.1, max_weight_share: float | None = None,
                max_samples: int = 10 ** 9, upload_timeout: float | None = None,
                upload_memory: int = 256 << 20, allowed_nodes: list[str] | None = None,
@@ -201,7 +203,9 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
             :class:`fedmagic.policy.RoundPolicy`.
         allowed_nodes: the only node names that may join (None: anyone with
             the join token), so a token holder cannot take another's name.
-        resume: continue from the checkpoint in ``models/<name>/``.
+        resume: continue from the checkpoint in ``models/<name>/``; by default,
+            when it holds an unfinished run of this same code (so an author
+            restarting a task changes nothing data owners consented to).
         checkpoint_dir: default ``models/<name>``.
         on_event: called (on the task's thread) with each event line.
         quiet: keep the task's log lines out of stderr; they are still in
@@ -232,6 +236,12 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
     package = TaskPackage.from_scheduler(scheduler, task_id, dataset_verify)
     checkpoint = Checkpoint(Path(checkpoint_dir or Path("models") / scheduler.name).absolute())
     history: list[dict[str, Any]] = []
+    announce = [f"task {task_id!r}: code hash {package.code_hash[:16]}"]
+    if resume is None:
+        resume = checkpoint.unfinished_run_of(package.code_hash) > 0
+        if resume:
+            announce.append(f"continuing the unfinished run of this same code saved in "
+                            f"{checkpoint.directory} (resume=False starts over)")
     if resume and checkpoint.exists():
         state, done, history = checkpoint.load()
         scheduler.load_state_dict(state)
@@ -246,6 +256,7 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
         embedded = _start_embedded(int(os.environ.get("FEDMAGIC_PORT", DEFAULT_PORT)))
         url = embedded.url
     run = TaskRun(task_id, url or "", token, scheduler.max_rounds)
+    run.checkpoint = checkpoint.directory
 
     def record(text: str) -> None:
         run._record(text)
@@ -264,7 +275,6 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
                                      policy=policy, history=history, on_event=record)
         return await run._aggregator.run()
 
-    announce = [f"task {task_id!r}: code hash {package.code_hash[:16]}"]
     if url:
         announce.append(f"participants join with:  {run.join_command}")
     for line in announce:  # the widget's log starts with them; stderr only outside one
@@ -290,6 +300,10 @@ def run_task(scheduler: FedAvgScheduler, task_id: str, **options: Any) -> TaskRe
     except KeyboardInterrupt:
         run.stop(now=True)
         run._finished.wait()
+        rounds = len(run.history)
+        log.warning("task %r interrupted (Ctrl-C); every participant was told%s", task_id,
+                    f". The model after round {rounds} is in {run.checkpoint}; run the same "
+                    "code again to continue from there" if rounds else "")
         raise
     return run.wait()
 

@@ -202,6 +202,9 @@ class Aggregator:
             reason = exc.reason if isinstance(exc, TaskFailed) else str(exc) or type(exc).__name__
             if isinstance(exc, asyncio.CancelledError):
                 reason = "stopped by the task's author"
+            if isinstance(exc, TaskFailed) and self.scheduler.current_round > 0:
+                exc.checkpoint = str(self.checkpoint.directory)
+                exc.saved_round = self.scheduler.current_round
             await self._tell_all({"t": Kind.FINISH, "ok": False, "reason": reason})
             raise
         finally:
@@ -301,7 +304,7 @@ class Aggregator:
         row["seconds"] = round_seconds = time.perf_counter() - started
         self.history.append(row)
         await asyncio.to_thread(self.checkpoint.save, scheduler.state_dict(), number,
-                                self.history, self.task_id)
+                                self.history, self.task_id, self.package.code_hash, finished)
         shown = metrics_text(row)
         self._event(f"round {number}/{scheduler.max_rounds or '?'}: averaged {contributions} "
                     f"updates in {round_seconds:.2f} s" + (f"; {shown}" if shown else ""))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
 import subprocess
 import sys
@@ -91,3 +92,33 @@ def test_demo_runs_a_whole_task_on_one_machine(tmp_path):
     assert "final accuracy" in result.stdout
     assert "node-1: exit 0" in result.stdout and "node-2: exit 0" in result.stdout
     assert (tmp_path / "initiator/models/demo_task/model.pt").is_file()
+
+
+def test_a_script_whose_task_fails_ends_with_one_clear_message_not_fedmagics_internals(
+        tmp_path):
+    script = tmp_path / "lonely.py"
+    script.write_text(
+        "import torch\n"
+        "from fedmagic import FedAvgScheduler\n\n"
+        "class Lonely(FedAvgScheduler):\n"
+        "    def make_model(self): return torch.nn.Linear(2, 1)\n"
+        "    def make_train_dataloader(self): return []\n"
+        "    def make_test_dataloader(self): return []\n"
+        "    def state_dict(self): return self.model.state_dict()\n"
+        "    def load_state_dict(self, state): self.model.load_state_dict(state)\n"
+        "    def train(self): pass\n"
+        "    def test(self): return {}\n\n"
+        "Lonely(min_clients=2, max_clients=2, max_rounds=1).launch_task(\n"
+        "    task_id='lonely', join_timeout=1)\n")
+
+    result = subprocess.run([sys.executable, str(script)], capture_output=True, text=True,
+                            cwd=tmp_path, timeout=120,
+                            env={**os.environ, "FEDMAGIC_PORT": str(free_port())})
+
+    assert result.returncode == 1
+    traceback = result.stderr.split("Traceback (most recent call last):", 1)[1]
+    assert len(traceback.strip().splitlines()) <= 6, traceback
+    assert traceback.strip().endswith(
+        "NotEnoughParticipants: task 'lonely' failed: only 0 of the 2 participants needed "
+        "(min_clients) joined and verified their data within 1 s; start more participants, "
+        "lower min_clients, or raise join_timeout")

@@ -63,7 +63,7 @@ MESSAGES = [
      "task 't1' failed in round 4: the initiator left"),
     (NotEnoughParticipants("t1", 1, 3, round=2),
      "task 't1' failed in round 2: only 1 of the 3 participants needed (min_clients) sent "
-     "a valid update; see the log above for why the others did not"),
+     "a valid update; the task's log says why each of the others did not"),
     (NotEnoughParticipants("t1", 0, 2, waited=60),
      "task 't1' failed: only 0 of the 2 participants needed (min_clients) joined and "
      "verified their data within 60 s; start more participants, lower min_clients, or "

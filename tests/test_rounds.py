@@ -9,6 +9,7 @@ process starts, so each scenario takes well under a second of overhead.
 from __future__ import annotations
 
 import asyncio
+import threading
 from pathlib import Path
 from typing import Any, Awaitable, Callable
 
@@ -18,7 +19,9 @@ import torch
 from fedmagic import FedAvgScheduler
 from fedmagic.checkpoint import Checkpoint
 from fedmagic.codec import Frame, Kind, StateReader, encode_state
-from fedmagic.errors import ConfigurationError, ConnectionLost, NotEnoughParticipants
+from fedmagic.errors import (ConfigurationError, ConnectionLost, NotEnoughParticipants,
+                             TaskFailed)
+from fedmagic.launch import start_task
 from fedmagic.link import Link
 from fedmagic.policy import RoundPolicy, over_share, sit_out_rounds
 from fedmagic.relay import EmbeddedRelay, Relay
@@ -62,6 +65,15 @@ async def trickles(link, round, round_header, may_upload):
     while True:
         await link.send(Frame({"t": Kind.STATE, "round": round, "pieces": []}))
         await asyncio.sleep(0.2)
+
+
+def sends_in_round_1_only(value: float) -> Behaviour:
+    honest = sends(value)
+
+    async def behave(link, round, round_header, may_upload):
+        if round == 1:
+            await honest(link, round, round_header, may_upload)
+    return behave
 
 
 async def never_uploads(link, round, round_header, may_upload):
@@ -264,6 +276,51 @@ def test_too_few_updates_within_the_deadlines_ends_the_task_saying_why(tmp_path)
     assert isinstance(result, NotEnoughParticipants)
     assert "only 1 of the 2 participants needed (min_clients) sent a valid update" in str(result)
     assert seconds < 5
+
+
+# -- ending and continuing -----------------------------------------------------------------
+
+def participants_in_the_background(url: str, behaviours: dict[str, Behaviour]) -> threading.Thread:
+    async def all_of_them():
+        await asyncio.wait_for(asyncio.gather(*(participant(url, node, behaviour)
+                                                for node, behaviour in behaviours.items())), 30)
+
+    thread = threading.Thread(target=asyncio.run, args=(all_of_them(),))
+    thread.start()
+    return thread
+
+
+def test_running_the_same_code_again_continues_an_unfinished_run_from_its_checkpoint(
+        tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    options = dict(token=TOKEN, join_timeout=10, join_grace=1, upload_timeout=1)
+    with EmbeddedRelay("127.0.0.1", 0, Relay()) as relay:
+        # Prepare: a run that fails in round 2, when one of two nodes stops uploading
+        nodes = participants_in_the_background(
+            relay.url, {"a": sends(2.0), "b": sends_in_round_1_only(2.0)})
+        first = start_task(Tiny(min_clients=2, max_clients=2, max_rounds=3,
+                                calculation_timeout=1), "rounds",
+                           relay=relay.url, **options)
+        with pytest.raises(TaskFailed) as failure:
+            first.wait(30)
+        nodes.join(30)
+        # Execute: the author runs the very same code again; nothing asks for resume=True
+        nodes = participants_in_the_background(relay.url, {"a": sends(2.0), "b": sends(2.0)})
+        again = start_task(Tiny(min_clients=2, max_clients=2, max_rounds=3,
+                                calculation_timeout=1), "rounds",
+                           relay=relay.url, **options)
+        result = again.wait(30)
+        nodes.join(30)
+
+    # Assert: one short message says where the model is and how to go on; no round is lost
+    assert str(failure.value).endswith(
+        f"the model after round 1 is in {tmp_path / 'models' / 'rounds'}; run the same code "
+        "again to continue from there")
+    assert [row["round"] for row in result.history] == [1, 2, 3]
+    assert result.history[0] == first.history[0]  # round 1 came from the checkpoint
+    assert any(text.startswith("continuing the unfinished run of this same code")
+               for _, text in again.events)
+    assert result.metrics["w"] == pytest.approx(2.0)
 
 
 # -- the rules themselves -------------------------------------------------------------------
