@@ -72,11 +72,14 @@ def relay_log() -> Iterator[list[str]]:
     handler = logging.Handler()
     handler.emit = lambda record: lines.append(record.getMessage())  # type: ignore[method-assign]
     logger = logging.getLogger("fedmagic.relay")
+    level = logger.level  # an embedded relay in an earlier test may have quietened it
+    logger.setLevel(logging.INFO)
     logger.addHandler(handler)
     try:
         yield lines
     finally:
         logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 async def start_task(clients: Clients, *nodes: str) -> tuple[Link, list[Link]]:
