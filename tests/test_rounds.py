@@ -18,7 +18,7 @@ import torch
 
 from fedmagic import FedAvgScheduler
 from fedmagic.checkpoint import Checkpoint
-from fedmagic.codec import Frame, Kind, StateReader, encode_state
+from fedmagic.codec import Frame, Kind, StateReader
 from fedmagic.errors import (ConfigurationError, ConnectionLost, NotEnoughParticipants,
                              TaskFailed)
 from fedmagic.launch import start_task
