@@ -15,6 +15,7 @@ from typing import Any, Callable
 from .link import Link
 from .log import log_sink
 from .participant import Consent, JoinOutcome, ParticipantRuntime
+from .sessions import load_session, save_session
 
 __all__ = ["JoinRun", "start_join"]
 
@@ -86,7 +87,8 @@ def start_join(url: str, task: str, token: str, node: str, consent: Consent, *,
 
     async def main() -> JoinOutcome:
         link = await Link.open(url, role="participant", task=task, token=token, node=node,
-                               wait=wait, ssl=ssl)
+                               wait=wait, ssl=ssl, session=load_session(url, task, node))
+        save_session(url, task, node, link.session)  # a restarted kernel takes its place back
         return await ParticipantRuntime(link, node, consent, record).run()
 
     async def guarded() -> JoinOutcome:

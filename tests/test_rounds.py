@@ -21,6 +21,7 @@ from fedmagic.checkpoint import Checkpoint
 from fedmagic.codec import Frame, Kind, StateReader
 from fedmagic.errors import (ConfigurationError, ConnectionLost, NotEnoughParticipants,
                              TaskFailed)
+from fedmagic.joining import start_join
 from fedmagic.launch import start_task
 from fedmagic.link import Link
 from fedmagic.policy import RoundPolicy, over_share, sit_out_rounds
@@ -362,3 +363,34 @@ def test_upload_deadline_grows_with_the_state_and_budget_gives_at_least_one_slot
     assert RoundPolicy(upload_timeout=5).upload_seconds(100 << 20) == 5
     assert policy.upload_slots(1 << 30) == 1
     assert policy.upload_slots(1 << 20) == 256
+
+
+def test_a_notebook_participant_that_joins_again_takes_its_own_name_back(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # where the participant keeps its session
+    with EmbeddedRelay("127.0.0.1", 0, Relay()) as relay:
+        async def initiator_hears_the_same_node_twice() -> list[tuple[str, str]]:
+            link = await Link.open(relay.url, role="initiator", task="again", token=TOKEN)
+            try:
+                # Prepare: a kernel joined, and holds its connection (waiting for code)
+                first = start_join(relay.url, "again", TOKEN, "alice", lambda _: False, wait=5,
+                                   quiet=True)
+                heard = [(await asyncio.wait_for(link.recv(), 5)).kind]
+                for _ in range(100):  # its session reaches the disk just after its welcome
+                    if list(tmp_path.glob(".fedmagic/sessions/*")):
+                        break
+                    await asyncio.sleep(0.05)
+                # Execute: the same node joins again (a restarted kernel, a second panel)
+                second = start_join(relay.url, "again", TOKEN, "alice", lambda _: False,
+                                    wait=5, quiet=True)
+                heard += [(await asyncio.wait_for(link.recv(), 5)).kind for _ in range(2)]
+                return heard, first, second
+            finally:
+                await link.close()
+
+        heard, first, second = asyncio.run(initiator_hears_the_same_node_twice())
+        second.leave()
+
+    # Assert: the stale connection made way at once; no node_taken
+    assert heard == [Kind.PEER_JOINED, Kind.PEER_LEFT, Kind.PEER_JOINED]
+    assert first.done()
+    assert "node_taken" not in repr(second)
