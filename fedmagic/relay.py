@@ -182,37 +182,23 @@ class _TooSlow(Exception):
     """A connection that does not take what is sent to it fast enough."""
 
 
-class _RateLimit:
-    """A token bucket: a burst of one second's frames, then the steady rate."""
+class _TokenBucket:
+    """A token bucket that may go into debt: the debt is the time to wait.
 
-    def __init__(self, rate: float) -> None:
-        self.rate = rate
-        self.tokens = rate
-        self.stamp = time.monotonic()
+    Frames are counted with a burst of one second's worth; bytes with a burst
+    of their own.
+    """
 
-    def take(self) -> bool:
-        now = time.monotonic()
-        self.tokens = min(self.rate, self.tokens + (now - self.stamp) * self.rate)
-        self.stamp = now
-        if self.tokens < 1:
-            return False
-        self.tokens -= 1
-        return True
-
-
-class _ByteBudget:
-    """A token bucket for bytes that may go into debt: the debt is time to wait."""
-
-    def __init__(self, rate: float, burst: int) -> None:
+    def __init__(self, rate: float, burst: float) -> None:
         self.rate = rate
         self.burst = burst
         self.tokens = float(burst)
         self.stamp = time.monotonic()
 
-    def take(self, size: int) -> float:
-        """Spend ``size`` bytes; the seconds to wait before reading more."""
+    def take(self, amount: float = 1) -> float:
+        """Spend ``amount``; the seconds to wait before the bucket is out of debt."""
         now = time.monotonic()
-        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate) - size
+        self.tokens = min(self.burst, self.tokens + (now - self.stamp) * self.rate) - amount
         self.stamp = now
         return -self.tokens / self.rate if self.tokens < 0 else 0.0
 
@@ -527,10 +513,11 @@ class Relay:
         Yields:
             the frame's ``to`` field, the message to forward and its size.
         """
-        frames = _RateLimit(self.limits.max_frames_per_second)
-        volume = _ByteBudget(self.limits.max_bytes_per_second, self.limits.burst_bytes)
+        frames = _TokenBucket(self.limits.max_frames_per_second,
+                              burst=self.limits.max_frames_per_second)
+        volume = _TokenBucket(self.limits.max_bytes_per_second, burst=self.limits.burst_bytes)
         async for data in peer.connection:
-            if not frames.take():
+            if frames.take() > 0:  # over the frame rate: refused, not slowed
                 raise _Refusal("rate", "more than "
                                f"{self.limits.max_frames_per_second:g} frames per second")
             size = len(data)
