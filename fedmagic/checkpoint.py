@@ -67,8 +67,8 @@ class Checkpoint:
     def exists(self) -> bool:
         return (self.directory / "checkpoint.json").is_file() and self.model_path.is_file()
 
-    def unfinished_run_of(self, code_hash: str) -> int:
-        """The round an unfinished run of this exact code saved here, or 0.
+    def holds_unfinished_run_of(self, code_hash: str) -> bool:
+        """Whether an unfinished run of this exact code saved its last round here.
 
         Running the same code again continues from it: nothing in the code,
         and so nothing data owners consented to, has to change to resume.
@@ -76,12 +76,10 @@ class Checkpoint:
         try:
             meta = json.loads((self.directory / "checkpoint.json").read_text())
         except (OSError, ValueError):
-            return 0
-        if (not isinstance(meta, dict) or meta.get("code_hash") != code_hash
-                or meta.get("finished") is not False or not self.model_path.is_file()):
-            return 0
-        saved = meta.get("round")
-        return saved if isinstance(saved, int) and saved > 0 else 0
+            return False
+        return (isinstance(meta, dict) and meta.get("code_hash") == code_hash
+                and meta.get("finished") is False and isinstance(meta.get("round"), int)
+                and meta["round"] > 0 and self.model_path.is_file())
 
     def load(self) -> tuple[dict[str, torch.Tensor], int, list[dict[str, Any]]]:
         """The saved state, the round it ends and the history so far."""

@@ -238,7 +238,7 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
     history: list[dict[str, Any]] = []
     announce = [f"task {task_id!r}: code hash {package.code_hash[:16]}"]
     if resume is None:
-        resume = checkpoint.unfinished_run_of(package.code_hash) > 0
+        resume = checkpoint.holds_unfinished_run_of(package.code_hash)
         if resume:
             announce.append(f"continuing the unfinished run of this same code saved in "
                             f"{checkpoint.directory} (resume=False starts over)")

@@ -84,6 +84,12 @@ class RoundPolicy:
         if not isinstance(self.weighted, bool):
             raise ConfigurationError("weighted", self.weighted, "must be True or False")
 
+    @property
+    def keeps_updates(self) -> bool:
+        """Whether a round holds every update whole (the robust aggregations) rather than
+        folding each into a running mean."""
+        return self.aggregation != "mean"
+
     def check_clients(self, min_clients: int) -> None:
         """Refuse a share cap no round of ``min_clients`` nodes could meet.
 

@@ -47,8 +47,6 @@ log = logging.getLogger("fedmagic")
 
 #: Statuses from which a participant may be picked for the next round.
 AVAILABLE = ("ready", "uploaded", "refused", "timed out")
-#: Statuses of a selected node the round is still waiting for.
-OWED = ("training", "trained", "uploading")
 
 
 @dataclass
@@ -66,6 +64,8 @@ class Participant:
     sits_out_until: int = 0
     #: Deadlines missed in a row; each doubles the rounds sat out.
     strikes: int = 0
+
+
 @dataclass
 class TaskResult:
     """How a task ended: its history, last metrics and checkpoint."""
@@ -125,7 +125,6 @@ class _Round:
     """What the aggregator tracks while one round runs."""
 
     number: int
-    selected: list[str]
     global_state: dict[str, torch.Tensor]
     state_bytes: int
     train_deadline: float
@@ -246,10 +245,10 @@ class Aggregator:
                                         waited=self.policy.join_timeout)
         global_state = scheduler.state_dict()
         state_bytes = sum(t.numel() * t.element_size() for t in global_state.values())
-        keep = self.policy.aggregation != "mean"
+        keep = self.policy.keeps_updates
         slots = len(selected) if keep else self.policy.upload_slots(state_bytes)
         current = self._current = _Round(
-            number, selected, global_state, state_bytes,
+            number, global_state, state_bytes,
             train_deadline=loop.time() + scheduler.calculation_timeout,
             upload_seconds=self.policy.upload_seconds(state_bytes),
             upload_now=slots >= len(selected), owed=set(selected))
@@ -376,8 +375,8 @@ class Aggregator:
                                         "round": current.number}))
 
     def _open_upload(self, current: _Round, node: str) -> None:
-        buffer = {} if self.policy.aggregation != "mean" else (
-            self._buffers.pop() if self._buffers else {})
+        # Kept updates need memory of their own; folded ones give their buffer back.
+        buffer = {} if self.policy.keeps_updates or not self._buffers else self._buffers.pop()
         deadline = asyncio.get_running_loop().time() + current.upload_seconds
         current.uploads[node] = _Upload(node, current.number,
                                         StateReader(current.global_state, out=buffer),
@@ -452,10 +451,10 @@ class Aggregator:
         bad = non_finite(upload.state)
         if bad:
             return f"non-finite values (NaN or infinity) in {', '.join(bad)}"
-        if self.policy.aggregation == "mean":
-            self._mean.add(upload.state, weight)
-        else:
+        if self.policy.keeps_updates:
             current.kept.append(upload.state)
+        else:
+            self._mean.add(upload.state, weight)
         return None
 
     def _combine(self, current: _Round) -> dict[str, torch.Tensor]:
@@ -467,7 +466,7 @@ class Aggregator:
 
     def _release(self, upload: _Upload) -> None:
         """Give an upload's buffer back, for the next upload to fill."""
-        if self.policy.aggregation == "mean" and upload.buffer is not None:
+        if not self.policy.keeps_updates and upload.buffer is not None:
             self._buffers.append(upload.buffer)
             upload.buffer = None
 
