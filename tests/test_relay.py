@@ -125,6 +125,16 @@ async def recv(link: Link, timeout: float = TIMEOUT) -> Frame:
     return await bounded(link.recv(), timeout)
 
 
+async def receive_state(link: Link) -> dict[str, torch.Tensor]:
+    """A whole state dict, read frame by frame."""
+    reader = StateReader()
+    while True:
+        frame = await recv(link)
+        if frame.kind == Kind.STATE_END:
+            return reader.finish(frame)
+        reader.feed(frame)
+
+
 async def refused(connection: ClientConnection, message: Any) -> tuple[Frame, int | None]:
     """Send one message; return the relay's reply and the close code that followed."""
     await bounded(connection.send(message))
@@ -272,14 +282,6 @@ def test_large_state_fans_out_intact_to_three_participants(relay):
         "steps": torch.tensor(42),
     }
     assert sum(frame.kind == Kind.STATE for frame in encode_state(state)) >= 3
-
-    async def receive_state(link: Link) -> dict[str, torch.Tensor]:
-        reader = StateReader()
-        while True:
-            frame = await recv(link)
-            if frame.kind == Kind.STATE_END:
-                return reader.finish(frame)
-            reader.feed(frame)
 
     async def scenario():
         async with Clients(relay.url) as clients:

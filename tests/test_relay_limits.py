@@ -29,8 +29,8 @@ from fedmagic.codec import Frame, Kind, StateReader
 from fedmagic.errors import RelayRefused
 from fedmagic.link import Link
 from fedmagic.relay import Relay, RelayLimits, connection_cap
-from test_relay import (Clients, assert_task_works, bounded, hello, recv, run, running_relay,
-                        status)
+from test_relay import (Clients, assert_task_works, bounded, hello, receive_state, recv, run,
+                        running_relay, status)
 
 try:
     import resource
@@ -285,15 +285,6 @@ def test_participant_flooding_junk_is_read_slower_and_anothers_frames_still_arri
     throttled = [line for line in lines if line.startswith("throttling")]
     assert len(throttled) == 1
     assert "'alice'" in throttled[0] and "8 MiB per second" in throttled[0]
-
-
-async def receive_state(link: Link) -> dict[str, torch.Tensor]:
-    reader = StateReader()
-    while True:
-        frame = await recv(link)
-        if frame.kind == Kind.STATE_END:
-            return reader.finish(frame)
-        reader.feed(frame)
 
 
 def test_participant_that_never_reads_does_not_stop_two_others_receiving_a_large_state():
