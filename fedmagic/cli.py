@@ -56,6 +56,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     join.add_argument("--yes", action="store_true", help="accept the task's code without asking")
     join.add_argument("--wait", type=float, default=300.0,
                       help="seconds to wait for the relay and the task to appear (default 300)")
+    join.add_argument("--reconnect-window", type=float, metavar="SECONDS",
+                      help="once in a task, keep trying this long to get back to it when the "
+                      "relay or the initiator's connection drops, without consenting again "
+                      "(default 60; 0: give up at once)")
     join.add_argument("--workdir", help="run the task in this directory (default: here)")
     join.add_argument("--cafile", help="CA bundle to trust for a wss:// relay")
 
@@ -133,9 +137,8 @@ def _join(options: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .errors import FedMagicError
-    from .link import Link
     from .participant import ParticipantRuntime
-    from .sessions import load_session, save_session
+    from .sessions import join_relay
     from .task import TaskPackage
 
     if not options.token:
@@ -178,6 +181,10 @@ def _join(options: argparse.Namespace) -> int:
         elif kind == "uploaded":
             bar["bar"].update(1)
             bar["bar"].set_postfix_str(f"round {details['round']}: update sent")
+        elif kind == "reconnecting":
+            bar["bar"].set_postfix_str(f"reconnecting (up to {details['window']:g} s)")
+        elif kind == "reconnected":
+            bar["bar"].set_postfix_str("back in the task")
 
     # Tasks almost always use torchvision: import it before joining, so a node
     # waiting for a task is ready to run it the moment it arrives.
@@ -188,13 +195,12 @@ def _join(options: argparse.Namespace) -> int:
             if options.url.startswith("wss:") else None
         print(f"waiting up to {options.wait:g} s for task {options.task!r} at {options.url} "
               f"(the relay must be up and the task launched)", flush=True)
-        session = load_session(options.url, options.task, options.node)
-        link = await Link.open(options.url, role="participant", task=options.task,
-                               token=options.token, node=options.node, wait=options.wait,
-                               ssl=context, session=session)
-        save_session(options.url, options.task, options.node, link.session)
+        link = await join_relay(options.url, options.task, options.token, options.node,
+                                wait=options.wait, ssl=context)
         print(f"joined task {options.task!r} at {options.url} as {options.node!r}", flush=True)
-        return await ParticipantRuntime(link, options.node, consent, on_event).run()
+        window = {} if options.reconnect_window is None else {
+            "reconnect_window": options.reconnect_window}
+        return await ParticipantRuntime(link, options.node, consent, on_event, **window).run()
 
     try:
         outcome = asyncio.run(run())

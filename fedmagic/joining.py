@@ -12,10 +12,9 @@ import ssl as ssl_module
 import threading
 from typing import Any, Callable
 
-from .link import Link
 from .log import log_sink
-from .participant import Consent, JoinOutcome, ParticipantRuntime
-from .sessions import load_session, save_session
+from .participant import RECONNECT_WINDOW, Consent, JoinOutcome, ParticipantRuntime
+from .sessions import join_relay
 
 __all__ = ["JoinRun", "start_join"]
 
@@ -68,13 +67,14 @@ class JoinRun:
 def start_join(url: str, task: str, token: str, node: str, consent: Consent, *,
                wait: float = 300.0, ssl: ssl_module.SSLContext | None = None,
                on_event: Callable[[str, dict[str, Any]], None] | None = None,
-               quiet: bool = False) -> JoinRun:
+               reconnect_window: float = RECONNECT_WINDOW, quiet: bool = False) -> JoinRun:
     """Join ``task`` at the relay ``url`` as ``node`` and take part in the background.
 
     Args:
         consent: shown the task's package; returns whether to run its code.
         wait: seconds to keep trying while the relay or the task is not up yet.
         on_event: called with ``(kind, details)`` as the task goes on.
+        reconnect_window: see :class:`~fedmagic.participant.ParticipantRuntime`.
         quiet: the task's log lines become ``("log", {"text": line})`` events
             instead of going to stderr (in a notebook, whichever cell runs).
     """
@@ -86,10 +86,9 @@ def start_join(url: str, task: str, token: str, node: str, consent: Consent, *,
             on_event(kind, details)
 
     async def main() -> JoinOutcome:
-        link = await Link.open(url, role="participant", task=task, token=token, node=node,
-                               wait=wait, ssl=ssl, session=load_session(url, task, node))
-        save_session(url, task, node, link.session)  # a restarted kernel takes its place back
-        return await ParticipantRuntime(link, node, consent, record).run()
+        link = await join_relay(url, task, token, node, wait=wait, ssl=ssl)
+        return await ParticipantRuntime(link, node, consent, record,
+                                        reconnect_window=reconnect_window).run()
 
     async def guarded() -> JoinOutcome:
         run._loop, run._task = asyncio.get_running_loop(), asyncio.current_task()

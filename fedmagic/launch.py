@@ -185,6 +185,7 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
                trim: float = 0.1, max_weight_share: float | None = None,
                max_samples: int = 10 ** 9, upload_timeout: float | None = None,
                upload_memory: int = 256 << 20, allowed_nodes: list[str] | None = None,
+               reconnect_window: float = 60.0,
                checkpoint_dir: str | os.PathLike[str] | None = None,
                on_event: Callable[[str], None] | None = None, quiet: bool = False) -> TaskRun:
     """Start a task as its initiator and return its ``TaskRun`` at once.
@@ -203,6 +204,10 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
             :class:`fedmagic.policy.RoundPolicy`.
         allowed_nodes: the only node names that may join (None: anyone with
             the join token), so a token holder cannot take another's name.
+        reconnect_window: seconds to keep trying to get the relay back when
+            its connection drops (a relay restart, say); the round it was in
+            then runs again with the participants that come back, and none
+            of them is asked to consent again. 0 fails the task at once.
         resume: continue from the checkpoint in ``models/<name>/``; by default,
             when it holds an unfinished run of this same code (so an author
             restarting a task changes nothing data owners consented to).
@@ -229,6 +234,10 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
             or not all(isinstance(node, str) and node for node in allowed_nodes)):
         raise ConfigurationError("allowed_nodes", allowed_nodes, "must be a list of node "
                                  "names, e.g. ['hospital-a', 'hospital-b'], or None")
+    if (isinstance(reconnect_window, bool) or not isinstance(reconnect_window, (int, float))
+            or not 0 <= reconnect_window < float("inf")):
+        raise ConfigurationError("reconnect_window", reconnect_window, "must be a number of "
+                                 "seconds, 0 or more (0: fail the task when the relay is lost)")
     scheduler._check_rounds()
     scheduler._setup(task_id)
     if dataset_verify is None:
@@ -272,7 +281,8 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
         link = await Link.open(url, role="initiator", task=task_id, token=token,
                                relay_token=relay_token, **pinned)
         run._aggregator = Aggregator(scheduler, package, link, checkpoint=checkpoint,
-                                     policy=policy, history=history, on_event=record)
+                                     policy=policy, history=history, on_event=record,
+                                     reconnect_window=reconnect_window)
         return await run._aggregator.run()
 
     if url:

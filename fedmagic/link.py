@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 import ssl as ssl_module
 import time
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
@@ -19,7 +20,9 @@ if TYPE_CHECKING:
 
 __all__ = ["Link"]
 
+#: The first and the longest pause between attempts to reach a relay that is not up.
 RETRY_DELAY = 0.25
+MAX_RETRY_DELAY = 2.0
 #: How long to wait before asking a busy relay again.
 BUSY_RETRY_DELAY = 2.0
 #: Refusals worth asking again while ``wait`` lasts: a full relay, a task not started yet.
@@ -40,6 +43,9 @@ class Link:
         self.connection = connection
         self.url = url
         self.welcome = welcome
+        # What ``reopen`` says and connects with: this link's own hello and options.
+        self._hello: dict[str, Any] = {}
+        self._options: dict[str, Any] = {}
 
     @property
     def session(self) -> str | None:
@@ -76,7 +82,6 @@ class Link:
         Raises:
             RelayRefused: if the relay is unreachable or says no.
         """
-        deadline = time.monotonic() + wait
         if ssl is None and url.startswith("wss://"):
             ssl = ssl_module.create_default_context()  # the system's trust ($SSL_CERT_FILE)
         hello: dict[str, Any] = {"t": Kind.HELLO, "protocol": PROTOCOL_VERSION, "role": role,
@@ -93,19 +98,52 @@ class Link:
                    "max_queue": 4, "ping_interval": ping_interval,
                    "ping_timeout": ping_timeout, "close_timeout": CLOSE_TIMEOUT,
                    "write_limit": 4 << 20, "open_timeout": 10}
+        return await cls._connect(url, hello, wait, options)
+
+    async def reopen(self, wait: float, **hello: Any) -> Link:
+        """Connect again as the same party, after this connection was lost.
+
+        A participant presents its session, so it takes its own name back on
+        the same relay or on a restarted one.
+
+        Args:
+            wait: keep trying this long (the relay restarting, the task not
+                back yet), backing off between attempts.
+            hello: fields to add to the first hello.
+
+        Raises:
+            RelayRefused: if the relay is still unreachable after ``wait``, or says no.
+        """
+        hello = {**self._hello, **hello}
+        if self.session is not None:
+            hello["session"] = self.session
+        # Asked again: a relay shutting down may close before it answers, and one
+        # that has not yet noticed the initiator's old connection is gone still holds its task.
+        return await self._connect(self.url, hello, wait, self._options,
+                                   retry=RETRYABLE | {"closed", "task_exists"})
+
+    @classmethod
+    async def _connect(cls, url: str, hello: dict[str, Any], wait: float,
+                       options: dict[str, Any], retry: frozenset[str] = RETRYABLE) -> Link:
+        """Say hello until welcomed, asking again while the relay is busy or the task not there."""
+        deadline = time.monotonic() + wait
         while True:
             try:
-                return await cls._attempt(url, hello, deadline, options)
+                link = await cls._attempt(url, hello, deadline, options)
             except RelayRefused as refusal:
                 delay = BUSY_RETRY_DELAY if refusal.code == "busy" else RETRY_DELAY
-                if refusal.code not in RETRYABLE or time.monotonic() + delay >= deadline:
+                if refusal.code not in retry or time.monotonic() + delay >= deadline:
                     raise
                 await asyncio.sleep(delay)
+                continue
+            link._hello, link._options = hello, options
+            return link
 
     @classmethod
     async def _attempt(cls, url: str, hello: dict[str, Any], deadline: float,
                        options: dict[str, Any]) -> Link:
-        """Connect (trying until ``deadline``) and say hello once."""
+        """Connect (trying until ``deadline``, backing off) and say hello once."""
+        delay = RETRY_DELAY
         while True:
             try:
                 connection = await connect(url, **options)
@@ -117,7 +155,10 @@ class Link:
                 if time.monotonic() >= deadline:
                     raise RelayRefused("unreachable", f"cannot connect ({exc or type(exc)}); is "
                                        "the relay running at that address?", url) from None
-                await asyncio.sleep(RETRY_DELAY)
+                # Jittered, so a relay coming back is not hit by every node at once.
+                await asyncio.sleep(min(delay * random.uniform(0.5, 1.0),
+                                        max(deadline - time.monotonic(), 0)))
+                delay = min(delay * 2, MAX_RETRY_DELAY)
         if deadline > time.monotonic():
             hello = {**hello, "wait": max(deadline - time.monotonic(), 0.001)}
         link = cls(connection, url, Frame({"t": Kind.HELLO}))

@@ -195,6 +195,11 @@ class ParticipantPanel(widgets.VBox):
         elif kind == "uploaded":
             self.progress.value = min(self.progress.value + 1, self.progress.max)
             self.status.value = f"round {details['round']}: update sent"
+        elif kind == "reconnecting":
+            self.status.value = html.escape(f"{details['why']}; reconnecting for up to "
+                                            f"{details['window']:g} s")
+        elif kind == "reconnected":
+            self.status.value = "back in the task: this node keeps its model and its consent"
         elif kind == "ended":
             self.ended = True
             outcome, error = details["outcome"], details["error"]

@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
 from .codec import Frame, Kind, StateReader
-from .errors import (ConnectionLost, DataNotFound, ProtocolError, TaskDefinitionError,
-                     TaskFailed, VerificationFailed)
+from .errors import (ConnectionLost, DataNotFound, ProtocolError, RelayRefused,
+                     TaskDefinitionError, TaskFailed, VerificationFailed)
 from .link import Link
 from .task import TaskPackage
 
@@ -29,6 +29,9 @@ __all__ = ["JoinOutcome", "ParticipantRuntime", "describe_failure"]
 log = logging.getLogger("fedmagic")
 
 Consent = Callable[[TaskPackage], bool]
+
+#: Seconds a verified node keeps trying to get back to its task after losing the relay.
+RECONNECT_WINDOW = 60.0
 
 
 @dataclass
@@ -51,17 +54,25 @@ class ParticipantRuntime:
         consent: shown the task's package; returns whether to run it.
         on_event: called with ``(kind, details)`` as the task goes on, for
             progress displays.
+        reconnect_window: once its data is verified, a node that loses the
+            relay (or whose initiator's connection drops) keeps trying to
+            get back this many seconds, keeping its model and its consent;
+            0 gives up at once.
     """
 
     def __init__(self, link: Link, node: str, consent: Consent,
-                 on_event: Callable[[str, dict[str, Any]], None] | None = None) -> None:
+                 on_event: Callable[[str, dict[str, Any]], None] | None = None,
+                 reconnect_window: float = RECONNECT_WINDOW) -> None:
         self.link = link
         self.node = node
         self.consent = consent
         self.on_event = on_event or (lambda kind, details: None)
+        self.reconnect_window = reconnect_window
         self.scheduler: FedAvgScheduler | None = None
         self.samples = 0
         self.rounds = 0
+        #: The code hash this node consented to and verified its data for.
+        self.accepted: str | None = None
         # Reused every round: fresh pages for a large model cost more than the copy.
         self._inbox: dict[str, Any] = {}
 
@@ -91,9 +102,13 @@ class ParticipantRuntime:
                                    traceback=traceback.format_exc())
                 return JoinOutcome(task_id, self.node, False,
                                    f"data verification failed: {describe_failure(exc)}")
-            await self._status("verified", ok=True, samples=self.samples)
+            self.accepted = package.code_hash
             self.on_event("verified", {"samples": self.samples,
                                        "max_rounds": self.scheduler.max_rounds})
+            try:
+                await self._say_verified()
+            except ConnectionLost:
+                pass  # reading the next frame finds the link down, and reconnects
             return await self._rounds(task_id)
         finally:
             await self.link.close()
@@ -114,7 +129,11 @@ class ParticipantRuntime:
     async def _rounds(self, task_id: str) -> JoinOutcome:
         trained: int | None = None  # the round whose update awaits the initiator's request
         while True:
-            frame = await self._next()
+            try:
+                frame = await self._next()
+            except _Rejoined:
+                trained = None  # the initiator runs the round it was in again
+                continue
             if frame.kind == Kind.FINISH:
                 ok = bool(frame.header.get("ok"))
                 reason = str(frame.header.get("reason"))
@@ -123,8 +142,11 @@ class ParticipantRuntime:
             if frame.kind == Kind.ROUND:
                 # A new round also drops an update the initiator gave up on (too late).
                 trained = None
-                failure = await self._train(frame.header.get("round"),
-                                            frame.header.get("epochs"))
+                try:
+                    failure = await self._train(frame.header.get("round"),
+                                                frame.header.get("epochs"))
+                except _Rejoined:
+                    continue
                 if failure is not None:
                     return JoinOutcome(task_id, self.node, False, failure, self.rounds)
                 trained = frame.header.get("round")
@@ -134,6 +156,12 @@ class ParticipantRuntime:
             elif frame.kind == Kind.UPLOAD and frame.header.get("round") == trained:
                 await self._upload(trained)
                 trained = None
+            elif frame.kind == Kind.TASK:  # after a reconnect, code other than consented to
+                detail = ("the task's code changed while this node was away; join again to "
+                          "review the new code")
+                self.on_event("finished", {"ok": False, "reason": detail})
+                await self._status("declined", detail=detail)
+                return JoinOutcome(task_id, self.node, False, detail, self.rounds)
             else:
                 raise ProtocolError("initiator", f"expected a round, an upload request or the "
                                     f"end of the task, got {frame}")
@@ -185,14 +213,55 @@ class ParticipantRuntime:
             reader.feed(frame)
 
     async def _next(self) -> Frame:
-        frame = await self.link.recv()
+        """The next frame from the initiator.
+
+        Raises:
+            _Rejoined: the link was lost and is back: what was under way is void.
+            TaskFailed: the initiator left and did not come back.
+        """
+        try:
+            frame = await self.link.recv()
+        except ConnectionLost as lost:
+            await self._reconnect(lost, str(lost))
+            raise _Rejoined from None
         if frame.kind == Kind.TASK_CLOSED:
-            raise TaskFailed(str(frame.header.get("task")), "the initiator left the task "
-                             "without finishing it")
+            # Its connection dropped without a word: it may be coming back.
+            gone = TaskFailed(str(frame.header.get("task")),
+                              "the initiator left the task without finishing it")
+            await self._reconnect(gone, "the initiator's connection to the relay dropped")
+            raise _Rejoined
         return frame
+
+    async def _reconnect(self, failure: Exception, why: str) -> None:
+        """Get back to the task within the reconnect window, or raise ``failure``."""
+        if self.accepted is None or self.reconnect_window <= 0:
+            raise failure
+        window = self.reconnect_window
+        self.on_event("reconnecting", {"why": why, "window": window})
+        log.warning("%s; reconnecting for up to %g s", why, window)
+        await self.link.close()
+        try:
+            self.link = await self.link.reopen(window, accepted=self.accepted)
+        except RelayRefused as refusal:
+            raise TaskFailed(str(self.link.welcome.header.get("task")),
+                             f"{why}, and the task did not come back within {window:g} s "
+                             f"(reconnect_window): {refusal}") from None
+        log.info("back in the task; this node keeps its model and its consent")
+        self.on_event("reconnected", {})
+        try:
+            await self._say_verified()
+        except ConnectionLost:
+            pass  # lost again: the next frame read finds out
+
+    async def _say_verified(self) -> None:
+        await self._status("verified", ok=True, samples=self.samples)
 
     async def _status(self, stage: str, **fields: Any) -> None:
         await self.link.send(Frame({"t": Kind.STATUS, "stage": stage, **fields}))
+
+
+class _Rejoined(Exception):
+    """The link was lost and is back; the initiator runs the round it was in again."""
 
 
 def verify_data(package: TaskPackage, node: str) -> bool:

@@ -450,12 +450,12 @@ class Relay:
             if not _is_node_name(header.get("node")):
                 raise _Refusal("protocol", f"a participant needs a node name of 1 to "
                                f"{MAX_NAME_CHARS} characters, not starting with '@'")
-            session = header.get("session")
-            if session is not None and not (
-                    isinstance(session, str) and 0 < len(session) <= MAX_NAME_CHARS
-                    and all(char in string.hexdigits for char in session)):
+            if not _is_hex(header.get("session", "0")):
                 raise _Refusal("protocol", "'session' must be the hex string a relay's "
                                "welcome gave this node (Link.session)")
+            if not _is_hex(header.get("accepted", "0")):
+                raise _Refusal("protocol", "'accepted' must be the hex code hash of the task "
+                               "this node consented to")
         else:
             allowed = header.get("allowed_nodes")
             if allowed is not None and not (
@@ -692,8 +692,12 @@ class Relay:
             peer.outbox.force(Frame({"t": Kind.WELCOME, "task": task_id, "node": node,
                                      "session": peer.session,
                                      "protocol": PROTOCOL_VERSION}).serialize())
-            task.initiator.outbox.force(
-                Frame({"t": Kind.PEER_JOINED, "from": node}).serialize())
+            # A node coming back says which code it consented to: the initiator
+            # need not send it again, nor the data owner consent twice.
+            joined = {"t": Kind.PEER_JOINED, "from": node}
+            if "accepted" in hello:
+                joined["accepted"] = hello["accepted"]
+            task.initiator.outbox.force(Frame(joined).serialize())
             async for _, message, size in self._incoming(peer):
                 try:
                     await task.initiator.outbox.put(message, size, sender=peer)
@@ -731,6 +735,11 @@ def _counted_connections(relay: Relay) -> type[ServerConnection]:
 def _is_node_name(node: Any) -> bool:
     return (isinstance(node, str) and 0 < len(node) <= MAX_NAME_CHARS
             and not node.startswith("@"))
+
+
+def _is_hex(text: Any) -> bool:
+    return (isinstance(text, str) and 0 < len(text) <= MAX_NAME_CHARS
+            and all(char in string.hexdigits for char in text))
 
 
 def _parse_forwarded(data: bytes) -> Frame:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import math
 import numbers
@@ -25,16 +26,16 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
 
 import torch
 
 from .aggregate import WeightedMean, coordinate_median, non_finite, trimmed_mean
 from .checkpoint import Checkpoint
 from .codec import Frame, Kind, StateReader
-from .errors import (CodecError, ConnectionLost, NotEnoughParticipants,
+from .errors import (CodecError, ConnectionLost, NotEnoughParticipants, RelayRefused,
                      RemoteError, TaskFailed, UpdateRejected)
-from .link import Link
+from .link import WELCOME_TIMEOUT, Link
 from .policy import RoundPolicy, over_share, sit_out_rounds
 from .task import TaskPackage
 
@@ -47,6 +48,8 @@ log = logging.getLogger("fedmagic")
 
 #: Statuses from which a participant may be picked for the next round.
 AVAILABLE = ("ready", "uploaded", "refused", "timed out")
+#: Statuses of nodes that will not take part again unless they join anew.
+ENDED = ("declined", "unverified", "failed", "dropped")
 
 
 @dataclass
@@ -130,6 +133,8 @@ class _Round:
     train_deadline: float
     upload_seconds: float
     upload_now: bool
+    #: The relay connection the round started on: when it is lost, the round is void.
+    epoch: int
     #: Selected nodes the round still waits for.
     owed: set[str] = field(default_factory=set)
     #: Nodes that trained and wait for room to upload.
@@ -150,12 +155,17 @@ class Aggregator:
         link: an initiator's link to the relay.
         policy: selection, weighting, deadlines and aggregation.
         on_event: called with every event line, for displays.
+        reconnect_window: when the relay connection drops, keep trying this
+            many seconds to get it back, then run the round it was in again
+            with the participants that come back (they keep their consent);
+            0 fails the task at once.
     """
 
     def __init__(self, scheduler: FedAvgScheduler, package: TaskPackage, link: Link, *,
                  checkpoint: Checkpoint, policy: RoundPolicy = RoundPolicy(),
                  history: list[dict[str, Any]] | None = None,
-                 on_event: Callable[[str], None] | None = None) -> None:
+                 on_event: Callable[[str], None] | None = None,
+                 reconnect_window: float = 0.0) -> None:
         self.scheduler = scheduler
         self.package = package
         self.link = link
@@ -163,6 +173,7 @@ class Aggregator:
         self.policy = policy
         self.history = history or []
         self.on_event = on_event
+        self.reconnect_window = reconnect_window
         self.participants: dict[str, Participant] = {}
         self._task_header = package.to_header()
         self._current: _Round | None = None
@@ -171,6 +182,9 @@ class Aggregator:
         self._mean: WeightedMean | None = None
         self._changed = asyncio.Event()
         self._lost: BaseException | None = None
+        # Counts relay connections lost; ``_connected`` once the newest is back.
+        self._epoch = 0
+        self._connected = True
         #: Set (from any thread) to end the task cleanly after the current round.
         self.stop_requested = False
 
@@ -188,7 +202,12 @@ class Aggregator:
         try:
             await self._gather()
             while True:
-                await self._run_round(self.scheduler.current_round + 1)
+                epoch = self._epoch
+                try:
+                    await self._run_round(self.scheduler.current_round + 1)
+                except _Interrupted:
+                    await self._rejoin(self.scheduler.current_round + 1, epoch)
+                    continue
                 if self.scheduler.is_task_finished():
                     reason = "finished"
                     break
@@ -251,15 +270,16 @@ class Aggregator:
             number, global_state, state_bytes,
             train_deadline=loop.time() + scheduler.calculation_timeout,
             upload_seconds=self.policy.upload_seconds(state_bytes),
-            upload_now=slots >= len(selected), owed=set(selected))
+            upload_now=slots >= len(selected), owed=set(selected), epoch=self._epoch)
         for node in selected:
             participant = self.participants[node]
             participant.status, participant.round = "training", number
         self._event(f"round {number}: training on {', '.join(selected)}")
-        await self.link.send(Frame({"t": Kind.ROUND, "to": selected, "round": number,
-                                    "epochs": scheduler.merge_epochs,
-                                    "upload": current.upload_now}))
-        await self.link.send_state(global_state, to=selected, round=number)
+        async with self._link_lost_interrupts():
+            await self.link.send(Frame({"t": Kind.ROUND, "to": selected, "round": number,
+                                        "epochs": scheduler.merge_epochs,
+                                        "upload": current.upload_now}))
+            await self.link.send_state(global_state, to=selected, round=number)
 
         if not keep:
             if self._mean is None:
@@ -344,6 +364,8 @@ class Aggregator:
             # Cleared first: whatever arrives while this pass awaits wakes the next one.
             self._changed.clear()
             self._check_lost()
+            if self._epoch != current.epoch:
+                raise _Interrupted
             while current.arrived:
                 await self._fold(current, current.arrived.popleft())
             await self._grant_uploads(current, slots)
@@ -371,8 +393,9 @@ class Aggregator:
                 self._open_upload(current, node)
                 granted.append(node)
         if granted:
-            await self.link.send(Frame({"t": Kind.UPLOAD, "to": granted,
-                                        "round": current.number}))
+            async with self._link_lost_interrupts():
+                await self.link.send(Frame({"t": Kind.UPLOAD, "to": granted,
+                                            "round": current.number}))
 
     def _open_upload(self, current: _Round, node: str) -> None:
         # Kept updates need memory of their own; folded ones give their buffer back.
@@ -475,7 +498,13 @@ class Aggregator:
     async def _read_frames(self) -> None:
         try:
             while True:
-                frame = await self.link.recv()
+                try:
+                    frame = await self.link.recv()
+                except ConnectionLost as lost:
+                    if self.reconnect_window <= 0:
+                        raise
+                    await self._reconnect(lost)
+                    continue
                 await self._dispatch(frame)
                 self._changed.set()
         except asyncio.CancelledError:
@@ -484,6 +513,64 @@ class Aggregator:
             self._lost = exc
             self._changed.set()
 
+    async def _reconnect(self, lost: ConnectionLost) -> None:
+        """Get a new relay connection within the window; participants come back on their own.
+
+        Raises:
+            ConnectionLost: if no relay took the task back within the window.
+        """
+        window = self.reconnect_window
+        self._epoch += 1
+        self._connected = False
+        for participant in self.participants.values():
+            if participant.status not in ENDED:
+                participant.status = "reconnecting"
+                participant.detail = "lost with the relay connection"
+        self._changed.set()
+        self._event(f"{lost}; reconnecting for up to {window:g} s (reconnect_window)",
+                    logging.WARNING)
+        await self.link.close()
+        try:
+            self.link = await self.link.reopen(window)
+        except RelayRefused as refusal:
+            raise ConnectionLost(lost.url, f"{lost.detail}, and no relay took the task back "
+                                 f"within {window:g} s (reconnect_window): "
+                                 f"{refusal.message}") from None
+        self._connected = True
+        self._changed.set()
+        self._event("reconnected to the relay; participants come back on their own, without "
+                    "consenting again")
+
+    async def _rejoin(self, number: int, epoch: int) -> None:
+        """After a lost relay connection: wait for it, then for the participants to come back."""
+        self._event(f"round {number}: the relay connection was lost; the round runs again "
+                    "once participants are back", logging.WARNING)
+        loop = asyncio.get_running_loop()
+        # The reader gives up within the window (and the hello's answer time).
+        await self._wait_until(lambda: self._epoch > epoch and self._connected,
+                               loop.time() + self.reconnect_window + WELCOME_TIMEOUT)
+        back = loop.time() + self.reconnect_window
+        await self._wait_until(lambda: self._count_available() >= self.scheduler.min_clients,
+                               back)
+        # The others get a short grace, as when a task gathers.
+        await self._wait_until(lambda: not any(p.status in ("reconnecting", "joined")
+                                               for p in self.participants.values()),
+                               min(back, loop.time() + self.policy.join_grace))
+        for participant in self.participants.values():
+            if participant.status == "reconnecting":
+                participant.status = "dropped"
+                participant.detail = "not back since the relay connection was lost"
+
+    @contextlib.asynccontextmanager
+    async def _link_lost_interrupts(self) -> AsyncIterator[None]:
+        """A send that finds the relay gone voids the round, when it may reconnect."""
+        try:
+            yield
+        except ConnectionLost:
+            if self.reconnect_window <= 0:
+                raise
+            raise _Interrupted from None
+
     async def _dispatch(self, frame: Frame) -> None:
         node = frame.header.get("from")
         kind = frame.kind
@@ -491,11 +578,19 @@ class Aggregator:
             self._on_state(node, frame)
             return
         if kind == Kind.PEER_JOINED:
-            if node in self.participants:
+            known = self.participants.get(node)
+            if known is not None:
                 self._leave_round(node, "reconnected; its work in this round is lost")
+            if frame.header.get("accepted") == self.package.code_hash:
+                # It consented to this very code: it only says again that its data is verified.
+                participant = self.participants[node] = known or Participant(node)
+                participant.status, participant.detail = "joined", ""
+                self._event(f"{node} is back, with its consent to this code")
+                return
             self.participants[node] = Participant(node)
             self._event(f"{node} joined; sending it the task's code")
-            await self.link.send(Frame({**self._task_header, "to": [node]}))
+            with contextlib.suppress(ConnectionLost):  # the next read finds the relay gone
+                await self.link.send(Frame({**self._task_header, "to": [node]}))
             return
         participant = self.participants.get(node)
         if participant is None:
@@ -621,6 +716,10 @@ class Aggregator:
         log.log(level, text, extra={"event": True})
         if self.on_event is not None:
             self.on_event(text)
+
+
+class _Interrupted(Exception):
+    """The relay connection was lost in a round; it runs again once participants are back."""
 
 
 def _metrics(values: Any) -> dict[str, Any]:

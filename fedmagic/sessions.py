@@ -11,9 +11,12 @@ from __future__ import annotations
 
 import hashlib
 import os
+import ssl as ssl_module
 from pathlib import Path
 
-__all__ = ["load_session", "save_session"]
+from .link import Link
+
+__all__ = ["join_relay", "load_session", "save_session"]
 
 DIRECTORY = Path(".fedmagic") / "sessions"
 
@@ -44,3 +47,12 @@ def save_session(url: str, task: str, node: str, secret: str | None) -> None:
             file.write(secret)
     except OSError:
         pass
+
+
+async def join_relay(url: str, task: str, token: str, node: str, *, wait: float,
+                     ssl: ssl_module.SSLContext | None = None) -> Link:
+    """Open a participant's link, presenting this node's session and keeping the new one."""
+    link = await Link.open(url, role="participant", task=task, token=token, node=node,
+                           wait=wait, ssl=ssl, session=load_session(url, task, node))
+    save_session(url, task, node, link.session)
+    return link

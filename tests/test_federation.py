@@ -6,6 +6,8 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import signal
+import subprocess
+import sys
 import threading
 import time
 
@@ -264,3 +266,44 @@ def test_a_frozen_node_is_replaced_by_its_restarted_self_within_seconds(
     assert result.history[0]["participants"] == 1  # round 1 did not wait for the frozen one
     assert result.history[-1]["participants"] == 2  # the restarted node took its place
     assert federation.wait("node-2") == 0, federation.output("node-2")
+
+
+def test_a_relay_restarted_mid_round_costs_no_round_and_no_second_consent(
+        federation, monkeypatch):
+    layout = federation.write_digits(2)
+    relay_command = [sys.executable, "-m", "fedmagic", "relay", "--port", str(federation.port)]
+
+    def start_relay() -> subprocess.Popen:
+        relay = subprocess.Popen(relay_command, env=federation.env, stdout=subprocess.PIPE,
+                                 stderr=subprocess.DEVNULL, text=True)
+        assert "listening on" in relay.stdout.readline()
+        return relay
+
+    relay = start_relay()
+    for party in layout.nodes:
+        federation.join(party.name, "restart", fault="slow")  # 1.5 s a round: time to kill
+    monkeypatch.chdir(layout.initiator.workdir)
+    run = start_task(FaultyDigits(min_clients=2, max_clients=2, name="demo_task", max_rounds=4),
+                     "restart", relay=federation.url, join_timeout=60, reconnect_window=60)
+    try:
+        assert wait_for(lambda: any("round 2: training on" in t for _, t in run.events), 60)
+        # Execute: the relay dies without a word, and its operator starts it again
+        relay.kill()
+        relay.wait(10)
+        time.sleep(1)
+        relay = start_relay()
+        result = run.wait(120)
+    finally:
+        run.stop(now=True)
+        relay.kill()
+        relay.wait(10)
+
+    events = [text for _, text in run.events]
+    assert any("the relay connection was lost; the round runs again" in t for t in events)
+    assert [row["round"] for row in result.history] == [1, 2, 3, 4]
+    assert all(row["participants"] == 2 for row in result.history)
+    for party in layout.nodes:
+        assert federation.wait(party.name) == 0, federation.output(party.name)
+        output = federation.output(party.name)
+        assert output.count("task 'restart' runs FaultyDigits(") == 1  # consented once
+        assert "back in the task" in output

@@ -394,3 +394,85 @@ def test_a_notebook_participant_that_joins_again_takes_its_own_name_back(tmp_pat
     assert heard == [Kind.PEER_JOINED, Kind.PEER_LEFT, Kind.PEER_JOINED]
     assert first.done()
     assert "node_taken" not in repr(second)
+
+
+# -- the relay connection lost --------------------------------------------------------------
+
+@pytest.mark.parametrize("initiator_returns", [True, False])
+def test_a_verified_participant_waits_for_its_initiator_to_come_back_and_never_consents_twice(
+        tmp_path, monkeypatch, initiator_returns):
+    monkeypatch.chdir(tmp_path)
+    scheduler = Tiny(min_clients=1, max_clients=1, max_rounds=1)
+    package = TaskPackage.from_scheduler(scheduler, "away")
+    consents: list[str] = []
+
+    def consent(shown: TaskPackage) -> bool:
+        consents.append(shown.code_hash)
+        return True
+
+    with EmbeddedRelay("127.0.0.1", 0, Relay()) as relay:
+        async def initiator_drops_then_returns() -> dict[str, Any]:
+            link = await Link.open(relay.url, role="initiator", task="away", token=TOKEN)
+            joining = start_join(relay.url, "away", TOKEN, "alice", consent, wait=5,
+                                 reconnect_window=3, quiet=True)
+            assert (await link.recv()).kind == Kind.PEER_JOINED
+            await link.send(Frame({**package.to_header(), "to": ["alice"]}))
+            assert (await link.recv()).header["stage"] == "verified"
+            # Execute: the initiator's connection ends without a word (no FINISH)
+            await link.close()
+            if not initiator_returns:
+                return {"joining": joining}
+            link = await Link.open(relay.url, role="initiator", task="away", token=TOKEN)
+            try:
+                back, status = [(await link.recv()).header for _ in range(2)]
+                await link.send(Frame({"t": Kind.FINISH, "ok": True, "reason": "finished",
+                                       "to": "*"}))
+                return {"joining": joining, "back": back, "status": status}
+            finally:
+                await link.close()
+
+        seen = asyncio.run(initiator_drops_then_returns())
+        joining = seen["joining"]
+        if initiator_returns:
+            outcome = joining.wait(10)
+        else:
+            with pytest.raises(TaskFailed) as failed:
+                joining.wait(10)
+
+    assert consents == [package.code_hash]  # shown the code once, whatever happened
+    if initiator_returns:
+        assert seen["back"] == {"t": Kind.PEER_JOINED, "from": "alice",
+                                "accepted": package.code_hash}
+        assert seen["status"]["stage"] == "verified"  # it says so again; no code is resent
+        assert outcome.ok, outcome
+    else:
+        assert ("the initiator's connection to the relay dropped, and the task did not come "
+                "back within 3 s (reconnect_window)") in str(failed.value)
+
+
+def test_an_initiator_whose_relay_does_not_come_back_fails_saying_how_long_it_waited(
+        tmp_path):
+    scheduler = Tiny(min_clients=1, max_clients=1, max_rounds=1)
+    scheduler._setup("gone")
+    package = TaskPackage.from_scheduler(scheduler, "gone")
+    relay = EmbeddedRelay("127.0.0.1", 0, Relay()).start()
+    events: list[str] = []
+
+    async def relay_stops_for_good() -> tuple[TaskFailed, float]:
+        link = await Link.open(relay.url, role="initiator", task="gone", token=TOKEN)
+        aggregator = Aggregator(scheduler, package, link, checkpoint=Checkpoint(tmp_path),
+                                on_event=events.append, reconnect_window=1)
+        running = asyncio.create_task(aggregator.run())
+        await asyncio.sleep(0.2)
+        loop = asyncio.get_running_loop()
+        stopped = loop.time()
+        await asyncio.to_thread(relay.stop)
+        with pytest.raises(TaskFailed) as failed:
+            await running
+        return failed.value, loop.time() - stopped
+
+    failure, seconds = asyncio.run(relay_stops_for_good())
+
+    assert "reconnecting for up to 1 s (reconnect_window)" in "\n".join(events)
+    assert "no relay took the task back within 1 s (reconnect_window)" in str(failure)
+    assert seconds < 5
