@@ -25,12 +25,18 @@ import torch
 from websockets.asyncio.client import ClientConnection, connect
 
 from conftest import free_port, wait_for
+from fedmagic.checkpoint import Checkpoint
 from fedmagic.codec import Frame, Kind, StateReader
 from fedmagic.errors import RelayRefused
 from fedmagic.link import Link
+from fedmagic.participant import ParticipantRuntime
+from fedmagic.policy import RoundPolicy
 from fedmagic.relay import Relay, RelayLimits, connection_cap
+from fedmagic.rounds import Aggregator
+from fedmagic.task import TaskPackage
 from test_relay import (Clients, assert_task_works, bounded, hello, receive_state, recv, run,
                         running_relay, status)
+from tiny import Tiny
 
 try:
     import resource
@@ -428,9 +434,10 @@ async def close_all(connections: list[ClientConnection]) -> None:
 
 @pytest.mark.skipif(resource is None or shutil.which("bash") is None,
                     reason="needs bash's ulimit and Python's resource module")
-def test_relay_under_ulimit_1024_serves_a_task_through_a_flood_of_1100_waiting_joins(
-        tmp_path: Path):
+def test_relay_under_ulimit_1024_runs_a_whole_task_through_a_flood_of_1100_waiting_joins(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
     # Prepare: a relay process that may open 1024 files, its waiting limits wide open
+    monkeypatch.chdir(tmp_path)
     port = free_port()
     url = f"ws://127.0.0.1:{port}"
     cap = connection_cap(ULIMIT)
@@ -455,18 +462,21 @@ def test_relay_under_ulimit_1024_serves_a_task_through_a_flood_of_1100_waiting_j
             flood = await open_raw(url, FLOOD, lambda number: waiting_hello(f"ghost-{number}"))
             opened += flood
             replies = await asyncio.gather(*(reply_within(c, 3.0) for c in flood))
-            # a real task, in the middle of it
+            # a real task, in the middle of it: three rounds of a Tiny task, start to finish
             initiator = await bounded(Link.open(url, role="initiator", task="real",
                                                 token="join"))
             links.append(initiator)
+            scheduler = Tiny(min_clients=1, max_clients=1, max_rounds=3)
+            scheduler._setup("real")
+            aggregator = Aggregator(scheduler, TaskPackage.from_scheduler(scheduler, "real"),
+                                    initiator, checkpoint=Checkpoint(tmp_path / "models"),
+                                    policy=RoundPolicy(join_timeout=20, join_grace=0,
+                                                       weighted=False))
             alice = await bounded(Link.open(url, role="participant", task="real",
                                             token="join", node="alice"))
             links.append(alice)
-            assert (await recv(initiator)).kind == Kind.PEER_JOINED
-            await initiator.send(status(to=["alice"], ping=1))
-            down = await recv(alice)
-            await alice.send(status(pong=1))
-            up = await recv(initiator)
+            task = asyncio.gather(aggregator.run(),
+                                  ParticipantRuntime(alice, "alice", lambda _: True).run())
             # idle connections up to the cap, then one more
             in_use = replies.count(None) + len(links)
             idle = await open_raw(url, cap - in_use - 3)
@@ -478,9 +488,8 @@ def test_relay_under_ulimit_1024_serves_a_task_through_a_flood_of_1100_waiting_j
                 opened.append(extra)
                 extras += 1
                 over = await reply_within(extra, 0.5)
-            await initiator.send(status(to=["alice"], ping=2))
-            still = await recv(alice)
-            return {"replies": replies, "down": down, "up": up, "over": over, "still": still,
+            result, outcome = await asyncio.wait_for(task, 30)
+            return {"replies": replies, "result": result, "outcome": outcome, "over": over,
                     "open": in_use + len(idle) + extras}
         finally:
             await asyncio.gather(*(link.close() for link in links), return_exceptions=True)
@@ -504,8 +513,8 @@ def test_relay_under_ulimit_1024_serves_a_task_through_a_flood_of_1100_waiting_j
     assert replies.count(None) == waiting_cap
     assert {reply.header["code"] for reply in refused} == {"busy"}
     assert all(reply.header["message"].startswith("relay busy: ") for reply in refused)
-    assert (outcome["down"].header["ping"], outcome["up"].header["pong"]) == (1, 1)
-    assert outcome["still"].header["ping"] == 2
+    assert [row["round"] for row in outcome["result"].history] == [1, 2, 3]
+    assert outcome["outcome"].ok and outcome["outcome"].rounds == 3
     over = outcome["over"]
     assert over is not None, "no connection was refused at the cap"
     assert over.header["code"] == "busy"

@@ -16,7 +16,6 @@ from typing import Any, Awaitable, Callable
 import pytest
 import torch
 
-from fedmagic import FedAvgScheduler
 from fedmagic.checkpoint import Checkpoint
 from fedmagic.codec import Frame, Kind, StateReader
 from fedmagic.errors import (ConfigurationError, ConnectionLost, NotEnoughParticipants,
@@ -28,21 +27,10 @@ from fedmagic.policy import RoundPolicy, over_share, sit_out_rounds
 from fedmagic.relay import EmbeddedRelay, Relay
 from fedmagic.rounds import Aggregator, TaskResult
 from fedmagic.task import TaskPackage
+from tiny import Tiny
 
 TOKEN = "join-token"
 pytestmark = pytest.mark.timeout(60)
-
-
-class Tiny(FedAvgScheduler):
-    """A model of one weight vector; ``test()`` reports it, so the mean can be read."""
-
-    def make_model(self): return torch.nn.Linear(4, 1, bias=False)
-    def make_train_dataloader(self): return []
-    def make_test_dataloader(self): return []
-    def state_dict(self): return self.model.state_dict()
-    def load_state_dict(self, state_dict): self.model.load_state_dict(state_dict)
-    def train(self): pass
-    def test(self): return {"w": float(self.model.weight.detach().mean())}
 
 
 # A participant script, run each round once the global state is in: what it does with the
