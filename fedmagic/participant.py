@@ -8,6 +8,7 @@ the scheduler's ``state_dict()`` is sent back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import threading
 import time
@@ -159,7 +160,6 @@ class ParticipantRuntime:
             elif frame.kind == Kind.TASK:  # after a reconnect, code other than consented to
                 detail = ("the task's code changed while this node was away; join again to "
                           "review the new code")
-                self.on_event("finished", {"ok": False, "reason": detail})
                 await self._status("declined", detail=detail)
                 return JoinOutcome(task_id, self.node, False, detail, self.rounds)
             else:
@@ -188,9 +188,10 @@ class ParticipantRuntime:
                 await asyncio.to_thread(scheduler.train)
                 self.on_event("epoch", {"round": round, "epoch": epoch + 1, "epochs": epochs})
         except Exception as exc:
-            await self.link.send(Frame({"t": Kind.FAILED, "round": round, "during": "train()",
-                                        "error": describe_failure(exc),
-                                        "traceback": traceback.format_exc()}))
+            with contextlib.suppress(ConnectionLost):  # the failure is this node's to report
+                await self.link.send(Frame({"t": Kind.FAILED, "round": round,
+                                            "during": "train()", "error": describe_failure(exc),
+                                            "traceback": traceback.format_exc()}))
             return f"train() failed: {describe_failure(exc)}"
         seconds = time.perf_counter() - started
         try:

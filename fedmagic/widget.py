@@ -26,7 +26,7 @@ LOG_LINES = 12
 _STATUS_COLOURS = {"uploaded": "#2e7d32", "ready": "#2e7d32", "training": "#1565c0",
                    "trained": "#1565c0", "uploading": "#1565c0", "refused": "#c62828",
                    "failed": "#c62828", "unverified": "#c62828", "declined": "#c62828",
-                   "dropped": "#ef6c00", "timed out": "#ef6c00"}
+                   "dropped": "#ef6c00", "timed out": "#ef6c00", "reconnecting": "#ef6c00"}
 
 
 class TaskWidget(widgets.VBox):
