@@ -14,7 +14,7 @@ import time
 import torch
 from harness import make_state
 
-from fedmagic.codec import Frame, StateReader, encode_state
+from fedmagic.wire.codec import Frame, StateReader, encode_state
 
 
 def best_of(runs: int, work) -> float:

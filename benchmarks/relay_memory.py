@@ -2,7 +2,7 @@
 
 Starts ``python -m fedmagic relay`` on a free loopback port, times it until it
 accepts a connection, lets it idle, then reads its resident memory from
-/proc. For comparison, the same for a process that imports ``fedmagic.codec``
+/proc. For comparison, the same for a process that imports ``fedmagic.wire.codec``
 (torch and numpy), which the relay used to. Prints the figures (target: idle
 resident memory under 100 MiB).
 """
@@ -44,8 +44,8 @@ def start_relay(port: int) -> tuple[subprocess.Popen, float]:
 
 
 def importing_codec() -> int:
-    """Resident memory of a process that imported ``fedmagic.codec``."""
-    process = subprocess.Popen([sys.executable, "-c", "import sys, fedmagic.codec; "
+    """Resident memory of a process that imported ``fedmagic.wire.codec``."""
+    process = subprocess.Popen([sys.executable, "-c", "import sys, fedmagic.wire.codec; "
                                 "print('ready', flush=True); sys.stdin.read()"],
                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     try:
@@ -71,7 +71,7 @@ def main() -> None:
     codec = importing_codec()
     print(f"fedmagic relay: accepting connections {seconds:.2f} s after starting; "
           f"idle resident memory {rss / (1 << 20):.1f} MiB (target < 100 MiB)")
-    print(f"for comparison, a process that imports fedmagic.codec (torch, numpy), as the "
+    print(f"for comparison, a process that imports fedmagic.wire.codec (torch, numpy), as the "
           f"relay used to: {codec / (1 << 20):.1f} MiB")
 
 

@@ -27,8 +27,8 @@ import time
 import torch
 from harness import free_port, make_state
 
-from fedmagic.codec import Frame, Kind, StateReader
-from fedmagic.link import Link
+from fedmagic.wire.codec import Frame, Kind, StateReader
+from fedmagic.wire.link import Link
 
 PARTICIPANTS = 3
 CHUNK = 4 << 20

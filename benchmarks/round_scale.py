@@ -30,10 +30,10 @@ import torch
 from harness import free_port
 
 from fedmagic import FedAvgScheduler
-from fedmagic.codec import Frame, Kind, StateReader
+from fedmagic.wire.codec import Frame, Kind, StateReader
 from fedmagic.examples.digits_task import ConvNet
-from fedmagic.launch import start_task
-from fedmagic.link import Link
+from fedmagic.engine.launch import start_task
+from fedmagic.wire.link import Link
 
 
 class Echo(FedAvgScheduler):

@@ -3,13 +3,21 @@
     from fedmagic import FedAvgScheduler, logger
 
 ``FedAvgScheduler`` is imported on first use: it brings torch, which the
-relay (``fedmagic relay``, ``import fedmagic.relay``) does without.
+relay (``fedmagic relay``, ``import fedmagic.wire.relay``) does without.
+In a notebook, ``fedmagic.running_task(task_id)`` is a task a cell started.
 """
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 from .log import logger
 
-__all__ = ["FedAvgScheduler", "load_ipython_extension", "logger", "unload_ipython_extension",
-           "__version__"]
+if TYPE_CHECKING:
+    from .engine.launch import TaskRun
+
+__all__ = ["FedAvgScheduler", "load_ipython_extension", "logger", "running_task",
+           "unload_ipython_extension", "__version__"]
 __version__ = "0.1.0"
 
 _bridge = None
@@ -17,7 +25,7 @@ _bridge = None
 
 def __getattr__(name: str) -> object:
     if name == "FedAvgScheduler":
-        from .fed_avg import FedAvgScheduler
+        from .engine.scheduler import FedAvgScheduler
 
         globals()[name] = FedAvgScheduler  # later lookups skip this function
         return FedAvgScheduler
@@ -28,16 +36,36 @@ def __dir__() -> list[str]:
     return sorted(set(globals()) | set(__all__))
 
 
-def load_ipython_extension(ipython) -> None:
-    """``%load_ext fedmagic``: register the magics (loading twice is harmless)."""
-    from .magics import FedMagics
+def running_task(task_id: str) -> TaskRun:
+    """The task a ``%%fedavg_task`` cell of this kernel started as ``task_id``.
 
-    ipython.register_magics(FedMagics)
+    Raises:
+        KeyError: if this kernel started no such task (saying which it did).
+        RuntimeError: if ``%load_ext fedmagic`` has not run in this kernel.
+    """
+    from .notebook.session import loaded_session
+
+    return loaded_session().task(task_id)
+
+
+def load_ipython_extension(ipython) -> None:
+    """``%load_ext fedmagic``: the kernel's session, its magics, and how tasks are shown.
+
+    Loading twice is harmless; the session outlives ``%reload_ext``.
+    """
+    from .notebook.magics import FedMagics
+    from .notebook.session import loaded_session
+    from .notebook.widget import show_task
+
+    session = loaded_session(create=True)
+    ipython.register_magics(FedMagics(ipython, session))
+    ipython.display_formatter.ipython_display_formatter.for_type_by_name(
+        "fedmagic.engine.launch", "TaskRun", show_task)
     global _bridge
     if _bridge is None and getattr(ipython, "kernel", None) is not None:
-        from .lab import LabBridge
+        from .notebook.lab import LabBridge
 
-        _bridge = LabBridge()  # the Federation panel and Verify data button in JupyterLab
+        _bridge = LabBridge(session)  # the Federation panel and Verify data button in JupyterLab
 
 
 def unload_ipython_extension(ipython) -> None:

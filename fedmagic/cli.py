@@ -85,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _relay(options: argparse.Namespace) -> int:
-    from .relay import Relay, RelayLimits, log, raise_open_file_limit, serve_relay, ssl_context
+    from .wire.relay import Relay, RelayLimits, log, raise_open_file_limit, serve_relay, ssl_context
 
     for name in ("max_connections", "max_waiting", "max_waiting_per_address",
                  "max_mib_per_second"):
@@ -137,9 +137,9 @@ def _join(options: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from .errors import FedMagicError
-    from .participant import ParticipantRuntime
-    from .sessions import join_relay
-    from .task import TaskPackage
+    from .engine.participant import ParticipantRuntime
+    from .wire.sessions import join_relay
+    from .engine.task import TaskPackage
 
     if not options.token:
         print("fedmagic join: pass --token (or set FEDMAGIC_TOKEN): the task's author "
@@ -236,7 +236,7 @@ def _digits(options: argparse.Namespace) -> int:
 
 def _demo(options: argparse.Namespace) -> int:
     from .digits import write_partitions
-    from .relay import new_token
+    from .wire.relay import new_token
 
     workdir = Path(options.workdir or tempfile.mkdtemp(prefix="fedmagic-demo-"))
     layout = write_partitions(workdir, options.participants, split=options.split,

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fedmagic.aggregate import WeightedMean, check_state, non_finite, weighted_mean
+from fedmagic.engine.aggregate import WeightedMean, check_state, non_finite, weighted_mean
 from fedmagic.errors import AggregationError, UnsupportedTensor
 
 UNIT_ROUNDOFF32 = 2.0 ** -24  # float32's unit roundoff u: half an ulp of 1.0

@@ -20,7 +20,7 @@ import pytest
 
 from conftest import free_port
 from fedmagic.examples.digits_task import DigitsScheduler
-from fedmagic.launch import start_task
+from fedmagic.engine.launch import start_task
 from test_tutorial import as_fedmagic_script, tutorial_final_code
 
 pytestmark = pytest.mark.slow

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import free_port
 from fedmagic.errors import ConnectionLost
-from fedmagic.link import Link
+from fedmagic.wire.link import Link
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,7 @@ import msgpack
 import pytest
 import torch
 
-from fedmagic.codec import (CHUNK_BYTES, DTYPES, MAX_HEADER_BYTES, MAX_LOG_SIZE, Frame, Kind,
+from fedmagic.wire.codec import (CHUNK_BYTES, DTYPES, MAX_HEADER_BYTES, MAX_LOG_SIZE, Frame, Kind,
                             StateReader, encode_state, tensor_bytes)
 from fedmagic.errors import CodecError, ConfigurationError
 

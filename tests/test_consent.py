@@ -14,8 +14,8 @@ import pytest
 
 from conftest import TASKS
 from fedmagic.examples.digits_task import DigitsScheduler
-from fedmagic.launch import start_task
-from fedmagic.task import TaskPackage
+from fedmagic.engine.launch import start_task
+from fedmagic.engine.task import TaskPackage
 
 HIDDEN = TASKS / "hidden_verify.py"
 

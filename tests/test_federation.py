@@ -17,8 +17,8 @@ import torch
 from conftest import port_is_free, wait_for
 from fedmagic.errors import NotEnoughParticipants, UnsupportedTensor
 from fedmagic.examples.digits_task import DigitsScheduler
-from fedmagic.launch import start_task
-from fedmagic.relay import EmbeddedRelay, Relay, RelayLimits
+from fedmagic.engine.launch import start_task
+from fedmagic.wire.relay import EmbeddedRelay, Relay, RelayLimits
 from faulty_digits import FaultyDigits, FlaggedDigits
 
 pytestmark = pytest.mark.slow

@@ -9,7 +9,7 @@ import pytest
 from jupyter_client import KernelManager
 
 from fedmagic.examples.digits_task import DigitsScheduler
-from fedmagic.launch import start_task
+from fedmagic.engine.launch import start_task
 
 pytestmark = pytest.mark.slow
 

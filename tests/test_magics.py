@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import pytest
+
+import fedmagic
 from IPython.core.error import UsageError
 from IPython.testing import globalipapp
 
 from conftest import TASKS, port_is_free, wait_for
-from fedmagic.cells import running_tasks, verify_classes
+from fedmagic.notebook.session import loaded_session
 from fedmagic.errors import TaskDefinitionError
 from fedmagic.examples.digits_task import DigitsScheduler
-from fedmagic.launch import TaskRun, start_task
-from fedmagic.rounds import TaskResult
+from fedmagic.engine.launch import TaskRun, start_task
+from fedmagic.engine.rounds import TaskResult
 from test_tutorial import as_fedmagic_script, tutorial_final_code
 
 
@@ -56,7 +58,7 @@ def test_dataset_verify_cell_registers_its_class_for_the_task(ip):
 
     ip.run_cell_magic("dataset_verify", "digits-cell", cell)
 
-    assert verify_classes["digits-cell"].__fedmagic_source__ == cell
+    assert loaded_session().verify_classes["digits-cell"].__fedmagic_source__ == cell
 
 
 def test_dataset_verify_cell_without_the_class_is_a_usage_error(ip):
@@ -109,7 +111,7 @@ def test_cell_returns_at_once_and_rerunning_it_finds_the_running_task(
 
     assert isinstance(first, TaskRun) and not first.done()
     assert again is first
-    assert running_tasks["background-cell"] is first
+    assert fedmagic.running_task("background-cell") is first
     assert wait_for(lambda: len(first.history) >= 1, 60)
     first.stop()
     assert first.wait(60).rounds < 500

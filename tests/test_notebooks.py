@@ -79,13 +79,13 @@ def test_a_background_task_logs_into_its_widget_not_into_other_cells(federation)
 
     notebook = execute(["%load_ext fedmagic",
                         "%%fedavg_task --join-timeout 60\n" + cell,
-                        "from fedmagic.cells import running_tasks\n"
-                        "result = running_tasks['quiet'].wait(180)\n"
+                        "import fedmagic\n"
+                        "result = fedmagic.running_task('quiet').wait(180)\n"
                         "print('rounds:', result.rounds)",
-                        "events = [text for _, text in running_tasks['quiet'].events]\n"
+                        "events = [text for _, text in fedmagic.running_task('quiet').events]\n"
                         "print(sum('Test set: Accuracy' in text for text in events), "
                         "'accuracy lines in the widget log')",
-                        "print(running_tasks['quiet'].summary())"],
+                        "print(fedmagic.running_task('quiet').summary())"],
                        layout.initiator.workdir)
 
     assert printed(notebook.cells[2]) == "rounds: 5\n"  # nothing of the task's own log landed here
@@ -109,9 +109,9 @@ def test_an_error_in_the_background_shows_in_the_widget_with_its_traceback(
                         "group = %fedavg_local 2 --task broken",
                         "%%fedavg_task --join-timeout 120\n"
                         + digits_cell("broken", 3, "BrokenTest", broken),
-                        "from fedmagic.cells import running_tasks\n"
+                        "import fedmagic\n"
                         "try:\n"
-                        "    running_tasks['broken'].wait(180)\n"
+                        "    fedmagic.running_task('broken').wait(180)\n"
                         "except Exception as error:\n"
                         "    print('the task failed:', error)"],
                        tmp_path)
@@ -190,8 +190,8 @@ def test_owners_whose_data_fails_verification_or_who_decline_are_left_out_and_th
     author = execute(["%load_ext fedmagic",
                       "%%dataset_verify owners\n" + VERIFY_CELL,
                       "%%fedavg_task --wait --join-timeout 90\n" + digits_cell("owners", 3),
-                      "from fedmagic.cells import running_tasks\n"
-                      "for node, p in sorted(running_tasks['owners'].participants.items()):\n"
+                      "import fedmagic\n"
+                      "for node, p in sorted(fedmagic.running_task('owners').participants.items()):\n"
                       "    print(node, p.status, p.detail)"],
                      layout.initiator.workdir)
     for thread in threads:
@@ -262,8 +262,8 @@ def test_rerunning_the_launch_cell_keeps_one_task_and_stopping_it_releases_every
         launch,
         launch,  # the same cell run again while its task runs
         "import time\n"
-        "from fedmagic.cells import running_tasks\n"
-        "run = running_tasks['stop-me']\n"
+        "import fedmagic\n"
+        "run = fedmagic.running_task('stop-me')\n"
         "during = snapshot()\n"
         "deadline = time.monotonic() + 120\n"
         "while not run.history and time.monotonic() < deadline:\n"

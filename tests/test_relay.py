@@ -25,12 +25,12 @@ import torch
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.asyncio.server import serve
 
-from fedmagic.codec import PROTOCOL_VERSION, Frame, Kind, StateReader, encode_state
+from fedmagic.wire.codec import PROTOCOL_VERSION, Frame, Kind, StateReader, encode_state
 from fedmagic.errors import ConnectionLost, RelayRefused
 from conftest import free_port
-from fedmagic import link as link_module
-from fedmagic.link import Link
-from fedmagic.relay import EmbeddedRelay, Relay, RelayLimits, serve_relay, ssl_context
+from fedmagic.wire import link as link_module
+from fedmagic.wire.link import Link
+from fedmagic.wire.relay import EmbeddedRelay, Relay, RelayLimits, serve_relay, ssl_context
 
 TASK = "digits"
 JOIN = "join-secret"
@@ -1114,7 +1114,7 @@ def loaded_modules(code: str) -> set[str]:
 
 def test_importing_the_relay_loads_neither_torch_nor_numpy():
     # Execute
-    modules = loaded_modules("import fedmagic.relay, fedmagic.frames, fedmagic.link")
+    modules = loaded_modules("import fedmagic.wire.relay, fedmagic.wire.frames, fedmagic.wire.link")
     # Assert
     assert "fedmagic" in modules
     assert not {"torch", "numpy"} & modules
@@ -1151,7 +1151,7 @@ def test_package_still_gives_fedavgscheduler_and_logger_and_a_sane_dir():
         "assert 'FedAvgScheduler' in names and 'logger' in names, names\n"
         "assert 'torch' not in __import__('sys').modules\n"
         "from fedmagic import FedAvgScheduler, logger\n"
-        "assert FedAvgScheduler.__module__ == 'fedmagic.fed_avg'\n"
+        "assert FedAvgScheduler.__module__ == 'fedmagic.engine.scheduler'\n"
         "assert fedmagic.FedAvgScheduler is FedAvgScheduler\n")
     # Assert
     assert "torch" in modules  # imported once FedAvgScheduler was asked for

@@ -25,15 +25,15 @@ import torch
 from websockets.asyncio.client import ClientConnection, connect
 
 from conftest import free_port, wait_for
-from fedmagic.checkpoint import Checkpoint
-from fedmagic.codec import Frame, Kind, StateReader
+from fedmagic.engine.checkpoint import Checkpoint
+from fedmagic.wire.codec import Frame, Kind, StateReader
 from fedmagic.errors import RelayRefused
-from fedmagic.link import Link
-from fedmagic.participant import ParticipantRuntime
-from fedmagic.policy import RoundPolicy
-from fedmagic.relay import Relay, RelayLimits, connection_cap
-from fedmagic.rounds import Aggregator
-from fedmagic.task import TaskPackage
+from fedmagic.wire.link import Link
+from fedmagic.engine.participant import ParticipantRuntime
+from fedmagic.engine.policy import RoundPolicy
+from fedmagic.wire.relay import Relay, RelayLimits, connection_cap
+from fedmagic.engine.rounds import Aggregator
+from fedmagic.engine.task import TaskPackage
 from test_relay import (Clients, assert_task_works, bounded, hello, receive_state, recv, run,
                         running_relay, status)
 from tiny import Tiny

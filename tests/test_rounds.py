@@ -16,17 +16,17 @@ from typing import Any, Awaitable, Callable
 import pytest
 import torch
 
-from fedmagic.checkpoint import Checkpoint
-from fedmagic.codec import Frame, Kind, StateReader
+from fedmagic.engine.checkpoint import Checkpoint
+from fedmagic.wire.codec import Frame, Kind, StateReader
 from fedmagic.errors import (ConfigurationError, ConnectionLost, NotEnoughParticipants,
                              TaskFailed)
-from fedmagic.joining import start_join
-from fedmagic.launch import start_task
-from fedmagic.link import Link
-from fedmagic.policy import RoundPolicy, over_share, sit_out_rounds
-from fedmagic.relay import EmbeddedRelay, Relay
-from fedmagic.rounds import Aggregator, TaskResult
-from fedmagic.task import TaskPackage
+from fedmagic.engine.joining import start_join
+from fedmagic.engine.launch import start_task
+from fedmagic.wire.link import Link
+from fedmagic.engine.policy import RoundPolicy, over_share, sit_out_rounds
+from fedmagic.wire.relay import EmbeddedRelay, Relay
+from fedmagic.engine.rounds import Aggregator, TaskResult
+from fedmagic.engine.task import TaskPackage
 from tiny import Tiny
 
 TOKEN = "join-token"

@@ -146,7 +146,7 @@ def check_dataset_verify(out: Outputs, workdir: Path) -> None:
     assert "test images only: run() returned False" in tried
     assert "no data yet: 4 of 4 MNIST files missing" in tried
     assert "test images only: 0 training images; the task needs at least 100" in tried
-    task = out.of("running_tasks['checked']")
+    task = out.of("fedmagic.running_task('checked')")
     assert "node-1: uploaded" in task and "node-2: uploaded" in task
     assert "node-3: unverified DatasetVerify.run() returned False: node-3: 4 of 4 MNIST " \
            "files missing" in task
@@ -161,7 +161,7 @@ def check_relay(out: Outputs, workdir: Path) -> None:
     assert "RelayRefused: relay at " in out.of("uninvited")
     assert "refused the connection (relay_token)" in out.of("uninvited")
     assert "task 'relay-demo' finished: round 4/4, 3 participants" in \
-        out.of("running_tasks['relay-demo']")
+        out.of("fedmagic.running_task('relay-demo')")
     seen = out.of("exited with")
     for node in ("node-1", "node-2", "node-3"):
         assert f"{node} exited with 0: task 'relay-demo' finished; this node trained 4 " \

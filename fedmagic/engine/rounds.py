@@ -11,7 +11,7 @@ the model however many participants there are.
 No party can stretch a round: training has ``calculation_timeout``, each
 upload a whole-upload deadline, and a node that misses either sits out the
 next round(s). Who may take part and how much weight they carry follow the
-task's :class:`~fedmagic.policy.RoundPolicy`.
+task's :class:`~fedmagic.engine.policy.RoundPolicy`.
 """
 
 from __future__ import annotations
@@ -32,15 +32,15 @@ import torch
 
 from .aggregate import WeightedMean, coordinate_median, non_finite, trimmed_mean
 from .checkpoint import Checkpoint
-from .codec import Frame, Kind, StateReader
-from .errors import (CodecError, ConnectionLost, NotEnoughParticipants, RelayRefused,
+from ..wire.codec import Frame, Kind, StateReader
+from ..errors import (CodecError, ConnectionLost, NotEnoughParticipants, RelayRefused,
                      RemoteError, TaskFailed, UpdateRejected)
-from .link import WELCOME_TIMEOUT, Link
+from ..wire.link import WELCOME_TIMEOUT, Link
 from .policy import RoundPolicy, over_share, sit_out_rounds
 from .task import TaskPackage
 
 if TYPE_CHECKING:
-    from .fed_avg import FedAvgScheduler
+    from .scheduler import FedAvgScheduler
 
 __all__ = ["Aggregator", "Participant", "TaskResult"]
 

@@ -13,7 +13,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 __all__ = ["AGGREGATIONS", "RoundPolicy", "over_share", "sit_out_rounds"]
 

@@ -14,11 +14,11 @@ import logging
 import threading
 from typing import TYPE_CHECKING, Any
 
-from .cells import joined_tasks, running_tasks, watchers
-from .rounds import last_metrics
+from ..engine.rounds import last_metrics
+from .session import KernelSession
 
 if TYPE_CHECKING:
-    from .launch import TaskRun
+    from ..engine.launch import TaskRun
     from .panel import ParticipantPanel
 
 __all__ = ["TARGET", "LabBridge"]
@@ -31,18 +31,19 @@ log = logging.getLogger("fedmagic")
 class LabBridge:
     """The comm that keeps the frontend's Federation panel and Verify data button current."""
 
-    def __init__(self) -> None:
+    def __init__(self, session: KernelSession) -> None:
         from comm import create_comm
 
+        self.session = session
         self._lock = threading.Lock()  # tasks report from their own threads
         self.comm = create_comm(target_name=TARGET, data={"type": "state", **self.state()})
         self.comm.on_msg(self._on_message)
-        watchers.append(self.push)
+        session.watch(self.push)
 
     def state(self) -> dict[str, Any]:
         """What the frontend shows: every task this kernel runs or has joined."""
-        return {"tasks": [_task_state(run) for run in list(running_tasks.values())],
-                "joins": [_join_state(panel) for panel in list(joined_tasks.values())]}
+        return {"tasks": [_task_state(run) for run in list(self.session.tasks.values())],
+                "joins": [_join_state(panel) for panel in list(self.session.joined.values())]}
 
     def push(self) -> None:
         with self._lock:
@@ -52,8 +53,7 @@ class LabBridge:
                 log.debug("could not update the JupyterLab extension", exc_info=True)
 
     def close(self) -> None:
-        if self.push in watchers:
-            watchers.remove(self.push)
+        self.session.unwatch(self.push)
         self.comm.close()
 
     def _on_message(self, message: dict[str, Any]) -> None:
@@ -65,7 +65,7 @@ class LabBridge:
             self.comm.send({"type": "verified", "results": self.verify_data()})
             self.push()
         elif action == "stop":
-            run = running_tasks.get(str(data.get("task_id")))
+            run = self.session.tasks.get(str(data.get("task_id")))
             if run is not None:
                 run.stop()
             self.push()
@@ -74,12 +74,13 @@ class LabBridge:
 
     def verify_data(self) -> list[dict[str, Any]]:
         """Run Verify data for every task this kernel joined; say so when it joined none."""
-        if not joined_tasks:
+        joined = self.session.joined
+        if not joined:
             return [{"passed": False, "task_id": None, "node": None,
                      "detail": "this kernel has not joined a task: run %fedavg_join "
                                "URL --task ID --token T --node NAME first"}]
         results = []
-        for task_id, panel in list(joined_tasks.items()):
+        for task_id, panel in list(joined.items()):
             if panel.package is None:
                 results.append({"passed": False, "task_id": task_id, "node": panel.node,
                                 "detail": "the task's code has not arrived yet: wait for "

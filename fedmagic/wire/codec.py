@@ -17,7 +17,7 @@ from typing import Any, Iterator, Mapping
 import numpy as np
 import torch
 
-from .errors import CodecError, ConfigurationError
+from ..errors import CodecError, ConfigurationError
 from .frames import CHUNK_BYTES, MAX_HEADER_BYTES, MAX_LOG_SIZE, PROTOCOL_VERSION, Frame, Kind
 
 __all__ = [

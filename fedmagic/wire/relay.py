@@ -39,7 +39,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.exceptions import ProtocolError as WebSocketProtocolError
 
-from .errors import CodecError
+from ..errors import CodecError
 from .frames import CHUNK_BYTES, MAX_HEADER_BYTES, PROTOCOL_VERSION, Frame, Kind
 
 try:

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from .errors import ConfigurationError
+from ..errors import ConfigurationError
 
 __all__ = ["Checkpoint", "check_folder_name"]
 

@@ -15,18 +15,29 @@ from typing import TYPE_CHECKING, Any
 import bqplot
 import ipywidgets as widgets
 
-from .rounds import metrics_of
+from ..engine.rounds import metrics_of
 
 if TYPE_CHECKING:
-    from .launch import TaskRun
+    from ..engine.launch import TaskRun
 
-__all__ = ["TaskWidget"]
+__all__ = ["TaskWidget", "show_task"]
 
 LOG_LINES = 12
 _STATUS_COLOURS = {"uploaded": "#2e7d32", "ready": "#2e7d32", "training": "#1565c0",
                    "trained": "#1565c0", "uploading": "#1565c0", "refused": "#c62828",
                    "failed": "#c62828", "unverified": "#c62828", "declined": "#c62828",
                    "dropped": "#ef6c00", "timed out": "#ef6c00", "reconnecting": "#ef6c00"}
+
+
+def show_task(run: TaskRun) -> None:
+    """How IPython shows a ``TaskRun``: the live widget in a kernel, its summary elsewhere."""
+    from IPython import get_ipython
+    from IPython.display import display
+
+    if getattr(get_ipython(), "kernel", None) is None:
+        print(run.summary())
+    else:
+        display(TaskWidget(run))
 
 
 class TaskWidget(widgets.VBox):

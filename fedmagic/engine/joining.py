@@ -12,9 +12,9 @@ import ssl as ssl_module
 import threading
 from typing import Any, Callable
 
-from .log import log_sink
+from ..log import log_sink
 from .participant import RECONNECT_WINDOW, Consent, JoinOutcome, ParticipantRuntime
-from .sessions import join_relay
+from ..wire.sessions import join_relay
 
 __all__ = ["JoinRun", "start_join"]
 
@@ -74,7 +74,7 @@ def start_join(url: str, task: str, token: str, node: str, consent: Consent, *,
         consent: shown the task's package; returns whether to run its code.
         wait: seconds to keep trying while the relay or the task is not up yet.
         on_event: called with ``(kind, details)`` as the task goes on.
-        reconnect_window: see :class:`~fedmagic.participant.ParticipantRuntime`.
+        reconnect_window: see :class:`~fedmagic.engine.participant.ParticipantRuntime`.
         quiet: the task's log lines become ``("log", {"text": line})`` events
             instead of going to stderr (in a notebook, whichever cell runs).
     """

@@ -9,46 +9,40 @@ arguments.
 
 from __future__ import annotations
 
-import contextlib
-import contextvars
 import hashlib
 import inspect
 import linecache
+import logging
 import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 
-from .cells import current_cell
-from .codec import PROTOCOL_VERSION, Kind
-from .errors import ConfigurationError, ProtocolError, TaskDefinitionError
+from .context import CodeContext, current_context, running_code
+from ..wire.codec import PROTOCOL_VERSION, Kind
+from ..errors import ConfigurationError, ProtocolError, TaskDefinitionError
 
 if TYPE_CHECKING:
-    from .fed_avg import FedAvgScheduler
+    from .scheduler import FedAvgScheduler
 
-__all__ = ["TaskPackage", "launching_disabled", "launch_is_disabled"]
+__all__ = ["TaskPackage"]
 
-_LAUNCH_DISABLED = contextvars.ContextVar("fedmagic_launch_disabled", default=False)
+log = logging.getLogger("fedmagic")
 
 #: The name ``__name__`` has while a participant runs a task's source.
 TASK_MODULE = "__fedmagic_task__"
 
 
-@contextlib.contextmanager
-def launching_disabled() -> Iterator[None]:
-    """Run a task's source without ``launch_task`` starting anything."""
-    token = _LAUNCH_DISABLED.set(True)
-    try:
-        yield
-    finally:
-        _LAUNCH_DISABLED.reset(token)
+def _received(source: str, filename: str) -> CodeContext:
+    """Code a participant received: its ``launch_task`` call launches nothing."""
+    return CodeContext(source, filename, launch=_launch_nothing)
 
 
-def launch_is_disabled() -> bool:
-    return _LAUNCH_DISABLED.get()
+def _launch_nothing(scheduler: FedAvgScheduler, task_id: str, options: dict[str, Any]) -> None:
+    log.debug("launch_task(%r) skipped: this node is a participant", task_id)
 
 
 @dataclass(frozen=True)
@@ -139,15 +133,16 @@ class TaskPackage:
         return package
 
     def build_scheduler(self) -> FedAvgScheduler:
-        """Run the source with launching disabled and build the scheduler."""
-        from .fed_avg import FedAvgScheduler
+        """Run the source, launching nothing, and build the scheduler."""
+        from .scheduler import FedAvgScheduler
 
-        namespace = _run_source(self.source, self._label(self.filename))
+        label = self._label(self.filename)
+        namespace = _run_source(self.source, label)
         scheduler_cls = namespace.get(self.class_name)
         if not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, FedAvgScheduler)):
             raise TaskDefinitionError(self.class_name, "is not defined by the task's source",
                                       "define the FedAvgScheduler subclass at the top level")
-        with launching_disabled():
+        with running_code(_received(self.source, label)):
             return scheduler_cls(*self.args, **self.kwargs)
 
     def build_verifier(self, node: str) -> Any | None:
@@ -172,7 +167,7 @@ def _run_source(source: str, filename: str) -> dict[str, Any]:
     lines = source.splitlines(keepends=True)
     linecache.cache[filename] = (len(source), None, lines, filename)
     namespace: dict[str, Any] = {"__name__": TASK_MODULE, "__file__": filename}
-    with launching_disabled():
+    with running_code(_received(source, filename)):
         exec(compile(source, filename, "exec"), namespace)
     return namespace
 
@@ -181,13 +176,14 @@ def _source_of(scheduler_cls: type) -> tuple[str, str]:
     source = getattr(scheduler_cls, "__fedmagic_source__", None)
     if isinstance(source, str):
         return source, getattr(scheduler_cls, "__fedmagic_filename__", "cell")
-    cell = current_cell()
-    if cell is not None and scheduler_cls.__module__ == "__main__":
-        if not re.search(rf"^\s*class\s+{scheduler_cls.__name__}\b", cell.source, re.M):
+    context = current_context()
+    if context is not None and context.source is not None and \
+            scheduler_cls.__module__ == "__main__":
+        if not re.search(rf"^\s*class\s+{scheduler_cls.__name__}\b", context.source, re.M):
             raise TaskDefinitionError(
                 scheduler_cls.__name__, "is defined outside this %%fedavg_task cell",
                 "define the class in the cell: the cell is the code participants receive")
-        return cell.source, cell.filename
+        return context.source, context.filename
     module = sys.modules.get(scheduler_cls.__module__)
     try:
         return inspect.getsource(module), getattr(module, "__file__", None) or "task.py"

@@ -21,7 +21,7 @@ from typing import Any
 
 import msgpack
 
-from .errors import CodecError
+from ..errors import CodecError
 
 __all__ = ["CHUNK_BYTES", "Frame", "Kind", "MAX_HEADER_BYTES", "MAX_LOG_SIZE",
            "PROTOCOL_VERSION"]

@@ -17,22 +17,32 @@ from __future__ import annotations
 
 import ast
 import os
+from typing import Any
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
-from .cells import TaskCell, changed, join_tokens, joined_tasks, task_cell, verify_classes
+from ..engine.context import running_code
+from ..wire.relay import DEFAULT_PORT, new_token
 from .local import LocalParticipants
 from .panel import ParticipantPanel
-from .relay import DEFAULT_PORT, new_token
+from .session import KernelSession
 
 __all__ = ["FedMagics"]
 
 
 @magics_class
 class FedMagics(Magics):
-    """``%%fedavg_task``, ``%%dataset_verify``, ``%fedavg_local`` and ``%fedavg_join``."""
+    """``%%fedavg_task``, ``%%dataset_verify``, ``%fedavg_local`` and ``%fedavg_join``.
+
+    Args:
+        session: the kernel's session, where tasks and registrations are kept.
+    """
+
+    def __init__(self, shell: Any, session: KernelSession) -> None:
+        super().__init__(shell)
+        self.session = session
 
     @magic_arguments()
     @argument("--wait", action="store_true",
@@ -51,7 +61,7 @@ class FedMagics(Magics):
         options = {"relay": args.relay, "token": args.token, "join_timeout": args.join_timeout}
         options = {key: value for key, value in options.items() if value is not None}
         filename = self.shell.compile.cache(cell)  # tracebacks show the cell's lines
-        with task_cell(TaskCell(cell, filename, wait=args.wait, options=options)):
+        with running_code(self.session.cell(cell, filename, wait=args.wait, options=options)):
             return self._run(cell, filename)
 
     @magic_arguments()
@@ -70,7 +80,7 @@ class FedMagics(Magics):
                              "with __init__(self, task_id, current_node) and run() -> bool")
         verify_cls.__fedmagic_source__ = cell
         verify_cls.__fedmagic_filename__ = filename
-        verify_classes[args.task_id] = verify_cls
+        self.session.verify_classes[args.task_id] = verify_cls
         print(f"DatasetVerify registered for task {args.task_id!r}: each participant runs it "
               "on its own data before training")
 
@@ -92,7 +102,7 @@ class FedMagics(Magics):
             raise UsageError("start at least one participant")
         port = int(os.environ.get("FEDMAGIC_PORT", DEFAULT_PORT))
         url = args.relay or os.environ.get("FEDMAGIC_RELAY") or f"ws://127.0.0.1:{port}"
-        token = join_tokens.setdefault(args.task, new_token())
+        token = self.session.join_tokens.setdefault(args.task, new_token())
         return LocalParticipants(args.task, args.count, url, token, split=args.split,
                                  data_dir=args.data_dir)
 
@@ -115,9 +125,10 @@ class FedMagics(Magics):
                              "it with the join line")
         if args.data_root:
             os.chdir(args.data_root)
-        panel = joined_tasks[args.task] = ParticipantPanel(args.url, args.task, token,
-                                                           args.node, wait=args.wait)
-        changed()
+        panel = ParticipantPanel(args.url, args.task, token, args.node, wait=args.wait,
+                                 on_change=self.session.changed)
+        self.session.joined[args.task] = panel
+        self.session.changed()
         return panel
 
     def _run(self, cell: str, filename: str) -> object:

@@ -20,18 +20,17 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Coroutine
 
-from .cells import join_tokens, verify_classes
 from .checkpoint import Checkpoint
-from .errors import ConfigurationError
-from .link import Link
-from .log import log_sink
+from ..errors import ConfigurationError
+from ..wire.link import Link
+from ..log import log_sink
 from .policy import RoundPolicy
-from .relay import DEFAULT_PORT, EmbeddedRelay, Relay, new_token
+from ..wire.relay import DEFAULT_PORT, EmbeddedRelay, Relay, new_token
 from .rounds import Aggregator, Participant, TaskResult, metrics_of, metrics_text
 from .task import TaskPackage
 
 if TYPE_CHECKING:
-    from .fed_avg import FedAvgScheduler
+    from .scheduler import FedAvgScheduler
 
 __all__ = ["TaskRun", "run_task", "start_task"]
 
@@ -161,18 +160,6 @@ class TaskRun:
                   + (f", {metrics_text(row)}" if metrics_of(row) else "") for row in history]
         return "\n".join(lines)
 
-    def _ipython_display_(self) -> None:
-        """The live widget in a notebook; the text summary anywhere else."""
-        from IPython import get_ipython
-        from IPython.display import display
-
-        if getattr(get_ipython(), "kernel", None) is None:
-            print(self.summary())
-            return
-        from .widget import TaskWidget
-
-        display(TaskWidget(self))
-
     def __repr__(self) -> str:
         state = "finished" if self.done() else "running"
         return f"<TaskRun {self.task_id!r} {state}, {len(self.history)} rounds>"
@@ -197,11 +184,11 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
         token: the join token participants must present; default
             ``$FEDMAGIC_TOKEN``, else a fresh random one (logged).
         relay_token: the relay operator's token; default ``$FEDMAGIC_RELAY_TOKEN``.
-        dataset_verify: a ``DatasetVerify`` class or file to send with the task;
-            default: the class a ``%%dataset_verify`` cell registered for it.
+        dataset_verify: a ``DatasetVerify`` class or file to send with the task
+            (in a notebook, the class a ``%%dataset_verify`` cell registered for it).
         join_timeout, join_grace, weighted, aggregation, trim, max_weight_share,
             max_samples, upload_timeout, upload_memory: how rounds run; see
-            :class:`fedmagic.policy.RoundPolicy`.
+            :class:`fedmagic.engine.policy.RoundPolicy`.
         allowed_nodes: the only node names that may join (None: anyone with
             the join token), so a token holder cannot take another's name.
         reconnect_window: seconds to keep trying to get the relay back when
@@ -240,8 +227,6 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
                                  "seconds, 0 or more (0: fail the task when the relay is lost)")
     scheduler._check_rounds()
     scheduler._setup(task_id)
-    if dataset_verify is None:
-        dataset_verify = verify_classes.get(task_id)
     package = TaskPackage.from_scheduler(scheduler, task_id, dataset_verify)
     checkpoint = Checkpoint(Path(checkpoint_dir or Path("models") / scheduler.name).absolute())
     history: list[dict[str, Any]] = []
@@ -256,8 +241,7 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
         scheduler.load_state_dict(state)
         scheduler.current_round = done
         log.info("resuming task %r after round %d from %s", task_id, done, checkpoint.directory)
-    token = (token or join_tokens.get(task_id) or os.environ.get("FEDMAGIC_TOKEN")
-             or new_token())
+    token = token or os.environ.get("FEDMAGIC_TOKEN") or new_token()
     relay_token = relay_token or os.environ.get("FEDMAGIC_RELAY_TOKEN")
     url = relay or os.environ.get("FEDMAGIC_RELAY")
     embedded = None

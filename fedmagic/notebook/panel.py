@@ -13,15 +13,14 @@ from __future__ import annotations
 import html
 import threading
 import traceback
-from typing import Any
+from typing import Any, Callable
 
 import ipywidgets as widgets
 
-from .cells import changed
-from .errors import VerificationFailed
-from .joining import JoinRun, start_join
-from .participant import describe_failure, verify_data
-from .task import TaskPackage
+from ..errors import VerificationFailed
+from ..engine.joining import JoinRun, start_join
+from ..engine.participant import describe_failure, verify_data
+from ..engine.task import TaskPackage
 
 __all__ = ["ParticipantPanel"]
 
@@ -31,7 +30,9 @@ LOG_LINES = 8
 class ParticipantPanel(widgets.VBox):
     """Join ``task`` at ``url`` as ``node``: review, verify, accept, train."""
 
-    def __init__(self, url: str, task: str, token: str, node: str, wait: float = 300.0) -> None:
+    def __init__(self, url: str, task: str, token: str, node: str, wait: float = 300.0,
+                 on_change: Callable[[], None] = lambda: None) -> None:
+        self._on_change = on_change
         self.url, self.task_id, self.token, self.node, self.wait = url, task, token, node, wait
         self.summary = widgets.HTML(f"connecting to {html.escape(url)} as "
                                     f"<b>{html.escape(node)}</b>, waiting for task "
@@ -123,7 +124,7 @@ class ParticipantPanel(widgets.VBox):
                 "<b style='color:#c62828'>verification failed</b>")
         self.verification.value = f"{mark}: {html.escape(detail)}{trace}"
         self.verified = (passed, detail)
-        changed()
+        self._on_change()
         return passed
 
     def leave(self) -> None:
@@ -145,7 +146,7 @@ class ParticipantPanel(widgets.VBox):
                                   f"accepted before (hash <code>{package.code_hash[:16]}</code>)"
                                   ", joining")
             self._code_shown.set()
-            changed()
+            self._on_change()
             return True
         notice = ("<b>The code changed since you accepted it.</b> "
                   if self.accepted_hash is not None else "")
@@ -162,13 +163,13 @@ class ParticipantPanel(widgets.VBox):
         for button in (self.verify_button, self.accept_button, self.decline_button):
             button.disabled = False
         self._code_shown.set()
-        changed()
+        self._on_change()
         self._decision.wait()
         for button in (self.accept_button, self.decline_button):
             button.disabled = True
         if self._accepted:
             self.accepted_hash = package.code_hash
-        changed()
+        self._on_change()
         return self._accepted
 
     def _decide(self, accept: bool) -> None:
@@ -178,7 +179,7 @@ class ParticipantPanel(widgets.VBox):
 
     def _on_event(self, kind: str, details: dict[str, Any]) -> None:
         self._show(kind, details)
-        changed()
+        self._on_change()
 
     def _show(self, kind: str, details: dict[str, Any]) -> None:
         if kind == "log":

@@ -16,14 +16,14 @@ import traceback
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable
 
-from .codec import Frame, Kind, StateReader
-from .errors import (ConnectionLost, DataNotFound, ProtocolError, RelayRefused,
+from ..wire.codec import Frame, Kind, StateReader
+from ..errors import (ConnectionLost, DataNotFound, ProtocolError, RelayRefused,
                      TaskDefinitionError, TaskFailed, VerificationFailed)
-from .link import Link
+from ..wire.link import Link
 from .task import TaskPackage
 
 if TYPE_CHECKING:
-    from .fed_avg import FedAvgScheduler
+    from .scheduler import FedAvgScheduler
 
 __all__ = ["JoinOutcome", "ParticipantRuntime", "describe_failure"]
 

@@ -20,13 +20,13 @@ from typing import IO
 
 from jupyter_client import KernelManager
 
-from .cells import running_tasks
-from .digits import write_partitions
+from .session import loaded_session
+from ..digits import write_partitions
 
 __all__ = ["LocalParticipants"]
 
 _JOIN = """\
-from fedmagic.joining import start_join
+from fedmagic.engine.joining import start_join
 fedmagic_join = start_join({url!r}, {task!r}, {token!r}, {node!r},
                            consent=lambda package: True, wait={wait!r})
 """
@@ -97,7 +97,7 @@ class LocalParticipants:
 
     def _shutdown_when_task_ends(self) -> None:
         while not self._stopped.wait(0.5):
-            run = running_tasks.get(self.task_id)
+            run = loaded_session(create=True).tasks.get(self.task_id)
             if run is not None and run.done():
                 self.shutdown()
 

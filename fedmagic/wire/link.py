@@ -12,7 +12,7 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import (ConcurrencyError, ConnectionClosed, InvalidHandshake,
                                    InvalidURI)
 
-from .errors import ConnectionLost, RelayRefused
+from ..errors import ConnectionLost, RelayRefused
 from .frames import CHUNK_BYTES, MAX_HEADER_BYTES, PROTOCOL_VERSION, Frame, Kind
 
 if TYPE_CHECKING:

@@ -1,0 +1,203 @@
+"""``FedAvgScheduler``: the class a task author subclasses.
+
+The names and meanings follow the reference tutorial, so a scheduler written
+for it runs here unchanged: the author supplies the model, the data loaders,
+``train``, ``test`` and the state to average; fedmagic runs the rounds.
+"""
+
+from __future__ import annotations
+
+import abc
+import logging
+import numbers
+from typing import Any, Dict
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from ..errors import ConfigurationError, TaskDefinitionError, TaskFailed
+from .aggregate import check_state
+from .checkpoint import check_folder_name
+from .context import current_context
+
+__all__ = ["FedAvgScheduler"]
+
+log = logging.getLogger("fedmagic")
+
+_REQUIRED = ("make_model", "make_train_dataloader", "make_test_dataloader", "state_dict",
+             "load_state_dict", "train", "test")
+
+
+class FedAvgScheduler(abc.ABC):
+    """A federated-averaging task: subclass it, then call ``launch_task``.
+
+    Args:
+        min_clients: the fewest participants a round needs; fewer fails the task.
+        max_clients: the most participants a round uses; extra ones wait.
+        name: the task's name (checkpoints go to ``models/<name>/``);
+            defaults to the task id.
+        max_rounds: the task ends after this many rounds (unless
+            ``is_task_finished`` is overridden).
+        merge_epochs: local epochs (calls of ``train()``) between averagings.
+        calculation_timeout: seconds a participant has to train and report
+            before it is left out of the round.
+        log_rounds: run ``test()`` every this many rounds (always after
+            round 1 and the last round).
+        is_centralized: only ``True`` (one aggregator) is supported.
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> FedAvgScheduler:
+        missing = [name for name in _REQUIRED if name in getattr(cls, "__abstractmethods__", ())]
+        if missing:
+            raise TaskDefinitionError(
+                cls.__name__, f"does not define {', '.join(name + '()' for name in missing)}",
+                "a FedAvgScheduler implements " + ", ".join(_REQUIRED))
+        scheduler = super().__new__(cls)
+        # What participants rebuild the scheduler from: the author's own call.
+        scheduler._init_call = (args, kwargs)
+        return scheduler
+
+    def __init__(self, min_clients: int, max_clients: int, name: str | None = None,
+                 max_rounds: int = 0, merge_epochs: int = 1, calculation_timeout: float = 300,
+                 log_rounds: int = 0, is_centralized: bool = True, **unknown: Any) -> None:
+        if unknown:
+            parameter = next(iter(unknown))
+            hint = " (did you mean merge_epochs?)" if parameter == "merge_epoch" else ""
+            raise TypeError(f"FedAvgScheduler got an unexpected keyword argument "
+                            f"{parameter!r}{hint}")
+        _whole("min_clients", min_clients, minimum=1)
+        _whole("max_clients", max_clients, minimum=1)
+        if max_clients < min_clients:
+            raise ConfigurationError("max_clients", max_clients,
+                                     f"must be at least min_clients ({min_clients})")
+        _whole("max_rounds", max_rounds, minimum=0)
+        _whole("merge_epochs", merge_epochs, minimum=1)
+        _whole("log_rounds", log_rounds, minimum=0)
+        if (not isinstance(calculation_timeout, numbers.Real)
+                or isinstance(calculation_timeout, bool) or not calculation_timeout > 0):
+            raise ConfigurationError("calculation_timeout", calculation_timeout,
+                                     "must be a positive number of seconds")
+        if name is not None and (not isinstance(name, str) or not name.strip()):
+            raise ConfigurationError("name", name, "must be a non-empty string, or None "
+                                     "to use the task id")
+        if name is not None:
+            check_folder_name("name", name)
+        if is_centralized is not True:
+            raise ConfigurationError("is_centralized", is_centralized,
+                                     "decentralized FedAvg (an aggregator elected each round) "
+                                     "is not supported yet; use is_centralized=True")
+        self.min_clients = min_clients
+        self.max_clients = max_clients
+        self.name = name
+        self.max_rounds = max_rounds
+        self.merge_epochs = merge_epochs
+        self.calculation_timeout = float(calculation_timeout)
+        self.log_rounds = log_rounds
+        self.is_centralized = is_centralized
+        self.task_id: str | None = None
+        self.current_round = 0
+        self.model: nn.Module | None = None
+        self._context_validated = False
+
+    # What every task defines.
+
+    @abc.abstractmethod
+    def make_model(self) -> nn.Module:
+        """The model to train; attach an optimizer to ``self`` here if you need one."""
+
+    @abc.abstractmethod
+    def make_train_dataloader(self) -> DataLoader:
+        """The loader over this node's training data."""
+
+    @abc.abstractmethod
+    def make_test_dataloader(self) -> DataLoader:
+        """The loader over the test data the initiator evaluates on."""
+
+    @abc.abstractmethod
+    def state_dict(self) -> Dict[str, torch.Tensor]:
+        """The tensors FedAvg averages; usually ``self.model.state_dict()``."""
+
+    @abc.abstractmethod
+    def load_state_dict(self, state_dict: Dict[str, torch.Tensor]) -> None:
+        """Put averaged tensors back; the mirror of ``state_dict``."""
+
+    @abc.abstractmethod
+    def train(self) -> None:
+        """One local epoch on this node's data."""
+
+    @abc.abstractmethod
+    def test(self) -> Dict[str, Any]:
+        """Evaluate ``self.model``; the numbers returned are the task's metrics."""
+
+    # What a task may override.
+
+    def validate_context(self) -> None:
+        """Check this node can run the task; overrides must call this first."""
+        self._context_validated = True
+        if not isinstance(self.model, nn.Module):
+            raise TaskDefinitionError(type(self).__name__, "has no model",
+                                      "make_model() must return a torch.nn.Module")
+        check_state(self.state_dict())
+
+    def is_task_finished(self) -> bool:
+        """Whether to stop after the current round; by default at ``max_rounds``."""
+        return self._is_reach_max_rounds()
+
+    def _is_reach_max_rounds(self) -> bool:
+        return self.current_round >= self.max_rounds
+
+    # Running it.
+
+    def launch_task(self, task_id: str, **options: Any) -> Any:
+        """Run this task as its initiator and return its ``TaskResult``.
+
+        In a ``%%fedavg_task`` cell, the task starts in the background and its
+        ``TaskRun`` is returned at once (with ``--wait``, the ``TaskResult``);
+        in a participant rebuilding the task from its code, nothing happens.
+
+        Args:
+            task_id: the id participants join with.
+            **options: see :func:`fedmagic.engine.launch.start_task` (relay, token,
+                join_timeout, resume, weighted, dataset_verify...).
+
+        Raises:
+            TaskFailed: if the task ends before ``is_task_finished()``.
+        """
+        context = current_context()
+        if context is not None and context.launch is not None:
+            return context.launch(self, task_id, options)
+        from .launch import run_task
+
+        try:
+            return run_task(self, task_id, **options)
+        except (TaskFailed, KeyboardInterrupt) as exc:
+            # Expected endings: their message says it all, fedmagic's frames add nothing.
+            raise exc.with_traceback(None) from None
+
+    def _setup(self, task_id: str) -> None:
+        """Build the model and check the state it exposes, before round 1."""
+        if not hasattr(self, "_context_validated"):
+            raise TaskDefinitionError(type(self).__name__, "did not run FedAvgScheduler's "
+                                      "__init__", "call super().__init__(...) in __init__")
+        self.task_id = task_id
+        if self.name is None:
+            check_folder_name("task_id", task_id)
+            self.name = task_id
+        model = self.make_model()
+        if not isinstance(model, nn.Module):
+            raise TaskDefinitionError(type(self).__name__, f"make_model() returned a "
+                                      f"{type(model).__name__}", "return a torch.nn.Module")
+        self.model = model
+        check_state(self.state_dict())
+
+    def _check_rounds(self) -> None:
+        overrides_finish = type(self).is_task_finished is not FedAvgScheduler.is_task_finished
+        if self.max_rounds <= 0 and not overrides_finish:
+            raise ConfigurationError("max_rounds", self.max_rounds, "must be positive, or "
+                                     "override is_task_finished() to decide when to stop")
+
+
+def _whole(name: str, value: Any, minimum: int) -> None:
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise ConfigurationError(name, value, f"must be a whole number, at least {minimum}")
