@@ -25,7 +25,7 @@ _bridge = None
 
 def __getattr__(name: str) -> object:
     if name == "FedAvgScheduler":
-        from .engine.scheduler import FedAvgScheduler
+        from .fed_avg import FedAvgScheduler
 
         globals()[name] = FedAvgScheduler  # later lookups skip this function
         return FedAvgScheduler

@@ -136,10 +136,10 @@ def _join(options: argparse.Namespace) -> int:
 
     from tqdm import tqdm
 
-    from .errors import FedMagicError
     from .engine.participant import ParticipantRuntime
-    from .wire.sessions import join_relay
     from .engine.task import TaskPackage
+    from .errors import FedMagicError
+    from .wire.sessions import join_relay
 
     if not options.token:
         print("fedmagic join: pass --token (or set FEDMAGIC_TOKEN): the task's author "
@@ -263,18 +263,18 @@ def _demo(options: argparse.Namespace) -> int:
             cwd=layout.initiator.workdir, env=env)
         # Participants hear the task end at once; give them a moment to say so.
         deadline = time.monotonic() + (30 if initiator.returncode == 0 else 5)
-        for party, log, process in joins:
+        for _, _, process in joins:
             try:
                 process.wait(timeout=max(deadline - time.monotonic(), 0.1))
             except subprocess.TimeoutExpired:
                 pass
     finally:
-        for party, log, process in joins:
+        for _, log, process in joins:
             if process.poll() is None:
                 process.terminate()
                 process.wait(timeout=10)
             log.close()
-    for party, log, process in joins:
+    for party, _, process in joins:
         print(f"{party.name}: exit {process.returncode}, log in {party.workdir / 'join.log'}")
     return initiator.returncode or max(process.returncode for _, _, process in joins)
 

@@ -18,8 +18,8 @@ from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 
-from ..wire.codec import DTYPES
 from ..errors import AggregationError, UnsupportedTensor
+from ..wire.codec import DTYPES
 
 __all__ = ["WeightedMean", "check_state", "coordinate_median", "non_finite", "trimmed_mean",
            "weighted_mean"]

@@ -13,15 +13,14 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import Any, Callable, Iterator
 
-if TYPE_CHECKING:
-    from .scheduler import FedAvgScheduler
+from .scheduler import Scheduler
 
 __all__ = ["CodeContext", "current_context", "running_code"]
 
 #: What ``launch_task(task_id, **options)`` does instead of running the task to its end.
-Launch = Callable[["FedAvgScheduler", str, dict[str, Any]], Any]
+Launch = Callable[[Scheduler, str, dict[str, Any]], Any]
 
 
 @dataclass(frozen=True)

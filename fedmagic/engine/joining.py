@@ -13,8 +13,8 @@ import threading
 from typing import Any, Callable
 
 from ..log import log_sink
-from .participant import RECONNECT_WINDOW, Consent, JoinOutcome, ParticipantRuntime
 from ..wire.sessions import join_relay
+from .participant import RECONNECT_WINDOW, Consent, JoinOutcome, ParticipantRuntime
 
 __all__ = ["JoinRun", "start_join"]
 

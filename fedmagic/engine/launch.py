@@ -18,19 +18,17 @@ import shlex
 import threading
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Coroutine
+from typing import Any, Callable, Coroutine
 
-from .checkpoint import Checkpoint
 from ..errors import ConfigurationError
-from ..wire.link import Link
 from ..log import log_sink
-from .policy import RoundPolicy
+from ..wire.link import Link
 from ..wire.relay import DEFAULT_PORT, EmbeddedRelay, Relay, new_token
+from .checkpoint import Checkpoint
+from .policy import RoundPolicy
 from .rounds import Aggregator, Participant, TaskResult, metrics_of, metrics_text
+from .scheduler import Scheduler
 from .task import TaskPackage
-
-if TYPE_CHECKING:
-    from .scheduler import FedAvgScheduler
 
 __all__ = ["TaskRun", "run_task", "start_task"]
 
@@ -165,7 +163,7 @@ class TaskRun:
         return f"<TaskRun {self.task_id!r} {state}, {len(self.history)} rounds>"
 
 
-def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = None,
+def start_task(scheduler: Scheduler, task_id: str, *, relay: str | None = None,
                token: str | None = None, relay_token: str | None = None,
                dataset_verify: Any = None, join_timeout: float = 300.0, join_grace: float = 3.0,
                resume: bool | None = None, weighted: bool = True, aggregation: str = "mean",
@@ -279,7 +277,7 @@ def start_task(scheduler: FedAvgScheduler, task_id: str, *, relay: str | None = 
     return run
 
 
-def run_task(scheduler: FedAvgScheduler, task_id: str, **options: Any) -> TaskResult:
+def run_task(scheduler: Scheduler, task_id: str, **options: Any) -> TaskResult:
     """Run a task as its initiator until it ends; Ctrl-C stops it and tells everyone.
 
     Takes the options of :func:`start_task`.

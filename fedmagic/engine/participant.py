@@ -14,16 +14,21 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
+from ..errors import (
+    ConnectionLost,
+    DataNotFound,
+    ProtocolError,
+    RelayRefused,
+    TaskDefinitionError,
+    TaskFailed,
+    VerificationFailed,
+)
 from ..wire.codec import Frame, Kind, StateReader
-from ..errors import (ConnectionLost, DataNotFound, ProtocolError, RelayRefused,
-                     TaskDefinitionError, TaskFailed, VerificationFailed)
 from ..wire.link import Link
+from .scheduler import Scheduler
 from .task import TaskPackage
-
-if TYPE_CHECKING:
-    from .scheduler import FedAvgScheduler
 
 __all__ = ["JoinOutcome", "ParticipantRuntime", "describe_failure"]
 
@@ -69,7 +74,7 @@ class ParticipantRuntime:
         self.consent = consent
         self.on_event = on_event or (lambda kind, details: None)
         self.reconnect_window = reconnect_window
-        self.scheduler: FedAvgScheduler | None = None
+        self.scheduler: Scheduler | None = None
         self.samples = 0
         self.rounds = 0
         #: The code hash this node consented to and verified its data for.
@@ -114,7 +119,7 @@ class ParticipantRuntime:
         finally:
             await self.link.close()
 
-    def _prepare(self, package: TaskPackage) -> tuple[FedAvgScheduler, int]:
+    def _prepare(self, package: TaskPackage) -> tuple[Scheduler, int]:
         scheduler = package.build_scheduler()
         scheduler._setup(package.task_id)
         verify_data(package, self.node)

@@ -26,21 +26,26 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import torch
 
+from ..errors import (
+    CodecError,
+    ConnectionLost,
+    NotEnoughParticipants,
+    RelayRefused,
+    RemoteError,
+    TaskFailed,
+    UpdateRejected,
+)
+from ..wire.codec import Frame, Kind, StateReader
+from ..wire.link import WELCOME_TIMEOUT, Link
 from .aggregate import WeightedMean, coordinate_median, non_finite, trimmed_mean
 from .checkpoint import Checkpoint
-from ..wire.codec import Frame, Kind, StateReader
-from ..errors import (CodecError, ConnectionLost, NotEnoughParticipants, RelayRefused,
-                     RemoteError, TaskFailed, UpdateRejected)
-from ..wire.link import WELCOME_TIMEOUT, Link
 from .policy import RoundPolicy, over_share, sit_out_rounds
+from .scheduler import Scheduler
 from .task import TaskPackage
-
-if TYPE_CHECKING:
-    from .scheduler import FedAvgScheduler
 
 __all__ = ["Aggregator", "Participant", "TaskResult"]
 
@@ -161,8 +166,8 @@ class Aggregator:
             0 fails the task at once.
     """
 
-    def __init__(self, scheduler: FedAvgScheduler, package: TaskPackage, link: Link, *,
-                 checkpoint: Checkpoint, policy: RoundPolicy = RoundPolicy(),
+    def __init__(self, scheduler: Scheduler, package: TaskPackage, link: Link, *,
+                 checkpoint: Checkpoint, policy: RoundPolicy | None = None,
                  history: list[dict[str, Any]] | None = None,
                  on_event: Callable[[str], None] | None = None,
                  reconnect_window: float = 0.0) -> None:
@@ -170,7 +175,7 @@ class Aggregator:
         self.package = package
         self.link = link
         self.checkpoint = checkpoint
-        self.policy = policy
+        self.policy = policy or RoundPolicy()
         self.history = history or []
         self.on_event = on_event
         self.reconnect_window = reconnect_window

@@ -1,8 +1,11 @@
-"""``FedAvgScheduler``: the class a task author subclasses.
+"""What a task defines, as the engine runs it: ``FedAvgScheduler`` without ``launch_task``.
 
 The names and meanings follow the reference tutorial, so a scheduler written
 for it runs here unchanged: the author supplies the model, the data loaders,
 ``train``, ``test`` and the state to average; fedmagic runs the rounds.
+Authors subclass :class:`fedmagic.fed_avg.FedAvgScheduler`, which adds the
+one method that starts the engine; everything the engine asks of a task is
+here, so no part of the engine imports what starts it.
 """
 
 from __future__ import annotations
@@ -16,12 +19,11 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from ..errors import ConfigurationError, TaskDefinitionError, TaskFailed
+from ..errors import ConfigurationError, TaskDefinitionError
 from .aggregate import check_state
 from .checkpoint import check_folder_name
-from .context import current_context
 
-__all__ = ["FedAvgScheduler"]
+__all__ = ["Scheduler"]
 
 log = logging.getLogger("fedmagic")
 
@@ -29,8 +31,8 @@ _REQUIRED = ("make_model", "make_train_dataloader", "make_test_dataloader", "sta
              "load_state_dict", "train", "test")
 
 
-class FedAvgScheduler(abc.ABC):
-    """A federated-averaging task: subclass it, then call ``launch_task``.
+class Scheduler(abc.ABC):
+    """A federated-averaging task: what it trains, on what, and for how many rounds.
 
     Args:
         min_clients: the fewest participants a round needs; fewer fails the task.
@@ -47,7 +49,7 @@ class FedAvgScheduler(abc.ABC):
         is_centralized: only ``True`` (one aggregator) is supported.
     """
 
-    def __new__(cls, *args: Any, **kwargs: Any) -> FedAvgScheduler:
+    def __new__(cls, *args: Any, **kwargs: Any) -> Scheduler:
         missing = [name for name in _REQUIRED if name in getattr(cls, "__abstractmethods__", ())]
         if missing:
             raise TaskDefinitionError(
@@ -149,32 +151,6 @@ class FedAvgScheduler(abc.ABC):
 
     # Running it.
 
-    def launch_task(self, task_id: str, **options: Any) -> Any:
-        """Run this task as its initiator and return its ``TaskResult``.
-
-        In a ``%%fedavg_task`` cell, the task starts in the background and its
-        ``TaskRun`` is returned at once (with ``--wait``, the ``TaskResult``);
-        in a participant rebuilding the task from its code, nothing happens.
-
-        Args:
-            task_id: the id participants join with.
-            **options: see :func:`fedmagic.engine.launch.start_task` (relay, token,
-                join_timeout, resume, weighted, dataset_verify...).
-
-        Raises:
-            TaskFailed: if the task ends before ``is_task_finished()``.
-        """
-        context = current_context()
-        if context is not None and context.launch is not None:
-            return context.launch(self, task_id, options)
-        from .launch import run_task
-
-        try:
-            return run_task(self, task_id, **options)
-        except (TaskFailed, KeyboardInterrupt) as exc:
-            # Expected endings: their message says it all, fedmagic's frames add nothing.
-            raise exc.with_traceback(None) from None
-
     def _setup(self, task_id: str) -> None:
         """Build the model and check the state it exposes, before round 1."""
         if not hasattr(self, "_context_validated"):
@@ -192,7 +168,7 @@ class FedAvgScheduler(abc.ABC):
         check_state(self.state_dict())
 
     def _check_rounds(self) -> None:
-        overrides_finish = type(self).is_task_finished is not FedAvgScheduler.is_task_finished
+        overrides_finish = type(self).is_task_finished is not Scheduler.is_task_finished
         if self.max_rounds <= 0 and not overrides_finish:
             raise ConfigurationError("max_rounds", self.max_rounds, "must be positive, or "
                                      "override is_task_finished() to decide when to stop")

@@ -17,16 +17,14 @@ import os
 import re
 import sys
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import msgpack
 
-from .context import CodeContext, current_context, running_code
-from ..wire.codec import PROTOCOL_VERSION, Kind
 from ..errors import ConfigurationError, ProtocolError, TaskDefinitionError
-
-if TYPE_CHECKING:
-    from .scheduler import FedAvgScheduler
+from ..wire.codec import PROTOCOL_VERSION, Kind
+from .context import CodeContext, current_context, running_code
+from .scheduler import Scheduler
 
 __all__ = ["TaskPackage"]
 
@@ -41,7 +39,7 @@ def _received(source: str, filename: str) -> CodeContext:
     return CodeContext(source, filename, launch=_launch_nothing)
 
 
-def _launch_nothing(scheduler: FedAvgScheduler, task_id: str, options: dict[str, Any]) -> None:
+def _launch_nothing(scheduler: Scheduler, task_id: str, options: dict[str, Any]) -> None:
     log.debug("launch_task(%r) skipped: this node is a participant", task_id)
 
 
@@ -58,7 +56,7 @@ class TaskPackage:
     verify_source: str | None = None
 
     @classmethod
-    def from_scheduler(cls, scheduler: FedAvgScheduler, task_id: str,
+    def from_scheduler(cls, scheduler: Scheduler, task_id: str,
                        dataset_verify: Any = None) -> TaskPackage:
         """Pack a scheduler built by the author's code.
 
@@ -132,14 +130,12 @@ class TaskPackage:
             raise ProtocolError("initiator", "the task's code hash does not match its code")
         return package
 
-    def build_scheduler(self) -> FedAvgScheduler:
+    def build_scheduler(self) -> Scheduler:
         """Run the source, launching nothing, and build the scheduler."""
-        from .scheduler import FedAvgScheduler
-
         label = self._label(self.filename)
         namespace = _run_source(self.source, label)
         scheduler_cls = namespace.get(self.class_name)
-        if not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, FedAvgScheduler)):
+        if not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, Scheduler)):
             raise TaskDefinitionError(self.class_name, "is not defined by the task's source",
                                       "define the FedAvgScheduler subclass at the top level")
         with running_code(_received(self.source, label)):

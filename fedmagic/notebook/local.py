@@ -20,8 +20,8 @@ from typing import IO
 
 from jupyter_client import KernelManager
 
-from .session import loaded_session
 from ..digits import write_partitions
+from .session import loaded_session
 
 __all__ = ["LocalParticipants"]
 

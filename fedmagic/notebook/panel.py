@@ -17,10 +17,10 @@ from typing import Any, Callable
 
 import ipywidgets as widgets
 
-from ..errors import VerificationFailed
 from ..engine.joining import JoinRun, start_join
 from ..engine.participant import describe_failure, verify_data
 from ..engine.task import TaskPackage
+from ..errors import VerificationFailed
 
 __all__ = ["ParticipantPanel"]
 

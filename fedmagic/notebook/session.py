@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from ..engine.context import CodeContext
 from ..engine.launch import TaskRun, start_task
+from ..engine.scheduler import Scheduler
 
 if TYPE_CHECKING:
-    from ..engine.scheduler import FedAvgScheduler
     from .panel import ParticipantPanel
 
 __all__ = ["KernelSession", "loaded_session"]
@@ -77,12 +77,12 @@ class KernelSession:
             wait: ``launch_task`` blocks until the task ends and returns its result.
             options: ``launch_task`` options from the magic's line; the call's own win.
         """
-        def launch(scheduler: FedAvgScheduler, task_id: str, given: dict[str, Any]) -> Any:
+        def launch(scheduler: Scheduler, task_id: str, given: dict[str, Any]) -> Any:
             return self._launch(scheduler, task_id, {**(options or {}), **given}, wait)
 
         return CodeContext(source, filename, launch)
 
-    def _launch(self, scheduler: FedAvgScheduler, task_id: str, options: dict[str, Any],
+    def _launch(self, scheduler: Scheduler, task_id: str, options: dict[str, Any],
                 wait: bool) -> Any:
         from IPython import get_ipython
         from IPython.display import display

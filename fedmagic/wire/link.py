@@ -9,8 +9,7 @@ import time
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from websockets.asyncio.client import ClientConnection, connect
-from websockets.exceptions import (ConcurrencyError, ConnectionClosed, InvalidHandshake,
-                                   InvalidURI)
+from websockets.exceptions import ConcurrencyError, ConnectionClosed, InvalidHandshake, InvalidURI
 
 from ..errors import ConnectionLost, RelayRefused
 from .frames import CHUNK_BYTES, MAX_HEADER_BYTES, PROTOCOL_VERSION, Frame, Kind

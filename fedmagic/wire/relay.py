@@ -555,7 +555,7 @@ class Relay:
         outcomes = await asyncio.gather(
             *(target.outbox.put(message, size, sender=task.initiator) for target in full),
             return_exceptions=True)
-        for target, outcome in zip(full, outcomes):
+        for target, outcome in zip(full, outcomes, strict=True):
             if isinstance(outcome, _TooSlow):
                 self._drop(task, target, f"too slow: {outcome}")
             elif isinstance(outcome, BaseException):
