@@ -16,8 +16,14 @@ from .log import logger
 if TYPE_CHECKING:
     from .engine.launch import TaskRun
 
-__all__ = ["FedAvgScheduler", "load_ipython_extension", "logger", "running_task",
-           "unload_ipython_extension", "__version__"]
+__all__ = [
+    "FedAvgScheduler",
+    "load_ipython_extension",
+    "logger",
+    "running_task",
+    "unload_ipython_extension",
+    "__version__",
+]
 __version__ = "0.1.0"
 
 _bridge = None
@@ -60,7 +66,8 @@ def load_ipython_extension(ipython) -> None:
     session = loaded_session(create=True)
     ipython.register_magics(FedMagics(ipython, session))
     ipython.display_formatter.ipython_display_formatter.for_type_by_name(
-        "fedmagic.engine.launch", "TaskRun", show_task)
+        "fedmagic.engine.launch", "TaskRun", show_task
+    )
     global _bridge
     if _bridge is None and getattr(ipython, "kernel", None) is not None:
         from .notebook.lab import LabBridge
@@ -76,6 +83,9 @@ def unload_ipython_extension(ipython) -> None:
         _bridge = None
     for kind in ("line", "cell"):
         table = ipython.magics_manager.magics[kind]
-        for name in [name for name, function in table.items()
-                     if type(getattr(function, "__self__", None)).__name__ == "FedMagics"]:
+        for name in [
+            name
+            for name, function in table.items()
+            if type(getattr(function, "__self__", None)).__name__ == "FedMagics"
+        ]:
             del table[name]

@@ -21,102 +21,152 @@ EXAMPLE = Path(__file__).with_name("examples") / "digits_task.py"
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedmagic", description="Federated averaging "
-                                     "across data owners, from Jupyter or the command line.")
+    parser = argparse.ArgumentParser(
+        prog="fedmagic",
+        description="Federated averaging across data owners, from Jupyter or the command line.",
+    )
     commands = parser.add_subparsers(dest="command", required=True)
 
-    relay = commands.add_parser("relay", help="run a relay that initiators and participants "
-                                "connect to")
-    relay.add_argument("--host", default="127.0.0.1", help="address to listen on "
-                       "(default 127.0.0.1; 0.0.0.0 for every interface)")
+    relay = commands.add_parser(
+        "relay", help="run a relay that initiators and participants connect to"
+    )
+    relay.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)",
+    )
     relay.add_argument("--port", type=int, default=8765)
-    relay.add_argument("--token", default=os.environ.get("FEDMAGIC_RELAY_TOKEN"),
-                       help="a token initiators must present to create tasks "
-                       "(default $FEDMAGIC_RELAY_TOKEN; none: anyone may)")
+    relay.add_argument(
+        "--token",
+        default=os.environ.get("FEDMAGIC_RELAY_TOKEN"),
+        help="a token initiators must present to create tasks "
+        "(default $FEDMAGIC_RELAY_TOKEN; none: anyone may)",
+    )
     relay.add_argument("--certfile", help="TLS certificate (PEM) to serve wss://")
     relay.add_argument("--keyfile", help="TLS private key (PEM), if not in --certfile")
-    relay.add_argument("--max-connections", type=int, help="connections served at once, "
-                       "beyond which clients hear 'relay busy' (default: from the open-file "
-                       "limit, which the relay raises to its hard limit)")
-    relay.add_argument("--max-waiting", type=int, help="joins held waiting for a task that "
-                       "has not started (default 256, at most half the connections)")
-    relay.add_argument("--max-waiting-per-address", type=int,
-                       help="of those, from one IP address (default 16)")
-    relay.add_argument("--max-mib-per-second", type=float,
-                       help="MiB per second one connection may send, after a burst; a faster "
-                       "sender is read slower (default 512)")
+    relay.add_argument(
+        "--max-connections",
+        type=int,
+        help="connections served at once, "
+        "beyond which clients hear 'relay busy' (default: from the open-file "
+        "limit, which the relay raises to its hard limit)",
+    )
+    relay.add_argument(
+        "--max-waiting",
+        type=int,
+        help="joins held waiting for a task that "
+        "has not started (default 256, at most half the connections)",
+    )
+    relay.add_argument(
+        "--max-waiting-per-address", type=int, help="of those, from one IP address (default 16)"
+    )
+    relay.add_argument(
+        "--max-mib-per-second",
+        type=float,
+        help="MiB per second one connection may send, after a burst; a faster "
+        "sender is read slower (default 512)",
+    )
 
     join = commands.add_parser("join", help="take part in a task from this machine")
     join.add_argument("url", help="the relay, e.g. ws://127.0.0.1:8765")
     join.add_argument("--task", required=True, help="the task id")
-    join.add_argument("--token", default=os.environ.get("FEDMAGIC_TOKEN"),
-                      help="the task's join token (default $FEDMAGIC_TOKEN)")
-    join.add_argument("--node", default=socket.gethostname(),
-                      help="this node's name (default: the host name)")
+    join.add_argument(
+        "--token",
+        default=os.environ.get("FEDMAGIC_TOKEN"),
+        help="the task's join token (default $FEDMAGIC_TOKEN)",
+    )
+    join.add_argument(
+        "--node", default=socket.gethostname(), help="this node's name (default: the host name)"
+    )
     join.add_argument("--yes", action="store_true", help="accept the task's code without asking")
-    join.add_argument("--wait", type=float, default=300.0,
-                      help="seconds to wait for the relay and the task to appear (default 300)")
-    join.add_argument("--reconnect-window", type=float, metavar="SECONDS",
-                      help="once in a task, keep trying this long to get back to it when the "
-                      "relay or the initiator's connection drops, without consenting again "
-                      "(default 60; 0: give up at once)")
+    join.add_argument(
+        "--wait",
+        type=float,
+        default=300.0,
+        help="seconds to wait for the relay and the task to appear (default 300)",
+    )
+    join.add_argument(
+        "--reconnect-window",
+        type=float,
+        metavar="SECONDS",
+        help="once in a task, keep trying this long to get back to it when the "
+        "relay or the initiator's connection drops, without consenting again "
+        "(default 60; 0: give up at once)",
+    )
     join.add_argument("--workdir", help="run the task in this directory (default: here)")
     join.add_argument("--cafile", help="CA bundle to trust for a wss:// relay")
 
-    digits = commands.add_parser("digits", help="write handwritten digits as MNIST files, "
-                                 "one directory per party")
+    digits = commands.add_parser(
+        "digits", help="write handwritten digits as MNIST files, one directory per party"
+    )
     digits.add_argument("workdir")
     digits.add_argument("--participants", type=int, default=3)
     digits.add_argument("--split", default="iid", choices=("iid", "by-label"))
-    digits.add_argument("--data-dir", default="demo_task/data",
-                        help="where, inside each party's directory (default demo_task/data)")
+    digits.add_argument(
+        "--data-dir",
+        default="demo_task/data",
+        help="where, inside each party's directory (default demo_task/data)",
+    )
     digits.add_argument("--seed", type=int, default=0)
 
-    demo = commands.add_parser("demo", help="run a whole task on this machine: digits data, "
-                               "participant processes and the initiator")
+    demo = commands.add_parser(
+        "demo",
+        help="run a whole task on this machine: digits data, "
+        "participant processes and the initiator",
+    )
     demo.add_argument("--participants", type=int, default=3)
     demo.add_argument("--rounds", type=int, default=10)
     demo.add_argument("--split", default="iid", choices=("iid", "by-label"))
     demo.add_argument("--workdir", help="default: a new temporary directory")
 
     options = parser.parse_args(argv)
-    return {"relay": _relay, "join": _join, "digits": _digits, "demo": _demo}[
-        options.command](options)
+    return {"relay": _relay, "join": _join, "digits": _digits, "demo": _demo}[options.command](
+        options
+    )
 
 
 def _relay(options: argparse.Namespace) -> int:
     from .wire.relay import Relay, RelayLimits, log, raise_open_file_limit, serve_relay, ssl_context
 
-    for name in ("max_connections", "max_waiting", "max_waiting_per_address",
-                 "max_mib_per_second"):
+    for name in ("max_connections", "max_waiting", "max_waiting_per_address", "max_mib_per_second"):
         value = getattr(options, name)
         if value is not None and value <= 0:
-            print(f"fedmagic relay: --{name.replace('_', '-')} must be positive, not {value:g}",
-                  file=sys.stderr)
+            print(
+                f"fedmagic relay: --{name.replace('_', '-')} must be positive, not {value:g}",
+                file=sys.stderr,
+            )
             return 2
     # One open file per connection: the usual soft limit of 1024 would cap the relay early.
     files = raise_open_file_limit()
     if files is not None:
         before, after = files
-        log.info("open-file limit %d%s", after,
-                 f" (raised from {before})" if after > before else "")
-    chosen = {"max_connections": options.max_connections, "max_waiting": options.max_waiting,
-              "max_waiting_per_address": options.max_waiting_per_address}
+        log.info(
+            "open-file limit %d%s", after, f" (raised from {before})" if after > before else ""
+        )
+    chosen = {
+        "max_connections": options.max_connections,
+        "max_waiting": options.max_waiting,
+        "max_waiting_per_address": options.max_waiting_per_address,
+    }
     if options.max_mib_per_second is not None:
         chosen["max_bytes_per_second"] = options.max_mib_per_second * (1 << 20)
     limits = RelayLimits(**{name: value for name, value in chosen.items() if value is not None})
 
     async def run() -> None:
         context = ssl_context(options.certfile, options.keyfile)
-        server = await serve_relay(Relay(token=options.token, limits=limits), options.host,
-                                   options.port, ssl=context)
+        server = await serve_relay(
+            Relay(token=options.token, limits=limits), options.host, options.port, ssl=context
+        )
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for signum in (signal.SIGINT, signal.SIGTERM):  # before saying so: then it may be stopped
             loop.add_signal_handler(signum, stop.set)
         scheme = "wss" if context else "ws"
-        print(f"fedmagic relay listening on {scheme}://{options.host}:{options.port}"
-              + (" (initiators need the relay token)" if options.token else ""), flush=True)
+        print(
+            f"fedmagic relay listening on {scheme}://{options.host}:{options.port}"
+            + (" (initiators need the relay token)" if options.token else ""),
+            flush=True,
+        )
         await stop.wait()
         server.close()
         await server.wait_closed()
@@ -125,8 +175,11 @@ def _relay(options: argparse.Namespace) -> int:
     try:
         asyncio.run(run())
     except OSError as exc:
-        print(f"fedmagic relay: cannot listen on {options.host}:{options.port}: "
-              f"{exc.strerror or exc}", file=sys.stderr)
+        print(
+            f"fedmagic relay: cannot listen on {options.host}:{options.port}: "
+            f"{exc.strerror or exc}",
+            file=sys.stderr,
+        )
         return 1
     return 0
 
@@ -142,24 +195,36 @@ def _join(options: argparse.Namespace) -> int:
     from .wire.sessions import join_relay
 
     if not options.token:
-        print("fedmagic join: pass --token (or set FEDMAGIC_TOKEN): the task's author "
-              "shares it with the join line", file=sys.stderr)
+        print(
+            "fedmagic join: pass --token (or set FEDMAGIC_TOKEN): the task's author "
+            "shares it with the join line",
+            file=sys.stderr,
+        )
         return 2
     if options.workdir:
         os.chdir(options.workdir)
     bar: dict[str, Any] = {}
 
     def consent(package: TaskPackage) -> bool:
-        verify = ("" if package.verify_source is None else
-                  f" and DatasetVerify code ({len(package.verify_source.splitlines())} lines)")
-        print(f"task {package.task_id!r} runs {package.call}\nfrom {package.filename} "
-              f"({len(package.source.splitlines())} lines){verify}, code hash "
-              f"{package.code_hash}", flush=True)
+        verify = (
+            ""
+            if package.verify_source is None
+            else f" and DatasetVerify code ({len(package.verify_source.splitlines())} lines)"
+        )
+        print(
+            f"task {package.task_id!r} runs {package.call}\nfrom {package.filename} "
+            f"({len(package.source.splitlines())} lines){verify}, code hash "
+            f"{package.code_hash}",
+            flush=True,
+        )
         if options.yes:
             return True
         if not sys.stdin.isatty():
-            print("fedmagic join: not accepting code without a yes; pass --yes to accept "
-                  "non-interactively", file=sys.stderr)
+            print(
+                "fedmagic join: not accepting code without a yes; pass --yes to accept "
+                "non-interactively",
+                file=sys.stderr,
+            )
             return False
         while True:
             answer = input("Run this code on this machine? [y]es / [n]o / [s]how code: ")
@@ -171,13 +236,18 @@ def _join(options: argparse.Namespace) -> int:
     def on_event(kind: str, details: dict[str, Any]) -> None:
         if kind == "verified":
             print(f"data verified: {details['samples']} training samples", flush=True)
-            bar["bar"] = tqdm(total=details["max_rounds"] or None, unit="round",
-                              desc=options.node, dynamic_ncols=True)
+            bar["bar"] = tqdm(
+                total=details["max_rounds"] or None,
+                unit="round",
+                desc=options.node,
+                dynamic_ncols=True,
+            )
         elif kind == "round":
             bar["bar"].set_postfix_str(f"round {details['round']}: training")
         elif kind == "epoch":
-            bar["bar"].set_postfix_str(f"round {details['round']}: epoch "
-                                       f"{details['epoch']}/{details['epochs']}")
+            bar["bar"].set_postfix_str(
+                f"round {details['round']}: epoch {details['epoch']}/{details['epochs']}"
+            )
         elif kind == "uploaded":
             bar["bar"].update(1)
             bar["bar"].set_postfix_str(f"round {details['round']}: update sent")
@@ -191,15 +261,25 @@ def _join(options: argparse.Namespace) -> int:
     importlib.import_module("torchvision")
 
     async def run() -> Any:
-        context = ssl.create_default_context(cafile=options.cafile) \
-            if options.url.startswith("wss:") else None
-        print(f"waiting up to {options.wait:g} s for task {options.task!r} at {options.url} "
-              f"(the relay must be up and the task launched)", flush=True)
-        link = await join_relay(options.url, options.task, options.token, options.node,
-                                wait=options.wait, ssl=context)
+        context = (
+            ssl.create_default_context(cafile=options.cafile)
+            if options.url.startswith("wss:")
+            else None
+        )
+        print(
+            f"waiting up to {options.wait:g} s for task {options.task!r} at {options.url} "
+            f"(the relay must be up and the task launched)",
+            flush=True,
+        )
+        link = await join_relay(
+            options.url, options.task, options.token, options.node, wait=options.wait, ssl=context
+        )
         print(f"joined task {options.task!r} at {options.url} as {options.node!r}", flush=True)
-        window = {} if options.reconnect_window is None else {
-            "reconnect_window": options.reconnect_window}
+        window = (
+            {}
+            if options.reconnect_window is None
+            else {"reconnect_window": options.reconnect_window}
+        )
         return await ParticipantRuntime(link, options.node, consent, on_event, **window).run()
 
     try:
@@ -214,8 +294,10 @@ def _join(options: argparse.Namespace) -> int:
         if "bar" in bar:
             bar["bar"].close()
     if not outcome.ok:
-        print(f"fedmagic join: task {outcome.task_id!r} did not finish: {outcome.reason}",
-              file=sys.stderr)
+        print(
+            f"fedmagic join: task {outcome.task_id!r} did not finish: {outcome.reason}",
+            file=sys.stderr,
+        )
         return 1
     rounds = f"{outcome.rounds} round" + ("s" if outcome.rounds != 1 else "")
     print(f"task {outcome.task_id!r} finished; this node trained {rounds}", flush=True)
@@ -225,10 +307,17 @@ def _join(options: argparse.Namespace) -> int:
 def _digits(options: argparse.Namespace) -> int:
     from .digits import write_partitions
 
-    layout = write_partitions(options.workdir, options.participants, split=options.split,
-                              seed=options.seed, data_dir=options.data_dir)
-    print(f"test set ({layout.test_size} images): every party; initiator in "
-          f"{layout.initiator.workdir}")
+    layout = write_partitions(
+        options.workdir,
+        options.participants,
+        split=options.split,
+        seed=options.seed,
+        data_dir=options.data_dir,
+    )
+    print(
+        f"test set ({layout.test_size} images): every party; initiator in "
+        f"{layout.initiator.workdir}"
+    )
     for party in layout.nodes:
         print(f"{party.name}: {party.train_size} training images in {party.data_dir}")
     return 0
@@ -239,28 +328,69 @@ def _demo(options: argparse.Namespace) -> int:
     from .wire.relay import new_token
 
     workdir = Path(options.workdir or tempfile.mkdtemp(prefix="fedmagic-demo-"))
-    layout = write_partitions(workdir, options.participants, split=options.split,
-                              data_dir="demo_task/data")
+    layout = write_partitions(
+        workdir, options.participants, split=options.split, data_dir="demo_task/data"
+    )
     port = _free_port()
     url = f"ws://127.0.0.1:{port}"
-    env = {**os.environ, "FEDMAGIC_PORT": str(port), "FEDMAGIC_TOKEN": new_token(),
-           "OMP_NUM_THREADS": "1"}
+    env = {
+        **os.environ,
+        "FEDMAGIC_PORT": str(port),
+        "FEDMAGIC_TOKEN": new_token(),
+        "OMP_NUM_THREADS": "1",
+    }
     env.pop("FEDMAGIC_RELAY", None)
-    print(f"demo in {workdir}: {options.participants} participants ({options.split} split), "
-          f"relay embedded in the initiator at {url}", flush=True)
+    print(
+        f"demo in {workdir}: {options.participants} participants ({options.split} split), "
+        f"relay embedded in the initiator at {url}",
+        flush=True,
+    )
     joins = []
     for party in layout.nodes:
         log = open(party.workdir / "join.log", "w")
-        joins.append((party, log, subprocess.Popen(
-            [sys.executable, "-m", "fedmagic", "join", url, "--task", "digits", "--node",
-             party.name, "--yes", "--wait", "120"],
-            cwd=party.workdir, env=env, stdout=log, stderr=subprocess.STDOUT)))
+        joins.append(
+            (
+                party,
+                log,
+                subprocess.Popen(
+                    [
+                        sys.executable,
+                        "-m",
+                        "fedmagic",
+                        "join",
+                        url,
+                        "--task",
+                        "digits",
+                        "--node",
+                        party.name,
+                        "--yes",
+                        "--wait",
+                        "120",
+                    ],
+                    cwd=party.workdir,
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+            )
+        )
     try:
         initiator = subprocess.run(
-            [sys.executable, str(EXAMPLE), "--task", "digits", "--rounds", str(options.rounds),
-             "--min-clients", str(min(2, options.participants)),
-             "--max-clients", str(options.participants)],
-            cwd=layout.initiator.workdir, env=env)
+            [
+                sys.executable,
+                str(EXAMPLE),
+                "--task",
+                "digits",
+                "--rounds",
+                str(options.rounds),
+                "--min-clients",
+                str(min(2, options.participants)),
+                "--max-clients",
+                str(options.participants),
+            ],
+            cwd=layout.initiator.workdir,
+            env=env,
+        )
         # Participants hear the task end at once; give them a moment to say so.
         deadline = time.monotonic() + (30 if initiator.returncode == 0 else 5)
         for _, _, process in joins:

@@ -55,8 +55,9 @@ def mnist_like_digits() -> tuple[np.ndarray, np.ndarray]:
 
     digits = load_digits()
     small = torch.from_numpy(digits.images).float().mul(255.0 / 16.0).unsqueeze(1)
-    box = torch.nn.functional.interpolate(small, size=(20, 20), mode="bilinear",
-                                          align_corners=False, antialias=True)
+    box = torch.nn.functional.interpolate(
+        small, size=(20, 20), mode="bilinear", align_corners=False, antialias=True
+    )
     box = box.squeeze(1).round().clamp(0, 255).to(torch.uint8).numpy()
     images = np.zeros((len(box), 28, 28), dtype=np.uint8)
     images[:, 4:24, 4:24] = box
@@ -71,17 +72,28 @@ def _idx_bytes(magic: int, array: np.ndarray) -> bytes:
 def _checked(name: str, images, labels) -> tuple[np.ndarray, np.ndarray]:
     images, labels = np.asarray(images), np.asarray(labels)
     if images.dtype != np.uint8 or images.ndim != 3 or images.shape[1:] != (28, 28):
-        raise ConfigurationError(name, f"{images.dtype} {images.shape}", "pass uint8 images "
-                                 "shaped (N, 28, 28), as mnist_like_digits() returns")
+        raise ConfigurationError(
+            name,
+            f"{images.dtype} {images.shape}",
+            "pass uint8 images shaped (N, 28, 28), as mnist_like_digits() returns",
+        )
     in_range = labels.size == 0 or 0 <= labels.min() <= labels.max() <= 255
     if labels.shape != (len(images),) or not in_range:
-        raise ConfigurationError(name.replace("images", "labels"), f"shape {labels.shape}",
-                                 f"pass one label in 0..255 per image ({len(images)} images)")
+        raise ConfigurationError(
+            name.replace("images", "labels"),
+            f"shape {labels.shape}",
+            f"pass one label in 0..255 per image ({len(images)} images)",
+        )
     return images, labels
 
 
-def write_mnist(root: str | os.PathLike, images: np.ndarray, labels: np.ndarray,
-                test_images: np.ndarray, test_labels: np.ndarray) -> Path:
+def write_mnist(
+    root: str | os.PathLike,
+    images: np.ndarray,
+    labels: np.ndarray,
+    test_images: np.ndarray,
+    test_labels: np.ndarray,
+) -> Path:
     """Write one party's data as MNIST, so that ``MNIST(root)`` reads it as it reads MNIST.
 
     The eight files (IDX and their ``.gz`` twins) go to ``root/MNIST/raw`` for torchvision and,
@@ -123,8 +135,10 @@ def write_mnist(root: str | os.PathLike, images: np.ndarray, labels: np.ndarray,
     else:
         processed.mkdir(parents=True, exist_ok=True)
         for file_name, (x, y) in legacy.items():
-            pair = (torch.from_numpy(np.array(x, dtype=np.uint8)),
-                    torch.from_numpy(np.array(y, dtype=np.int64)))
+            pair = (
+                torch.from_numpy(np.array(x, dtype=np.uint8)),
+                torch.from_numpy(np.array(y, dtype=np.int64)),
+            )
             torch.save(pair, processed / file_name)
     return root
 
@@ -141,8 +155,15 @@ def _split_test(labels: np.ndarray, test_fraction: float, rng: np.random.Generat
     return train, test
 
 
-def write_partitions(workdir: str | os.PathLike, participants: int, *, split: str = "iid",
-                     seed: int = 0, test_fraction: float = 0.2, data_dir: str = "data") -> Layout:
+def write_partitions(
+    workdir: str | os.PathLike,
+    participants: int,
+    *,
+    split: str = "iid",
+    seed: int = 0,
+    test_fraction: float = 0.2,
+    data_dir: str = "data",
+) -> Layout:
     """Write the digits for an initiator and ``participants`` nodes, the same way for a seed.
 
     Every party gets the same held-out test set; the initiator gets an empty training set (it
@@ -157,25 +178,31 @@ def write_partitions(workdir: str | os.PathLike, participants: int, *, split: st
         ValueError: a parameter that cannot work; the message names it and what to do.
     """
     if isinstance(participants, bool) or not isinstance(participants, int) or participants < 1:
-        raise ConfigurationError("participants", participants,
-                                 "pass a whole number of nodes, at least 1")
+        raise ConfigurationError(
+            "participants", participants, "pass a whole number of nodes, at least 1"
+        )
     if split not in SPLITS:
         raise ConfigurationError("split", split, f"choose one of {', '.join(map(repr, SPLITS))}")
     if not 0 < test_fraction < 1:
-        raise ConfigurationError("test_fraction", test_fraction,
-                                 "pass a fraction strictly between 0 and 1, e.g. 0.2")
+        raise ConfigurationError(
+            "test_fraction", test_fraction, "pass a fraction strictly between 0 and 1, e.g. 0.2"
+        )
     if Path(data_dir).is_absolute() or ".." in Path(data_dir).parts:
-        raise ConfigurationError("data_dir", data_dir,
-                                 "pass a path relative to each party's directory, e.g. 'data'")
+        raise ConfigurationError(
+            "data_dir", data_dir, "pass a path relative to each party's directory, e.g. 'data'"
+        )
     images, labels = mnist_like_digits()
     rng = np.random.default_rng(seed)
     train, test = _split_test(labels, test_fraction, rng)
     shards_needed = participants * (2 if split == "by-label" else 1)
     if shards_needed > len(train):
-        raise ConfigurationError("participants", participants,
-                                 f"{split!r} needs {shards_needed} training images for "
-                                 f"{participants} nodes but there are {len(train)}: "
-                                 "use fewer participants or a smaller test_fraction")
+        raise ConfigurationError(
+            "participants",
+            participants,
+            f"{split!r} needs {shards_needed} training images for "
+            f"{participants} nodes but there are {len(train)}: "
+            "use fewer participants or a smaller test_fraction",
+        )
     if split == "iid":
         parts = np.array_split(train, participants)
     else:

@@ -215,27 +215,39 @@ class TaskFailed(FedMagicError, RuntimeError):
         where = f" in round {self.round}" if self.round else ""
         text = f"task {self.task_id!r} failed{where}: {self.reason}"
         if self.checkpoint and self.saved_round:
-            text += (f"\nthe model after round {self.saved_round} is in {self.checkpoint}; run "
-                     "the same code again to continue from there")
+            text += (
+                f"\nthe model after round {self.saved_round} is in {self.checkpoint}; run "
+                "the same code again to continue from there"
+            )
         return text
 
 
 class NotEnoughParticipants(TaskFailed):
     """Fewer than ``min_clients`` participants were left to go on with."""
 
-    def __init__(self, task_id: str, have: int, need: int, round: int | None = None,
-                 waited: float | None = None) -> None:
+    def __init__(
+        self,
+        task_id: str,
+        have: int,
+        need: int,
+        round: int | None = None,
+        waited: float | None = None,
+    ) -> None:
         self.have = have
         self.need = need
         self.waited = waited
         if round:
-            reason = (f"only {have} of the {need} participants needed (min_clients) "
-                      "sent a valid update; the task's log says why each of the others did not")
+            reason = (
+                f"only {have} of the {need} participants needed (min_clients) "
+                "sent a valid update; the task's log says why each of the others did not"
+            )
         else:
             within = f" within {waited:g} s" if waited is not None else ""
-            reason = (f"only {have} of the {need} participants needed (min_clients) "
-                      f"joined and verified their data{within}; start more "
-                      "participants, lower min_clients, or raise join_timeout")
+            reason = (
+                f"only {have} of the {need} participants needed (min_clients) "
+                f"joined and verified their data{within}; start more "
+                "participants, lower min_clients, or raise join_timeout"
+            )
         super().__init__(task_id, reason, round)
 
     def __reduce__(self) -> tuple:

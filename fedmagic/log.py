@@ -16,7 +16,8 @@ logger = logging.getLogger("fedmagic")
 
 #: Where fedmagic's log lines go instead of stderr, in the context that sets it.
 log_sink: contextvars.ContextVar[Callable[[str], None] | None] = contextvars.ContextVar(
-    "fedmagic_log_sink", default=None)
+    "fedmagic_log_sink", default=None
+)
 
 
 class _SinkFilter(logging.Filter):
@@ -32,8 +33,9 @@ class _SinkFilter(logging.Filter):
 
 if not logger.handlers:
     _handler = logging.StreamHandler(sys.stderr)
-    _handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
-                                            datefmt="%H:%M:%S"))
+    _handler.setFormatter(
+        logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
+    )
     _handler.addFilter(_SinkFilter())
     logger.addHandler(_handler)
     logger.setLevel(logging.INFO)

@@ -21,8 +21,14 @@ import torch
 from ..errors import AggregationError, UnsupportedTensor
 from ..wire.codec import DTYPES
 
-__all__ = ["WeightedMean", "check_state", "coordinate_median", "non_finite", "trimmed_mean",
-           "weighted_mean"]
+__all__ = [
+    "WeightedMean",
+    "check_state",
+    "coordinate_median",
+    "non_finite",
+    "trimmed_mean",
+    "weighted_mean",
+]
 
 State = Mapping[str, torch.Tensor]
 
@@ -35,35 +41,53 @@ def check_state(state: object) -> None:
             dtype that can travel and be averaged.
     """
     if not isinstance(state, Mapping):
-        raise UnsupportedTensor(None, f"a {type(state).__name__}, not a mapping",
-                                "state_dict() must return a dict of name -> tensor")
+        raise UnsupportedTensor(
+            None,
+            f"a {type(state).__name__}, not a mapping",
+            "state_dict() must return a dict of name -> tensor",
+        )
     for name, value in state.items():
         if not isinstance(name, str):
-            raise UnsupportedTensor(name, f"stored under a key of type {type(name).__name__}",
-                                    "state dict keys travel as strings; rename it")
+            raise UnsupportedTensor(
+                name,
+                f"stored under a key of type {type(name).__name__}",
+                "state dict keys travel as strings; rename it",
+            )
         if not isinstance(value, torch.Tensor):
-            raise UnsupportedTensor(name, f"a value of type {type(value).__name__}, not a tensor",
-                                    "only tensors are averaged; keep other values out "
-                                    "of state_dict() or turn them into tensors")
+            raise UnsupportedTensor(
+                name,
+                f"a value of type {type(value).__name__}, not a tensor",
+                "only tensors are averaged; keep other values out "
+                "of state_dict() or turn them into tensors",
+            )
         if value.dtype == torch.bool:
-            raise UnsupportedTensor(name, "a torch.bool tensor",
-                                    "FedAvg cannot average flags (the mean of True and "
-                                    "False is no bool). Return it as a float or integer "
-                                    "tensor from state_dict() and convert it back in "
-                                    "load_state_dict(), or leave it out")
+            raise UnsupportedTensor(
+                name,
+                "a torch.bool tensor",
+                "FedAvg cannot average flags (the mean of True and "
+                "False is no bool). Return it as a float or integer "
+                "tensor from state_dict() and convert it back in "
+                "load_state_dict(), or leave it out",
+            )
         if value.layout != torch.strided:
-            raise UnsupportedTensor(name, f"a {value.layout} tensor",
-                                    "only dense tensors travel; call .to_dense() in "
-                                    "state_dict()")
+            raise UnsupportedTensor(
+                name,
+                f"a {value.layout} tensor",
+                "only dense tensors travel; call .to_dense() in state_dict()",
+            )
         if value.dtype not in DTYPES.values():
-            raise UnsupportedTensor(name, f"a {value.dtype} tensor",
-                                    f"supported dtypes are {', '.join(DTYPES)}")
+            raise UnsupportedTensor(
+                name, f"a {value.dtype} tensor", f"supported dtypes are {', '.join(DTYPES)}"
+            )
 
 
 def non_finite(state: State) -> list[str]:
     """Names of the floating tensors holding NaN or infinity."""
-    return [name for name, tensor in state.items()
-            if (tensor.is_floating_point() or tensor.is_complex()) and not _all_finite(tensor)]
+    return [
+        name
+        for name, tensor in state.items()
+        if (tensor.is_floating_point() or tensor.is_complex()) and not _all_finite(tensor)
+    ]
 
 
 def _all_finite(tensor: torch.Tensor, block: int = 1 << 20) -> bool:
@@ -95,8 +119,10 @@ class WeightedMean:
 
     def __init__(self, reference: State) -> None:
         self._dtypes = {name: tensor.dtype for name, tensor in reference.items()}
-        self._sums = {name: torch.zeros(tensor.shape, dtype=_accumulator_dtype(tensor.dtype))
-                      for name, tensor in reference.items()}
+        self._sums = {
+            name: torch.zeros(tensor.shape, dtype=_accumulator_dtype(tensor.dtype))
+            for name, tensor in reference.items()
+        }
         self.total_weight = 0.0
         self.count = 0
 
@@ -109,15 +135,21 @@ class WeightedMean:
                 is added then.
         """
         if not (weight > 0 and math.isfinite(weight)):
-            raise AggregationError(f"weight must be positive and finite (the number of "
-                                   f"samples behind the update), got {weight!r}")
+            raise AggregationError(
+                f"weight must be positive and finite (the number of "
+                f"samples behind the update), got {weight!r}"
+            )
         if set(state) != set(self._sums):
-            raise AggregationError(f"the update's tensors differ from the reference's: "
-                                   f"{sorted(set(state) ^ set(self._sums))}")
+            raise AggregationError(
+                f"the update's tensors differ from the reference's: "
+                f"{sorted(set(state) ^ set(self._sums))}"
+            )
         for name, total in self._sums.items():
             if state[name].shape != total.shape:
-                raise AggregationError(f"tensor {name!r} has shape {tuple(state[name].shape)}, "
-                                       f"the reference has {tuple(total.shape)}")
+                raise AggregationError(
+                    f"tensor {name!r} has shape {tuple(state[name].shape)}, "
+                    f"the reference has {tuple(total.shape)}"
+                )
         for name, total in self._sums.items():
             # detach: an input that requires grad must not grow a graph across updates
             total.add_(state[name].detach().to(device="cpu", dtype=total.dtype), alpha=weight)
@@ -131,8 +163,9 @@ class WeightedMean:
             AggregationError: if nothing has been added.
         """
         self._check_not_empty()
-        return {name: self._cast(name, total / self.total_weight)
-                for name, total in self._sums.items()}
+        return {
+            name: self._cast(name, total / self.total_weight) for name, total in self._sums.items()
+        }
 
     def result_in_place(self) -> dict[str, torch.Tensor]:
         """The mean, computed inside the accumulators: no new memory where dtypes match.
@@ -191,8 +224,7 @@ def weighted_mean(updates: Iterable[tuple[State, float]]) -> dict[str, torch.Ten
         if mean is None:
             mean, names = WeightedMean(state), set(state)
         elif set(state) != names:
-            raise AggregationError(f"updates differ in their tensors: "
-                                   f"{sorted(names ^ set(state))}")
+            raise AggregationError(f"updates differ in their tensors: {sorted(names ^ set(state))}")
         mean.add(state, weight)
     if mean is None:
         raise AggregationError("no update was given")
@@ -210,6 +242,7 @@ def coordinate_median(states: Sequence[State]) -> dict[str, torch.Tensor]:
     Raises:
         AggregationError: for no updates, or updates whose names or shapes differ.
     """
+
     def median(stacked: torch.Tensor) -> torch.Tensor:
         ordered, count = stacked.sort(dim=0).values, stacked.shape[0]
         if count % 2:
@@ -233,28 +266,34 @@ def trimmed_mean(states: Sequence[State], trim: float) -> dict[str, torch.Tensor
         raise AggregationError(f"trim must be in [0, 0.5), got {trim!r}")
     cut = math.floor(trim * len(states))
     return _coordinate_wise(
-        states, lambda stacked: stacked.sort(dim=0).values[cut:stacked.shape[0] - cut].mean(0))
+        states, lambda stacked: stacked.sort(dim=0).values[cut : stacked.shape[0] - cut].mean(0)
+    )
 
 
-def _coordinate_wise(states: Sequence[State],
-                     reduce: Callable[[torch.Tensor], torch.Tensor]) -> dict[str, torch.Tensor]:
+def _coordinate_wise(
+    states: Sequence[State], reduce: Callable[[torch.Tensor], torch.Tensor]
+) -> dict[str, torch.Tensor]:
     """Reduce each tensor over the updates, one tensor at a time to bound the memory used."""
     if not states:
         raise AggregationError("no update was given")
     reference = states[0]
     for state in states[1:]:
         if set(state) != set(reference):
-            raise AggregationError(f"updates differ in their tensors: "
-                                   f"{sorted(set(reference) ^ set(state))}")
+            raise AggregationError(
+                f"updates differ in their tensors: {sorted(set(reference) ^ set(state))}"
+            )
         for name, tensor in reference.items():
             if state[name].shape != tensor.shape:
-                raise AggregationError(f"tensor {name!r} has shape {tuple(state[name].shape)} "
-                                       f"in one update and {tuple(tensor.shape)} in another")
+                raise AggregationError(
+                    f"tensor {name!r} has shape {tuple(state[name].shape)} "
+                    f"in one update and {tuple(tensor.shape)} in another"
+                )
     result = {}
     for name, tensor in reference.items():
         accumulator = _accumulator_dtype(tensor.dtype)
-        stacked = torch.stack([state[name].detach().to(device="cpu", dtype=accumulator)
-                               for state in states])
+        stacked = torch.stack(
+            [state[name].detach().to(device="cpu", dtype=accumulator) for state in states]
+        )
         if stacked.is_complex():  # real and imaginary parts each on their own
             value = torch.view_as_complex(reduce(torch.view_as_real(stacked)).contiguous())
         else:

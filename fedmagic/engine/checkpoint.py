@@ -32,13 +32,14 @@ def check_folder_name(parameter: str, name: str) -> None:
     Raises:
         ConfigurationError: naming ``parameter``.
     """
-    if name in (".", "..") or any(bad in name for bad in ("/", "\\", "\0")) or \
-            os.path.isabs(name):
+    if name in (".", "..") or any(bad in name for bad in ("/", "\\", "\0")) or os.path.isabs(name):
         raise ConfigurationError(
-            parameter, name, "becomes the checkpoint folder models/<name>/, so it must be one "
+            parameter,
+            name,
+            "becomes the checkpoint folder models/<name>/, so it must be one "
             "folder name: no '/', '\\', '..' or absolute path"
-            + ("; pass name='...' to launch under another name" if parameter == "task_id"
-               else ""))
+            + ("; pass name='...' to launch under another name" if parameter == "task_id" else ""),
+        )
 
 
 class Checkpoint:
@@ -51,18 +52,27 @@ class Checkpoint:
     def model_path(self) -> Path:
         return self.directory / "model.pt"
 
-    def save(self, state: dict[str, torch.Tensor], round: int,
-             history: list[dict[str, Any]], task_id: str, code_hash: str = "",
-             finished: bool = False) -> None:
+    def save(
+        self,
+        state: dict[str, torch.Tensor],
+        round: int,
+        history: list[dict[str, Any]],
+        task_id: str,
+        code_hash: str = "",
+        finished: bool = False,
+    ) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
         temporary = self.directory / ".model.pt.tmp"
         torch.save({name: tensor.detach().cpu() for name, tensor in state.items()}, temporary)
         os.replace(temporary, self.model_path)
         self._write("history.json", json.dumps(history, indent=1).encode())
         self._write("history.csv", _csv(history).encode())
-        self._write("checkpoint.json",
-                    json.dumps({"task_id": task_id, "round": round, "code_hash": code_hash,
-                                "finished": finished}).encode())
+        self._write(
+            "checkpoint.json",
+            json.dumps(
+                {"task_id": task_id, "round": round, "code_hash": code_hash, "finished": finished}
+            ).encode(),
+        )
 
     def exists(self) -> bool:
         return (self.directory / "checkpoint.json").is_file() and self.model_path.is_file()
@@ -77,9 +87,14 @@ class Checkpoint:
             meta = json.loads((self.directory / "checkpoint.json").read_text())
         except (OSError, ValueError):
             return False
-        return (isinstance(meta, dict) and meta.get("code_hash") == code_hash
-                and meta.get("finished") is False and isinstance(meta.get("round"), int)
-                and meta["round"] > 0 and self.model_path.is_file())
+        return (
+            isinstance(meta, dict)
+            and meta.get("code_hash") == code_hash
+            and meta.get("finished") is False
+            and isinstance(meta.get("round"), int)
+            and meta["round"] > 0
+            and self.model_path.is_file()
+        )
 
     def load(self) -> tuple[dict[str, torch.Tensor], int, list[dict[str, Any]]]:
         """The saved state, the round it ends and the history so far."""

@@ -52,22 +52,35 @@ class JoinRun:
             FedMagicError: if the connection or the initiator broke down.
         """
         if not self._finished.wait(timeout):
-            raise TimeoutError(f"{self.node!r} is still in task {self.task_id!r} after "
-                               f"{timeout:g} s")
+            raise TimeoutError(
+                f"{self.node!r} is still in task {self.task_id!r} after {timeout:g} s"
+            )
         if self._error is not None:
             raise self._error
         return self._outcome
 
     def __repr__(self) -> str:
-        state = "running" if not self.done() else (
-            f"ended: {self._outcome.reason}" if self._outcome else f"failed: {self._error}")
+        state = (
+            "running"
+            if not self.done()
+            else (f"ended: {self._outcome.reason}" if self._outcome else f"failed: {self._error}")
+        )
         return f"<JoinRun {self.node!r} in {self.task_id!r}, {state}>"
 
 
-def start_join(url: str, task: str, token: str, node: str, consent: Consent, *,
-               wait: float = 300.0, ssl: ssl_module.SSLContext | None = None,
-               on_event: Callable[[str, dict[str, Any]], None] | None = None,
-               reconnect_window: float = RECONNECT_WINDOW, quiet: bool = False) -> JoinRun:
+def start_join(
+    url: str,
+    task: str,
+    token: str,
+    node: str,
+    consent: Consent,
+    *,
+    wait: float = 300.0,
+    ssl: ssl_module.SSLContext | None = None,
+    on_event: Callable[[str, dict[str, Any]], None] | None = None,
+    reconnect_window: float = RECONNECT_WINDOW,
+    quiet: bool = False,
+) -> JoinRun:
     """Join ``task`` at the relay ``url`` as ``node`` and take part in the background.
 
     Args:
@@ -87,8 +100,9 @@ def start_join(url: str, task: str, token: str, node: str, consent: Consent, *,
 
     async def main() -> JoinOutcome:
         link = await join_relay(url, task, token, node, wait=wait, ssl=ssl)
-        return await ParticipantRuntime(link, node, consent, record,
-                                        reconnect_window=reconnect_window).run()
+        return await ParticipantRuntime(
+            link, node, consent, record, reconnect_window=reconnect_window
+        ).run()
 
     async def guarded() -> JoinOutcome:
         run._loop, run._task = asyncio.get_running_loop(), asyncio.current_task()

@@ -51,8 +51,9 @@ class TaskRun:
         self.url = url
         self.token = token
         self.max_rounds = max_rounds
-        self.join_command = shlex.join(["fedmagic", "join", url, "--task", task_id,
-                                        "--token", token, "--node", "NAME"])
+        self.join_command = shlex.join(
+            ["fedmagic", "join", url, "--task", task_id, "--token", token, "--node", "NAME"]
+        )
         self.events: list[tuple[float, str]] = []
         self.checkpoint: Path | None = None
         self._aggregator: Aggregator | None = None
@@ -120,8 +121,12 @@ class TaskRun:
             except Exception:  # a broken display must not break the task
                 log.exception("a listener of task %r failed", self.task_id)
 
-    def _start(self, main: Callable[[], Coroutine[Any, Any, TaskResult]],
-               embedded: EmbeddedRelay | None, quiet: bool) -> None:
+    def _start(
+        self,
+        main: Callable[[], Coroutine[Any, Any, TaskResult]],
+        embedded: EmbeddedRelay | None,
+        quiet: bool,
+    ) -> None:
         def target() -> None:
             asyncio.set_event_loop(self._loop)
             try:
@@ -134,28 +139,46 @@ class TaskRun:
                 if embedded is not None:
                     embedded.stop()
                 self._finished.set()
-                self._record(f"task {self.task_id!r} failed: {self._error}"
-                             if self._error is not None else f"task {self.task_id!r} ended")
+                self._record(
+                    f"task {self.task_id!r} failed: {self._error}"
+                    if self._error is not None
+                    else f"task {self.task_id!r} ended"
+                )
 
         context = contextvars.copy_context()
         if quiet:  # the task's log lines become its events, and stay out of stderr
             context.run(log_sink.set, self._record)
         self._task = self._loop.create_task(main(), context=context)
-        self._thread = threading.Thread(target=target, name=f"fedmagic-task-{self.task_id}",
-                                        daemon=True)
+        self._thread = threading.Thread(
+            target=target, name=f"fedmagic-task-{self.task_id}", daemon=True
+        )
         self._thread.start()
 
     def summary(self) -> str:
         """The task as text: its state, each participant, and each round's metrics."""
         history, participants = self.history, self.participants
-        state = ("running" if not self.done() else "finished" if self._error is None
-                 else f"failed: {self._error}")
-        lines = [f"task {self.task_id!r} {state}: round {len(history)}/"
-                 f"{self.max_rounds or '?'}, {len(participants)} participants"]
-        lines += [f"  {p.node}: {p.status}" + (f", {p.samples} samples" if p.samples else "")
-                  + (f" ({p.detail})" if p.detail else "") for p in participants.values()]
-        lines += [f"  round {row['round']}: {row['participants']} participants"
-                  + (f", {metrics_text(row)}" if metrics_of(row) else "") for row in history]
+        state = (
+            "running"
+            if not self.done()
+            else "finished"
+            if self._error is None
+            else f"failed: {self._error}"
+        )
+        lines = [
+            f"task {self.task_id!r} {state}: round {len(history)}/"
+            f"{self.max_rounds or '?'}, {len(participants)} participants"
+        ]
+        lines += [
+            f"  {p.node}: {p.status}"
+            + (f", {p.samples} samples" if p.samples else "")
+            + (f" ({p.detail})" if p.detail else "")
+            for p in participants.values()
+        ]
+        lines += [
+            f"  round {row['round']}: {row['participants']} participants"
+            + (f", {metrics_text(row)}" if metrics_of(row) else "")
+            for row in history
+        ]
         return "\n".join(lines)
 
     def __repr__(self) -> str:
@@ -163,16 +186,30 @@ class TaskRun:
         return f"<TaskRun {self.task_id!r} {state}, {len(self.history)} rounds>"
 
 
-def start_task(scheduler: Scheduler, task_id: str, *, relay: str | None = None,
-               token: str | None = None, relay_token: str | None = None,
-               dataset_verify: Any = None, join_timeout: float = 300.0, join_grace: float = 3.0,
-               resume: bool | None = None, weighted: bool = True, aggregation: str = "mean",
-               trim: float = 0.1, max_weight_share: float | None = None,
-               max_samples: int = 10 ** 9, upload_timeout: float | None = None,
-               upload_memory: int = 256 << 20, allowed_nodes: list[str] | None = None,
-               reconnect_window: float = 60.0,
-               checkpoint_dir: str | os.PathLike[str] | None = None,
-               on_event: Callable[[str], None] | None = None, quiet: bool = False) -> TaskRun:
+def start_task(
+    scheduler: Scheduler,
+    task_id: str,
+    *,
+    relay: str | None = None,
+    token: str | None = None,
+    relay_token: str | None = None,
+    dataset_verify: Any = None,
+    join_timeout: float = 300.0,
+    join_grace: float = 3.0,
+    resume: bool | None = None,
+    weighted: bool = True,
+    aggregation: str = "mean",
+    trim: float = 0.1,
+    max_weight_share: float | None = None,
+    max_samples: int = 10**9,
+    upload_timeout: float | None = None,
+    upload_memory: int = 256 << 20,
+    allowed_nodes: list[str] | None = None,
+    reconnect_window: float = 60.0,
+    checkpoint_dir: str | os.PathLike[str] | None = None,
+    on_event: Callable[[str], None] | None = None,
+    quiet: bool = False,
+) -> TaskRun:
     """Start a task as its initiator and return its ``TaskRun`` at once.
 
     Args:
@@ -207,22 +244,42 @@ def start_task(scheduler: Scheduler, task_id: str, *, relay: str | None = None,
             task that cannot start; nothing is left running then.
     """
     if not isinstance(task_id, str) or not task_id.strip():
-        raise ConfigurationError("task_id", task_id, "pass the id participants will join, "
-                                 "e.g. launch_task(task_id='digits')")
-    policy = RoundPolicy(join_timeout=join_timeout, join_grace=join_grace, weighted=weighted,
-                         aggregation=aggregation, trim=trim, max_weight_share=max_weight_share,
-                         max_samples=max_samples, upload_timeout=upload_timeout,
-                         upload_memory=upload_memory)
+        raise ConfigurationError(
+            "task_id",
+            task_id,
+            "pass the id participants will join, e.g. launch_task(task_id='digits')",
+        )
+    policy = RoundPolicy(
+        join_timeout=join_timeout,
+        join_grace=join_grace,
+        weighted=weighted,
+        aggregation=aggregation,
+        trim=trim,
+        max_weight_share=max_weight_share,
+        max_samples=max_samples,
+        upload_timeout=upload_timeout,
+        upload_memory=upload_memory,
+    )
     policy.check_clients(scheduler.min_clients)
     if allowed_nodes is not None and (
-            isinstance(allowed_nodes, str)
-            or not all(isinstance(node, str) and node for node in allowed_nodes)):
-        raise ConfigurationError("allowed_nodes", allowed_nodes, "must be a list of node "
-                                 "names, e.g. ['hospital-a', 'hospital-b'], or None")
-    if (isinstance(reconnect_window, bool) or not isinstance(reconnect_window, (int, float))
-            or not 0 <= reconnect_window < float("inf")):
-        raise ConfigurationError("reconnect_window", reconnect_window, "must be a number of "
-                                 "seconds, 0 or more (0: fail the task when the relay is lost)")
+        isinstance(allowed_nodes, str)
+        or not all(isinstance(node, str) and node for node in allowed_nodes)
+    ):
+        raise ConfigurationError(
+            "allowed_nodes",
+            allowed_nodes,
+            "must be a list of node names, e.g. ['hospital-a', 'hospital-b'], or None",
+        )
+    if (
+        isinstance(reconnect_window, bool)
+        or not isinstance(reconnect_window, (int, float))
+        or not 0 <= reconnect_window < float("inf")
+    ):
+        raise ConfigurationError(
+            "reconnect_window",
+            reconnect_window,
+            "must be a number of seconds, 0 or more (0: fail the task when the relay is lost)",
+        )
     scheduler._check_rounds()
     scheduler._setup(task_id)
     package = TaskPackage.from_scheduler(scheduler, task_id, dataset_verify)
@@ -232,8 +289,10 @@ def start_task(scheduler: Scheduler, task_id: str, *, relay: str | None = None,
     if resume is None:
         resume = checkpoint.holds_unfinished_run_of(package.code_hash)
         if resume:
-            announce.append(f"continuing the unfinished run of this same code saved in "
-                            f"{checkpoint.directory} (resume=False starts over)")
+            announce.append(
+                f"continuing the unfinished run of this same code saved in "
+                f"{checkpoint.directory} (resume=False starts over)"
+            )
     if resume and checkpoint.exists():
         state, done, history = checkpoint.load()
         scheduler.load_state_dict(state)
@@ -257,14 +316,23 @@ def start_task(scheduler: Scheduler, task_id: str, *, relay: str | None = None,
     async def main() -> TaskResult:
         if scheduler.is_task_finished():
             record(f"the checkpoint of task {task_id!r} is already finished; nothing to run")
-            return TaskResult(task_id, scheduler.name, scheduler.current_round, history,
-                              checkpoint.directory)
+            return TaskResult(
+                task_id, scheduler.name, scheduler.current_round, history, checkpoint.directory
+            )
         pinned = {} if allowed_nodes is None else {"allowed_nodes": list(allowed_nodes)}
-        link = await Link.open(url, role="initiator", task=task_id, token=token,
-                               relay_token=relay_token, **pinned)
-        run._aggregator = Aggregator(scheduler, package, link, checkpoint=checkpoint,
-                                     policy=policy, history=history, on_event=record,
-                                     reconnect_window=reconnect_window)
+        link = await Link.open(
+            url, role="initiator", task=task_id, token=token, relay_token=relay_token, **pinned
+        )
+        run._aggregator = Aggregator(
+            scheduler,
+            package,
+            link,
+            checkpoint=checkpoint,
+            policy=policy,
+            history=history,
+            on_event=record,
+            reconnect_window=reconnect_window,
+        )
         return await run._aggregator.run()
 
     if url:
@@ -293,9 +361,14 @@ def run_task(scheduler: Scheduler, task_id: str, **options: Any) -> TaskResult:
         run.stop(now=True)
         run._finished.wait()
         rounds = len(run.history)
-        log.warning("task %r interrupted (Ctrl-C); every participant was told%s", task_id,
-                    f". The model after round {rounds} is in {run.checkpoint}; run the same "
-                    "code again to continue from there" if rounds else "")
+        log.warning(
+            "task %r interrupted (Ctrl-C); every participant was told%s",
+            task_id,
+            f". The model after round {rounds} is in {run.checkpoint}; run the same "
+            "code again to continue from there"
+            if rounds
+            else "",
+        )
         raise
     return run.wait()
 
@@ -307,6 +380,9 @@ def _start_embedded(port: int) -> EmbeddedRelay:
         return EmbeddedRelay("127.0.0.1", port, Relay()).start()
     except OSError as exc:
         raise ConfigurationError(
-            "FEDMAGIC_PORT", port, f"cannot start the embedded relay ({exc.strerror or exc}); "
+            "FEDMAGIC_PORT",
+            port,
+            f"cannot start the embedded relay ({exc.strerror or exc}); "
             "another task may be using the port: set FEDMAGIC_PORT to a free port, or "
-            "FEDMAGIC_RELAY to a running relay's URL") from None
+            "FEDMAGIC_RELAY to a running relay's URL",
+        ) from None

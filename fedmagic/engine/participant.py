@@ -66,9 +66,14 @@ class ParticipantRuntime:
             0 gives up at once.
     """
 
-    def __init__(self, link: Link, node: str, consent: Consent,
-                 on_event: Callable[[str, dict[str, Any]], None] | None = None,
-                 reconnect_window: float = RECONNECT_WINDOW) -> None:
+    def __init__(
+        self,
+        link: Link,
+        node: str,
+        consent: Consent,
+        on_event: Callable[[str, dict[str, Any]], None] | None = None,
+        reconnect_window: float = RECONNECT_WINDOW,
+    ) -> None:
         self.link = link
         self.node = node
         self.consent = consent
@@ -104,13 +109,19 @@ class ParticipantRuntime:
             try:
                 self.scheduler, self.samples = await asyncio.to_thread(self._prepare, package)
             except Exception as exc:
-                await self._status("verified", ok=False, detail=describe_failure(exc),
-                                   traceback=traceback.format_exc())
-                return JoinOutcome(task_id, self.node, False,
-                                   f"data verification failed: {describe_failure(exc)}")
+                await self._status(
+                    "verified",
+                    ok=False,
+                    detail=describe_failure(exc),
+                    traceback=traceback.format_exc(),
+                )
+                return JoinOutcome(
+                    task_id, self.node, False, f"data verification failed: {describe_failure(exc)}"
+                )
             self.accepted = package.code_hash
-            self.on_event("verified", {"samples": self.samples,
-                                       "max_rounds": self.scheduler.max_rounds})
+            self.on_event(
+                "verified", {"samples": self.samples, "max_rounds": self.scheduler.max_rounds}
+            )
             try:
                 await self._say_verified()
             except ConnectionLost:
@@ -125,9 +136,11 @@ class ParticipantRuntime:
         verify_data(package, self.node)
         scheduler.validate_context()
         if not scheduler._context_validated:
-            raise TaskDefinitionError(type(scheduler).__name__, "validate_context() did not "
-                                      "call the parent's", "call super().validate_context() "
-                                      "first in your validate_context()")
+            raise TaskDefinitionError(
+                type(scheduler).__name__,
+                "validate_context() did not call the parent's",
+                "call super().validate_context() first in your validate_context()",
+            )
         dataset = getattr(scheduler.make_train_dataloader(), "dataset", None)
         samples = len(dataset) if dataset is not None else 0
         return scheduler, samples
@@ -149,8 +162,9 @@ class ParticipantRuntime:
                 # A new round also drops an update the initiator gave up on (too late).
                 trained = None
                 try:
-                    failure = await self._train(frame.header.get("round"),
-                                                frame.header.get("epochs"))
+                    failure = await self._train(
+                        frame.header.get("round"), frame.header.get("epochs")
+                    )
                 except _Rejoined:
                     continue
                 if failure is not None:
@@ -163,13 +177,17 @@ class ParticipantRuntime:
                 await self._upload(trained)
                 trained = None
             elif frame.kind == Kind.TASK:  # after a reconnect, code other than consented to
-                detail = ("the task's code changed while this node was away; join again to "
-                          "review the new code")
+                detail = (
+                    "the task's code changed while this node was away; join again to "
+                    "review the new code"
+                )
                 await self._status("declined", detail=detail)
                 return JoinOutcome(task_id, self.node, False, detail, self.rounds)
             else:
-                raise ProtocolError("initiator", f"expected a round, an upload request or the "
-                                    f"end of the task, got {frame}")
+                raise ProtocolError(
+                    "initiator",
+                    f"expected a round, an upload request or the end of the task, got {frame}",
+                )
 
     async def _upload(self, round: int) -> None:
         update = await asyncio.to_thread(self.scheduler.state_dict)
@@ -194,14 +212,25 @@ class ParticipantRuntime:
                 self.on_event("epoch", {"round": round, "epoch": epoch + 1, "epochs": epochs})
         except Exception as exc:
             with contextlib.suppress(ConnectionLost):  # the failure is this node's to report
-                await self.link.send(Frame({"t": Kind.FAILED, "round": round,
-                                            "during": "train()", "error": describe_failure(exc),
-                                            "traceback": traceback.format_exc()}))
+                await self.link.send(
+                    Frame(
+                        {
+                            "t": Kind.FAILED,
+                            "round": round,
+                            "during": "train()",
+                            "error": describe_failure(exc),
+                            "traceback": traceback.format_exc(),
+                        }
+                    )
+                )
             return f"train() failed: {describe_failure(exc)}"
         seconds = time.perf_counter() - started
         try:
-            await self.link.send(Frame({"t": Kind.TRAINED, "round": round,
-                                        "samples": self.samples, "seconds": seconds}))
+            await self.link.send(
+                Frame(
+                    {"t": Kind.TRAINED, "round": round, "samples": self.samples, "seconds": seconds}
+                )
+            )
         except ConnectionLost:
             pass  # the task may have ended meanwhile: the next frame read says how
 
@@ -232,8 +261,9 @@ class ParticipantRuntime:
             raise _Rejoined from None
         if frame.kind == Kind.TASK_CLOSED:
             # Its connection dropped without a word: it may be coming back.
-            gone = TaskFailed(str(frame.header.get("task")),
-                              "the initiator left the task without finishing it")
+            gone = TaskFailed(
+                str(frame.header.get("task")), "the initiator left the task without finishing it"
+            )
             await self._reconnect(gone, "the initiator's connection to the relay dropped")
             raise _Rejoined
         return frame
@@ -249,9 +279,11 @@ class ParticipantRuntime:
         try:
             self.link = await self.link.reopen(window, accepted=self.accepted)
         except RelayRefused as refusal:
-            raise TaskFailed(str(self.link.welcome.header.get("task")),
-                             f"{why}, and the task did not come back within {window:g} s "
-                             f"(reconnect_window): {refusal}") from None
+            raise TaskFailed(
+                str(self.link.welcome.header.get("task")),
+                f"{why}, and the task did not come back within {window:g} s "
+                f"(reconnect_window): {refusal}",
+            ) from None
         log.info("back in the task; this node keeps its model and its consent")
         self.on_event("reconnected", {})
         try:
@@ -286,8 +318,9 @@ def verify_data(package: TaskPackage, node: str) -> bool:
     with _WarningsOfThisThread() as warnings:
         passed = verifier.run()
     if not passed:
-        why = "; ".join(warnings.lines) or ("this node's data is missing or not in the form "
-                                            "the task expects")
+        why = "; ".join(warnings.lines) or (
+            "this node's data is missing or not in the form the task expects"
+        )
         raise VerificationFailed(f"DatasetVerify.run() returned False: {why}")
     return True
 
@@ -317,8 +350,8 @@ def describe_failure(exc: BaseException) -> str:
     text = f"{type(exc).__name__}: {exc}" if not isinstance(exc, VerificationFailed) else str(exc)
     chain = traceback.format_exception(exc)
     if any("download" in line.lower() for line in chain) and (
-            "URLError" in "".join(chain) or "Error downloading" in "".join(chain)):
+        "URLError" in "".join(chain) or "Error downloading" in "".join(chain)
+    ):
         root = getattr(exc, "filename", None) or "the task's data directory"
         return str(DataNotFound(str(root), text))
     return text
-

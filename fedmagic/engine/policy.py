@@ -56,7 +56,7 @@ class RoundPolicy:
     aggregation: str = "mean"
     trim: float = 0.1
     max_weight_share: float | None = None
-    max_samples: int = 10 ** 9
+    max_samples: int = 10**9
     upload_timeout: float | None = None
     upload_memory: int = 256 << 20
     progress_every: float = 10.0
@@ -67,16 +67,24 @@ class RoundPolicy:
         if self.upload_timeout is not None:
             _seconds("upload_timeout", self.upload_timeout)
         if self.aggregation not in AGGREGATIONS:
-            raise ConfigurationError("aggregation", self.aggregation,
-                                     f"choose one of {', '.join(map(repr, AGGREGATIONS))}")
+            raise ConfigurationError(
+                "aggregation",
+                self.aggregation,
+                f"choose one of {', '.join(map(repr, AGGREGATIONS))}",
+            )
         if not (_number(self.trim) and 0 <= self.trim < 0.5):
-            raise ConfigurationError("trim", self.trim, "the share cut from each end must be "
-                                     "at least 0 and below 0.5")
+            raise ConfigurationError(
+                "trim", self.trim, "the share cut from each end must be at least 0 and below 0.5"
+            )
         if self.max_weight_share is not None and not (
-                _number(self.max_weight_share) and 0 < self.max_weight_share <= 1):
-            raise ConfigurationError("max_weight_share", self.max_weight_share,
-                                     "must be a share above 0 and at most 1 (0.5: no node "
-                                     "carries more than half a round's weight), or None")
+            _number(self.max_weight_share) and 0 < self.max_weight_share <= 1
+        ):
+            raise ConfigurationError(
+                "max_weight_share",
+                self.max_weight_share,
+                "must be a share above 0 and at most 1 (0.5: no node "
+                "carries more than half a round's weight), or None",
+            )
         for name in ("max_samples", "upload_memory"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
@@ -99,9 +107,12 @@ class RoundPolicy:
         share = self.max_weight_share
         if share is not None and self.weighted and share * min_clients < 1:
             raise ConfigurationError(
-                "max_weight_share", share, f"cannot be met by a round of min_clients="
+                "max_weight_share",
+                share,
+                f"cannot be met by a round of min_clients="
                 f"{min_clients}: some node always carries at least 1/{min_clients} of the "
-                f"weight; raise it to {1 / min_clients:.3g} or more")
+                f"weight; raise it to {1 / min_clients:.3g} or more",
+            )
 
     def upload_seconds(self, state_bytes: int) -> float:
         """The whole-upload deadline for a state of ``state_bytes``."""
@@ -136,11 +147,11 @@ def sit_out_rounds(strikes: int) -> int:
 
 
 def _number(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool) and \
-        math.isfinite(value)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _seconds(name: str, value: Any, allow_zero: bool = False) -> None:
     if not (_number(value) and (value >= 0 if allow_zero else value > 0)):
-        raise ConfigurationError(name, value, "must be a " + ("" if allow_zero else
-                                 "positive ") + "number of seconds")
+        raise ConfigurationError(
+            name, value, "must be a " + ("" if allow_zero else "positive ") + "number of seconds"
+        )

@@ -92,8 +92,9 @@ class TaskResult:
 
 
 # What a history row records about the round itself; the rest is what ``test()`` returned.
-_ROUND_KEYS = frozenset({"round", "participants", "samples", "seconds", "train_seconds",
-                        "test_seconds", "tested"})
+_ROUND_KEYS = frozenset(
+    {"round", "participants", "samples", "seconds", "train_seconds", "test_seconds", "tested"}
+)
 
 
 def metrics_of(row: dict[str, Any]) -> dict[str, Any]:
@@ -166,11 +167,18 @@ class Aggregator:
             0 fails the task at once.
     """
 
-    def __init__(self, scheduler: Scheduler, package: TaskPackage, link: Link, *,
-                 checkpoint: Checkpoint, policy: RoundPolicy | None = None,
-                 history: list[dict[str, Any]] | None = None,
-                 on_event: Callable[[str], None] | None = None,
-                 reconnect_window: float = 0.0) -> None:
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        package: TaskPackage,
+        link: Link,
+        *,
+        checkpoint: Checkpoint,
+        policy: RoundPolicy | None = None,
+        history: list[dict[str, Any]] | None = None,
+        on_event: Callable[[str], None] | None = None,
+        reconnect_window: float = 0.0,
+    ) -> None:
         self.scheduler = scheduler
         self.package = package
         self.link = link
@@ -234,8 +242,14 @@ class Aggregator:
             reader.cancel()
             await self.link.close()
         self._event(f"task {self.task_id!r} finished after round {self.scheduler.current_round}")
-        return TaskResult(self.task_id, self.scheduler.name, self.scheduler.current_round,
-                          self.history, self.checkpoint.directory, self.participants)
+        return TaskResult(
+            self.task_id,
+            self.scheduler.name,
+            self.scheduler.current_round,
+            self.history,
+            self.checkpoint.directory,
+            self.participants,
+        )
 
     # Gathering.
 
@@ -243,12 +257,15 @@ class Aggregator:
         need, most = self.scheduler.min_clients, self.scheduler.max_clients
         self._event(f"waiting for {need} to {most} participants to join and verify their data")
         loop = asyncio.get_running_loop()
-        if not await self._wait_until(lambda: self._count_available() >= need,
-                                      loop.time() + self.policy.join_timeout):
-            raise NotEnoughParticipants(self.task_id, self._count_available(), need,
-                                        waited=self.policy.join_timeout)
-        await self._wait_until(lambda: self._count_available() >= most,
-                               loop.time() + self.policy.join_grace)
+        if not await self._wait_until(
+            lambda: self._count_available() >= need, loop.time() + self.policy.join_timeout
+        ):
+            raise NotEnoughParticipants(
+                self.task_id, self._count_available(), need, waited=self.policy.join_timeout
+            )
+        await self._wait_until(
+            lambda: self._count_available() >= most, loop.time() + self.policy.join_grace
+        )
 
     def _count_available(self) -> int:
         return sum(p.status in AVAILABLE for p in self.participants.values())
@@ -261,29 +278,45 @@ class Aggregator:
         loop = asyncio.get_running_loop()
         if self._count_available() < scheduler.min_clients:
             self._event(f"round {number}: waiting for participants")
-            await self._wait_until(lambda: self._count_available() >= scheduler.min_clients,
-                                   loop.time() + self.policy.join_timeout)
+            await self._wait_until(
+                lambda: self._count_available() >= scheduler.min_clients,
+                loop.time() + self.policy.join_timeout,
+            )
         selected = self._select(number)
         if len(selected) < scheduler.min_clients:
-            raise NotEnoughParticipants(self.task_id, len(selected), scheduler.min_clients,
-                                        waited=self.policy.join_timeout)
+            raise NotEnoughParticipants(
+                self.task_id, len(selected), scheduler.min_clients, waited=self.policy.join_timeout
+            )
         global_state = scheduler.state_dict()
         state_bytes = sum(t.numel() * t.element_size() for t in global_state.values())
         keep = self.policy.keeps_updates
         slots = len(selected) if keep else self.policy.upload_slots(state_bytes)
         current = self._current = _Round(
-            number, global_state, state_bytes,
+            number,
+            global_state,
+            state_bytes,
             train_deadline=loop.time() + scheduler.calculation_timeout,
             upload_seconds=self.policy.upload_seconds(state_bytes),
-            upload_now=slots >= len(selected), owed=set(selected), epoch=self._epoch)
+            upload_now=slots >= len(selected),
+            owed=set(selected),
+            epoch=self._epoch,
+        )
         for node in selected:
             participant = self.participants[node]
             participant.status, participant.round = "training", number
         self._event(f"round {number}: training on {', '.join(selected)}")
         async with self._link_lost_interrupts():
-            await self.link.send(Frame({"t": Kind.ROUND, "to": selected, "round": number,
-                                        "epochs": scheduler.merge_epochs,
-                                        "upload": current.upload_now}))
+            await self.link.send(
+                Frame(
+                    {
+                        "t": Kind.ROUND,
+                        "to": selected,
+                        "round": number,
+                        "epochs": scheduler.merge_epochs,
+                        "upload": current.upload_now,
+                    }
+                )
+            )
             await self.link.send_state(global_state, to=selected, round=number)
 
         if not keep:
@@ -302,8 +335,9 @@ class Aggregator:
         else:
             contributions, samples = self._mean.count, int(self._mean.total_weight)
         if contributions < scheduler.min_clients:
-            raise NotEnoughParticipants(self.task_id, contributions, scheduler.min_clients,
-                                        round=number)
+            raise NotEnoughParticipants(
+                self.task_id, contributions, scheduler.min_clients, round=number
+            )
         averaged = await asyncio.to_thread(self._combine, current)
         await asyncio.to_thread(scheduler.load_state_dict, averaged)
         if self._mean is not None and self._mean.shares_memory_with(scheduler.state_dict()):
@@ -312,14 +346,20 @@ class Aggregator:
         current.kept.clear()
         scheduler.current_round = number
         finished = scheduler.is_task_finished()
-        row: dict[str, Any] = {"round": number, "participants": contributions,
-                               "samples": samples if self.policy.weighted else None}
+        row: dict[str, Any] = {
+            "round": number,
+            "participants": contributions,
+            "samples": samples if self.policy.weighted else None,
+        }
         log_rounds = scheduler.log_rounds
         tested = number == 1 or finished or (log_rounds > 0 and number % log_rounds == 0)
         row["tested"] = tested
-        trained = [self.participants[node].train_seconds for node in selected
-                   if self.participants[node].status == "uploaded"
-                   and self.participants[node].train_seconds is not None]
+        trained = [
+            self.participants[node].train_seconds
+            for node in selected
+            if self.participants[node].status == "uploaded"
+            and self.participants[node].train_seconds is not None
+        ]
         row["train_seconds"] = max(trained, default=None)
         if tested:
             test_started = time.perf_counter()
@@ -327,11 +367,20 @@ class Aggregator:
             row["test_seconds"] = time.perf_counter() - test_started
         row["seconds"] = round_seconds = time.perf_counter() - started
         self.history.append(row)
-        await asyncio.to_thread(self.checkpoint.save, scheduler.state_dict(), number,
-                                self.history, self.task_id, self.package.code_hash, finished)
+        await asyncio.to_thread(
+            self.checkpoint.save,
+            scheduler.state_dict(),
+            number,
+            self.history,
+            self.task_id,
+            self.package.code_hash,
+            finished,
+        )
         shown = metrics_text(row)
-        self._event(f"round {number}/{scheduler.max_rounds or '?'}: averaged {contributions} "
-                    f"updates in {round_seconds:.2f} s" + (f"; {shown}" if shown else ""))
+        self._event(
+            f"round {number}/{scheduler.max_rounds or '?'}: averaged {contributions} "
+            f"updates in {round_seconds:.2f} s" + (f"; {shown}" if shown else "")
+        )
 
     def _select(self, number: int) -> list[str]:
         """This round's participants: rested nodes first, nobody over the weight cap."""
@@ -342,22 +391,30 @@ class Aggregator:
             for node, share in capped.items():
                 participant = self.participants[node]
                 participant.status = "refused"
-                participant.detail = (f"its {participant.samples} samples would be {share:.0%} "
-                                      f"of round {number}'s weight, over max_weight_share="
-                                      f"{policy.max_weight_share:g}")
-                self._event(f"round {number}: {node} left out: {participant.detail}",
-                            logging.WARNING)
+                participant.detail = (
+                    f"its {participant.samples} samples would be {share:.0%} "
+                    f"of round {number}'s weight, over max_weight_share="
+                    f"{policy.max_weight_share:g}"
+                )
+                self._event(
+                    f"round {number}: {node} left out: {participant.detail}", logging.WARNING
+                )
             available = [p for p in available if p.node not in capped]
         rested = [p.node for p in available if p.sits_out_until < number]
         resting = [p.node for p in available if p.sits_out_until >= number]
         # As in FedAvg, a random subset when more are available than a round uses.
-        selected = (random.sample(rested, scheduler.max_clients)
-                    if len(rested) > scheduler.max_clients else rested)
+        selected = (
+            random.sample(rested, scheduler.max_clients)
+            if len(rested) > scheduler.max_clients
+            else rested
+        )
         if len(selected) < scheduler.min_clients and resting:
-            back = random.sample(resting, min(len(resting),
-                                              scheduler.min_clients - len(selected)))
-            self._event(f"round {number}: taking {', '.join(back)} back early, since too few "
-                        "others are available for min_clients", logging.WARNING)
+            back = random.sample(resting, min(len(resting), scheduler.min_clients - len(selected)))
+            self._event(
+                f"round {number}: taking {', '.join(back)} back early, since too few "
+                "others are available for min_clients",
+                logging.WARNING,
+            )
             selected += back
         return selected
 
@@ -399,16 +456,17 @@ class Aggregator:
                 granted.append(node)
         if granted:
             async with self._link_lost_interrupts():
-                await self.link.send(Frame({"t": Kind.UPLOAD, "to": granted,
-                                            "round": current.number}))
+                await self.link.send(
+                    Frame({"t": Kind.UPLOAD, "to": granted, "round": current.number})
+                )
 
     def _open_upload(self, current: _Round, node: str) -> None:
         # Kept updates need memory of their own; folded ones give their buffer back.
         buffer = {} if self.policy.keeps_updates or not self._buffers else self._buffers.pop()
         deadline = asyncio.get_running_loop().time() + current.upload_seconds
-        current.uploads[node] = _Upload(node, current.number,
-                                        StateReader(current.global_state, out=buffer),
-                                        deadline, buffer)
+        current.uploads[node] = _Upload(
+            node, current.number, StateReader(current.global_state, out=buffer), deadline, buffer
+        )
         self.participants[node].status = "uploading"
 
     def _expire(self, current: _Round, now: float) -> None:
@@ -417,14 +475,22 @@ class Aggregator:
             participant = self.participants[node]
             upload = current.uploads.get(node)
             if participant.status == "training" and now >= current.train_deadline:
-                self._strike(current, participant, f"did not finish training within "
-                             f"{self.scheduler.calculation_timeout:g} s (calculation_timeout)")
+                self._strike(
+                    current,
+                    participant,
+                    f"did not finish training within "
+                    f"{self.scheduler.calculation_timeout:g} s (calculation_timeout)",
+                )
             elif upload is not None and upload.state is None and now >= upload.deadline:
                 del current.uploads[node]
                 self._release(upload)
-                self._strike(current, participant, f"sent {_size(upload.received)} of its "
-                             f"{_size(current.state_bytes)} update within "
-                             f"{current.upload_seconds:g} s (upload_timeout)")
+                self._strike(
+                    current,
+                    participant,
+                    f"sent {_size(upload.received)} of its "
+                    f"{_size(current.state_bytes)} update within "
+                    f"{current.upload_seconds:g} s (upload_timeout)",
+                )
 
     def _strike(self, current: _Round, participant: Participant, why: str) -> None:
         participant.strikes += 1
@@ -432,10 +498,14 @@ class Aggregator:
         participant.sits_out_until = current.number + rounds
         participant.status, participant.detail = "timed out", why
         current.owed.discard(participant.node)
-        sits = (f"round {current.number + 1}" if rounds == 1 else
-                f"rounds {current.number + 1}-{current.number + rounds}")
-        self._event(f"round {current.number}: {participant.node} {why}; it sits out {sits}",
-                    logging.WARNING)
+        sits = (
+            f"round {current.number + 1}"
+            if rounds == 1
+            else f"rounds {current.number + 1}-{current.number + rounds}"
+        )
+        self._event(
+            f"round {current.number}: {participant.node} {why}; it sits out {sits}", logging.WARNING
+        )
 
     def _waiting_for(self, current: _Round, now: float) -> str:
         """Whom the round waits for, and how far each got."""
@@ -444,11 +514,14 @@ class Aggregator:
             participant, upload = self.participants[node], current.uploads.get(node)
             if upload is not None:
                 share = upload.received / current.state_bytes if current.state_bytes else 1
-                parts.append(f"{node} (uploading: {share:.0%} of {_size(current.state_bytes)}, "
-                             f"{max(upload.deadline - now, 0):.0f} s left)")
+                parts.append(
+                    f"{node} (uploading: {share:.0%} of {_size(current.state_bytes)}, "
+                    f"{max(upload.deadline - now, 0):.0f} s left)"
+                )
             elif participant.status == "training":
-                parts.append(f"{node} (training, "
-                             f"{max(current.train_deadline - now, 0):.0f} s left)")
+                parts.append(
+                    f"{node} (training, {max(current.train_deadline - now, 0):.0f} s left)"
+                )
             else:
                 parts.append(f"{node} ({participant.status})")
         return "waiting for " + ", ".join(parts) if parts else "folding in the last updates"
@@ -469,8 +542,9 @@ class Aggregator:
             self._release(upload)
         if upload.error is not None:
             participant.status, participant.detail = "refused", upload.error
-            self._event(str(UpdateRejected(upload.node, upload.round, upload.error)),
-                        logging.WARNING)
+            self._event(
+                str(UpdateRejected(upload.node, upload.round, upload.error)), logging.WARNING
+            )
             return
         participant.status, participant.strikes = "uploaded", 0
 
@@ -532,35 +606,48 @@ class Aggregator:
                 participant.status = "reconnecting"
                 participant.detail = "lost with the relay connection"
         self._changed.set()
-        self._event(f"{lost}; reconnecting for up to {window:g} s (reconnect_window)",
-                    logging.WARNING)
+        self._event(
+            f"{lost}; reconnecting for up to {window:g} s (reconnect_window)", logging.WARNING
+        )
         await self.link.close()
         try:
             self.link = await self.link.reopen(window)
         except RelayRefused as refusal:
-            raise ConnectionLost(lost.url, f"{lost.detail}, and no relay took the task back "
-                                 f"within {window:g} s (reconnect_window): "
-                                 f"{refusal.message}") from None
+            raise ConnectionLost(
+                lost.url,
+                f"{lost.detail}, and no relay took the task back "
+                f"within {window:g} s (reconnect_window): "
+                f"{refusal.message}",
+            ) from None
         self._connected = True
         self._changed.set()
-        self._event("reconnected to the relay; participants come back on their own, without "
-                    "consenting again")
+        self._event(
+            "reconnected to the relay; participants come back on their own, without "
+            "consenting again"
+        )
 
     async def _rejoin(self, number: int, epoch: int) -> None:
         """After a lost relay connection: wait for it, then for the participants to come back."""
-        self._event(f"round {number}: the relay connection was lost; the round runs again "
-                    "once participants are back", logging.WARNING)
+        self._event(
+            f"round {number}: the relay connection was lost; the round runs again "
+            "once participants are back",
+            logging.WARNING,
+        )
         loop = asyncio.get_running_loop()
         # The reader gives up within the window (and the hello's answer time).
-        await self._wait_until(lambda: self._epoch > epoch and self._connected,
-                               loop.time() + self.reconnect_window + WELCOME_TIMEOUT)
+        await self._wait_until(
+            lambda: self._epoch > epoch and self._connected,
+            loop.time() + self.reconnect_window + WELCOME_TIMEOUT,
+        )
         back = loop.time() + self.reconnect_window
-        await self._wait_until(lambda: self._count_available() >= self.scheduler.min_clients,
-                               back)
+        await self._wait_until(lambda: self._count_available() >= self.scheduler.min_clients, back)
         # The others get a short grace, as when a task gathers.
-        await self._wait_until(lambda: not any(p.status in ("reconnecting", "joined")
-                                               for p in self.participants.values()),
-                               min(back, loop.time() + self.policy.join_grace))
+        await self._wait_until(
+            lambda: (
+                not any(p.status in ("reconnecting", "joined") for p in self.participants.values())
+            ),
+            min(back, loop.time() + self.policy.join_grace),
+        )
         for participant in self.participants.values():
             if participant.status == "reconnecting":
                 participant.status = "dropped"
@@ -613,9 +700,12 @@ class Aggregator:
         elif kind == Kind.FAILED:
             participant.status = "failed"
             self._leave_round(node, "failed")
-            error = RemoteError(node, str(frame.header.get("during", "training")),
-                                str(frame.header.get("error")),
-                                str(frame.header.get("traceback", "")))
+            error = RemoteError(
+                node,
+                str(frame.header.get("during", "training")),
+                str(frame.header.get("error")),
+                str(frame.header.get("traceback", "")),
+            )
             participant.detail, participant.traceback = error.error, error.traceback
             self._event(str(error), logging.ERROR)
         else:
@@ -643,9 +733,11 @@ class Aggregator:
             limit = self.policy.max_samples
             if isinstance(samples, int) and not isinstance(samples, bool) and samples > limit:
                 participant.status = "unverified"
-                participant.detail = (f"reported {samples} training samples, over max_samples="
-                                      f"{limit}: implausible, so its update would outweigh "
-                                      "everyone's; raise max_samples if the count is real")
+                participant.detail = (
+                    f"reported {samples} training samples, over max_samples="
+                    f"{limit}: implausible, so its update would outweigh "
+                    "everyone's; raise max_samples if the count is real"
+                )
                 self._event(f"{node} refused: {participant.detail}", logging.WARNING)
                 return
             participant.samples = samples if isinstance(samples, int) and samples > 0 else 0
@@ -654,15 +746,22 @@ class Aggregator:
         elif stage == "verified":
             participant.status, participant.detail = "unverified", detail
             participant.traceback = trace = str(header.get("traceback") or "")
-            self._event(f"{node} failed data verification: {detail}"
-                        + (f"\n{trace.rstrip()}" if trace else ""), logging.WARNING)
+            self._event(
+                f"{node} failed data verification: {detail}"
+                + (f"\n{trace.rstrip()}" if trace else ""),
+                logging.WARNING,
+            )
 
     def _on_trained(self, participant: Participant, header: dict[str, Any]) -> None:
         seconds = header.get("seconds")
         participant.train_seconds = seconds if isinstance(seconds, numbers.Real) else None
         current = self._current
-        if (current is None or header.get("round") != current.number
-                or participant.status != "training" or participant.node not in current.owed):
+        if (
+            current is None
+            or header.get("round") != current.number
+            or participant.status != "training"
+            or participant.node not in current.owed
+        ):
             return  # late: the round gave up on it, and it may be picked again
         participant.status = "trained"
         if current.upload_now:
@@ -673,8 +772,12 @@ class Aggregator:
     def _on_state(self, node: Any, frame: Frame) -> None:
         current = self._current
         upload = current.uploads.get(node) if current is not None else None
-        if (upload is None or upload.state is not None or upload.error is not None
-                or frame.header.get("round") != upload.round):
+        if (
+            upload is None
+            or upload.state is not None
+            or upload.error is not None
+            or frame.header.get("round") != upload.round
+        ):
             # The rest of a refused, late or unrequested update: nothing asked for it.
             log.debug("ignored state data %s from %r", frame, node)
             return
@@ -729,16 +832,18 @@ class _Interrupted(Exception):
 
 def _metrics(values: Any) -> dict[str, Any]:
     if not isinstance(values, dict):
-        log.warning("test() returned a %s, not a dict of metrics; ignored",
-                    type(values).__name__)
+        log.warning("test() returned a %s, not a dict of metrics; ignored", type(values).__name__)
         return {}
     metrics = {}
     for key, value in values.items():
         if isinstance(value, torch.Tensor) and value.numel() == 1:
             value = value.item()
         if isinstance(value, (numbers.Real, str)) and not isinstance(value, bool):
-            metrics[str(key)] = float(value) if isinstance(value, numbers.Real) and not \
-                isinstance(value, int) else value
+            metrics[str(key)] = (
+                float(value)
+                if isinstance(value, numbers.Real) and not isinstance(value, int)
+                else value
+            )
     return metrics
 
 

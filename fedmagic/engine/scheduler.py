@@ -27,8 +27,15 @@ __all__ = ["Scheduler"]
 
 log = logging.getLogger("fedmagic")
 
-_REQUIRED = ("make_model", "make_train_dataloader", "make_test_dataloader", "state_dict",
-             "load_state_dict", "train", "test")
+_REQUIRED = (
+    "make_model",
+    "make_train_dataloader",
+    "make_test_dataloader",
+    "state_dict",
+    "load_state_dict",
+    "train",
+    "test",
+)
 
 
 class Scheduler(abc.ABC):
@@ -53,42 +60,63 @@ class Scheduler(abc.ABC):
         missing = [name for name in _REQUIRED if name in getattr(cls, "__abstractmethods__", ())]
         if missing:
             raise TaskDefinitionError(
-                cls.__name__, f"does not define {', '.join(name + '()' for name in missing)}",
-                "a FedAvgScheduler implements " + ", ".join(_REQUIRED))
+                cls.__name__,
+                f"does not define {', '.join(name + '()' for name in missing)}",
+                "a FedAvgScheduler implements " + ", ".join(_REQUIRED),
+            )
         scheduler = super().__new__(cls)
         # What participants rebuild the scheduler from: the author's own call.
         scheduler._init_call = (args, kwargs)
         return scheduler
 
-    def __init__(self, min_clients: int, max_clients: int, name: str | None = None,
-                 max_rounds: int = 0, merge_epochs: int = 1, calculation_timeout: float = 300,
-                 log_rounds: int = 0, is_centralized: bool = True, **unknown: Any) -> None:
+    def __init__(
+        self,
+        min_clients: int,
+        max_clients: int,
+        name: str | None = None,
+        max_rounds: int = 0,
+        merge_epochs: int = 1,
+        calculation_timeout: float = 300,
+        log_rounds: int = 0,
+        is_centralized: bool = True,
+        **unknown: Any,
+    ) -> None:
         if unknown:
             parameter = next(iter(unknown))
             hint = " (did you mean merge_epochs?)" if parameter == "merge_epoch" else ""
-            raise TypeError(f"FedAvgScheduler got an unexpected keyword argument "
-                            f"{parameter!r}{hint}")
+            raise TypeError(
+                f"FedAvgScheduler got an unexpected keyword argument {parameter!r}{hint}"
+            )
         _whole("min_clients", min_clients, minimum=1)
         _whole("max_clients", max_clients, minimum=1)
         if max_clients < min_clients:
-            raise ConfigurationError("max_clients", max_clients,
-                                     f"must be at least min_clients ({min_clients})")
+            raise ConfigurationError(
+                "max_clients", max_clients, f"must be at least min_clients ({min_clients})"
+            )
         _whole("max_rounds", max_rounds, minimum=0)
         _whole("merge_epochs", merge_epochs, minimum=1)
         _whole("log_rounds", log_rounds, minimum=0)
-        if (not isinstance(calculation_timeout, numbers.Real)
-                or isinstance(calculation_timeout, bool) or not calculation_timeout > 0):
-            raise ConfigurationError("calculation_timeout", calculation_timeout,
-                                     "must be a positive number of seconds")
+        if (
+            not isinstance(calculation_timeout, numbers.Real)
+            or isinstance(calculation_timeout, bool)
+            or not calculation_timeout > 0
+        ):
+            raise ConfigurationError(
+                "calculation_timeout", calculation_timeout, "must be a positive number of seconds"
+            )
         if name is not None and (not isinstance(name, str) or not name.strip()):
-            raise ConfigurationError("name", name, "must be a non-empty string, or None "
-                                     "to use the task id")
+            raise ConfigurationError(
+                "name", name, "must be a non-empty string, or None to use the task id"
+            )
         if name is not None:
             check_folder_name("name", name)
         if is_centralized is not True:
-            raise ConfigurationError("is_centralized", is_centralized,
-                                     "decentralized FedAvg (an aggregator elected each round) "
-                                     "is not supported yet; use is_centralized=True")
+            raise ConfigurationError(
+                "is_centralized",
+                is_centralized,
+                "decentralized FedAvg (an aggregator elected each round) "
+                "is not supported yet; use is_centralized=True",
+            )
         self.min_clients = min_clients
         self.max_clients = max_clients
         self.name = name
@@ -138,8 +166,9 @@ class Scheduler(abc.ABC):
         """Check this node can run the task; overrides must call this first."""
         self._context_validated = True
         if not isinstance(self.model, nn.Module):
-            raise TaskDefinitionError(type(self).__name__, "has no model",
-                                      "make_model() must return a torch.nn.Module")
+            raise TaskDefinitionError(
+                type(self).__name__, "has no model", "make_model() must return a torch.nn.Module"
+            )
         check_state(self.state_dict())
 
     def is_task_finished(self) -> bool:
@@ -154,24 +183,33 @@ class Scheduler(abc.ABC):
     def _setup(self, task_id: str) -> None:
         """Build the model and check the state it exposes, before round 1."""
         if not hasattr(self, "_context_validated"):
-            raise TaskDefinitionError(type(self).__name__, "did not run FedAvgScheduler's "
-                                      "__init__", "call super().__init__(...) in __init__")
+            raise TaskDefinitionError(
+                type(self).__name__,
+                "did not run FedAvgScheduler's __init__",
+                "call super().__init__(...) in __init__",
+            )
         self.task_id = task_id
         if self.name is None:
             check_folder_name("task_id", task_id)
             self.name = task_id
         model = self.make_model()
         if not isinstance(model, nn.Module):
-            raise TaskDefinitionError(type(self).__name__, f"make_model() returned a "
-                                      f"{type(model).__name__}", "return a torch.nn.Module")
+            raise TaskDefinitionError(
+                type(self).__name__,
+                f"make_model() returned a {type(model).__name__}",
+                "return a torch.nn.Module",
+            )
         self.model = model
         check_state(self.state_dict())
 
     def _check_rounds(self) -> None:
         overrides_finish = type(self).is_task_finished is not Scheduler.is_task_finished
         if self.max_rounds <= 0 and not overrides_finish:
-            raise ConfigurationError("max_rounds", self.max_rounds, "must be positive, or "
-                                     "override is_task_finished() to decide when to stop")
+            raise ConfigurationError(
+                "max_rounds",
+                self.max_rounds,
+                "must be positive, or override is_task_finished() to decide when to stop",
+            )
 
 
 def _whole(name: str, value: Any, minimum: int) -> None:

@@ -56,8 +56,9 @@ class TaskPackage:
     verify_source: str | None = None
 
     @classmethod
-    def from_scheduler(cls, scheduler: Scheduler, task_id: str,
-                       dataset_verify: Any = None) -> TaskPackage:
+    def from_scheduler(
+        cls, scheduler: Scheduler, task_id: str, dataset_verify: Any = None
+    ) -> TaskPackage:
         """Pack a scheduler built by the author's code.
 
         Args:
@@ -74,15 +75,29 @@ class TaskPackage:
         args, kwargs = scheduler._init_call
         _check_arguments_travel(scheduler_cls, args, kwargs)
         # Participants see the file's name, not where it sits on the author's machine.
-        return cls(task_id=task_id, class_name=scheduler_cls.__qualname__, source=source,
-                   filename=os.path.basename(filename), args=list(args), kwargs=dict(kwargs),
-                   verify_source=_verify_source(dataset_verify))
+        return cls(
+            task_id=task_id,
+            class_name=scheduler_cls.__qualname__,
+            source=source,
+            filename=os.path.basename(filename),
+            args=list(args),
+            kwargs=dict(kwargs),
+            verify_source=_verify_source(dataset_verify),
+        )
 
     @property
     def code_hash(self) -> str:
         """What a data owner consents to: the code and arguments, hashed."""
-        material = msgpack.packb([PROTOCOL_VERSION, self.class_name, self.source,
-                                  self.verify_source or "", self.args, self.kwargs])
+        material = msgpack.packb(
+            [
+                PROTOCOL_VERSION,
+                self.class_name,
+                self.source,
+                self.verify_source or "",
+                self.args,
+                self.kwargs,
+            ]
+        )
         return hashlib.sha256(material).hexdigest()
 
     @property
@@ -94,18 +109,31 @@ class TaskPackage:
 
     def review(self) -> str:
         """Everything the code hash covers, as its data owner reads it before consenting."""
-        parts = [f"# task {self.task_id!r}, code hash {self.code_hash}",
-                 f"# runs: {self.call}", f"# ---- {self.filename} ----", self.source.rstrip()]
+        parts = [
+            f"# task {self.task_id!r}, code hash {self.code_hash}",
+            f"# runs: {self.call}",
+            f"# ---- {self.filename} ----",
+            self.source.rstrip(),
+        ]
         if self.verify_source is not None:
-            parts += ["# ---- DatasetVerify (its own code, run on your data first) ----",
-                      self.verify_source.rstrip()]
+            parts += [
+                "# ---- DatasetVerify (its own code, run on your data first) ----",
+                self.verify_source.rstrip(),
+            ]
         return "\n".join(parts) + "\n"
 
     def to_header(self) -> dict[str, Any]:
-        return {"t": Kind.TASK, "task": self.task_id, "class_name": self.class_name,
-                "source": self.source, "filename": self.filename, "args": self.args,
-                "kwargs": self.kwargs, "verify_source": self.verify_source,
-                "hash": self.code_hash}
+        return {
+            "t": Kind.TASK,
+            "task": self.task_id,
+            "class_name": self.class_name,
+            "source": self.source,
+            "filename": self.filename,
+            "args": self.args,
+            "kwargs": self.kwargs,
+            "verify_source": self.verify_source,
+            "hash": self.code_hash,
+        }
 
     @classmethod
     def from_header(cls, header: dict[str, Any]) -> TaskPackage:
@@ -115,17 +143,29 @@ class TaskPackage:
             ProtocolError: if a field is missing, mistyped, or the hash does
                 not match the contents.
         """
-        expected = {"task": str, "class_name": str, "source": str, "filename": str,
-                    "args": list, "kwargs": dict}
+        expected = {
+            "task": str,
+            "class_name": str,
+            "source": str,
+            "filename": str,
+            "args": list,
+            "kwargs": dict,
+        }
         for key, kind in expected.items():
             if not isinstance(header.get(key), kind):
                 raise ProtocolError("initiator", f"task frame has no valid {key!r}")
         verify = header.get("verify_source")
         if verify is not None and not isinstance(verify, str):
             raise ProtocolError("initiator", "task frame has an invalid 'verify_source'")
-        package = cls(task_id=header["task"], class_name=header["class_name"],
-                      source=header["source"], filename=header["filename"],
-                      args=header["args"], kwargs=header["kwargs"], verify_source=verify)
+        package = cls(
+            task_id=header["task"],
+            class_name=header["class_name"],
+            source=header["source"],
+            filename=header["filename"],
+            args=header["args"],
+            kwargs=header["kwargs"],
+            verify_source=verify,
+        )
         if header.get("hash") != package.code_hash:
             raise ProtocolError("initiator", "the task's code hash does not match its code")
         return package
@@ -136,8 +176,11 @@ class TaskPackage:
         namespace = _run_source(self.source, label)
         scheduler_cls = namespace.get(self.class_name)
         if not (isinstance(scheduler_cls, type) and issubclass(scheduler_cls, Scheduler)):
-            raise TaskDefinitionError(self.class_name, "is not defined by the task's source",
-                                      "define the FedAvgScheduler subclass at the top level")
+            raise TaskDefinitionError(
+                self.class_name,
+                "is not defined by the task's source",
+                "define the FedAvgScheduler subclass at the top level",
+            )
         with running_code(_received(self.source, label)):
             return scheduler_cls(*self.args, **self.kwargs)
 
@@ -150,8 +193,11 @@ class TaskPackage:
         verify_cls = namespace.get("DatasetVerify")
         if verify_cls is None:
             if self.verify_source is not None:
-                raise TaskDefinitionError("DatasetVerify", "is not defined by the "
-                                          "verification code", "name the class DatasetVerify")
+                raise TaskDefinitionError(
+                    "DatasetVerify",
+                    "is not defined by the verification code",
+                    "name the class DatasetVerify",
+                )
             return None
         return verify_cls(self.task_id, node)
 
@@ -173,20 +219,27 @@ def _source_of(scheduler_cls: type) -> tuple[str, str]:
     if isinstance(source, str):
         return source, getattr(scheduler_cls, "__fedmagic_filename__", "cell")
     context = current_context()
-    if context is not None and context.source is not None and \
-            scheduler_cls.__module__ == "__main__":
+    if (
+        context is not None
+        and context.source is not None
+        and scheduler_cls.__module__ == "__main__"
+    ):
         if not re.search(rf"^\s*class\s+{scheduler_cls.__name__}\b", context.source, re.M):
             raise TaskDefinitionError(
-                scheduler_cls.__name__, "is defined outside this %%fedavg_task cell",
-                "define the class in the cell: the cell is the code participants receive")
+                scheduler_cls.__name__,
+                "is defined outside this %%fedavg_task cell",
+                "define the class in the cell: the cell is the code participants receive",
+            )
         return context.source, context.filename
     module = sys.modules.get(scheduler_cls.__module__)
     try:
         return inspect.getsource(module), getattr(module, "__file__", None) or "task.py"
     except (OSError, TypeError):
         raise TaskDefinitionError(
-            scheduler_cls.__name__, "has no source file fedmagic can send to participants",
-            "define it in a script run with python, or in a %%fedavg_task cell") from None
+            scheduler_cls.__name__,
+            "has no source file fedmagic can send to participants",
+            "define it in a script run with python, or in a %%fedavg_task cell",
+        ) from None
 
 
 def _verify_source(dataset_verify: Any) -> str | None:
@@ -197,8 +250,9 @@ def _verify_source(dataset_verify: Any) -> str | None:
             return file.read()
     if isinstance(dataset_verify, type):
         return _source_of(dataset_verify)[0]
-    raise ConfigurationError("dataset_verify", dataset_verify,
-                             "pass the DatasetVerify class or the path of its file")
+    raise ConfigurationError(
+        "dataset_verify", dataset_verify, "pass the DatasetVerify class or the path of its file"
+    )
 
 
 def _check_arguments_travel(scheduler_cls: type, args: tuple, kwargs: dict) -> None:
@@ -214,6 +268,9 @@ def _check_arguments_travel(scheduler_cls: type, args: tuple, kwargs: dict) -> N
             msgpack.unpackb(packed, strict_map_key=True)
         except (TypeError, ValueError, OverflowError):
             raise ConfigurationError(
-                name, value, "cannot travel to participants: constructor arguments must be "
+                name,
+                value,
+                "cannot travel to participants: constructor arguments must be "
                 "None, bool, int, float, str, bytes, or lists and str-keyed dicts of them; "
-                "build other objects inside __init__ or make_model()") from None
+                "build other objects inside __init__ or make_model()",
+            ) from None

@@ -19,10 +19,12 @@ from torch.utils.data import DataLoader
 from fedmagic import logger
 from fedmagic.fed_avg import FedAvgScheduler
 
-NORMALIZE = torchvision.transforms.Compose([
-    torchvision.transforms.ToTensor(),
-    torchvision.transforms.Normalize((0.1307,), (0.3081,)),
-])
+NORMALIZE = torchvision.transforms.Compose(
+    [
+        torchvision.transforms.ToTensor(),
+        torchvision.transforms.Normalize((0.1307,), (0.3081,)),
+    ]
+)
 
 
 class ConvNet(nn.Module):
@@ -45,14 +47,28 @@ class ConvNet(nn.Module):
 
 
 class DigitsScheduler(FedAvgScheduler):
-
-    def __init__(self, min_clients: int, max_clients: int, name: str = None,
-                 max_rounds: int = 5, merge_epochs: int = 1, calculation_timeout: int = 120,
-                 log_rounds: int = 1, batch_size: int = 32, learning_rate: float = 0.05,
-                 momentum: float = 0.5) -> None:
-        super().__init__(min_clients=min_clients, max_clients=max_clients, name=name,
-                         max_rounds=max_rounds, merge_epochs=merge_epochs,
-                         calculation_timeout=calculation_timeout, log_rounds=log_rounds)
+    def __init__(
+        self,
+        min_clients: int,
+        max_clients: int,
+        name: str = None,
+        max_rounds: int = 5,
+        merge_epochs: int = 1,
+        calculation_timeout: int = 120,
+        log_rounds: int = 1,
+        batch_size: int = 32,
+        learning_rate: float = 0.05,
+        momentum: float = 0.5,
+    ) -> None:
+        super().__init__(
+            min_clients=min_clients,
+            max_clients=max_clients,
+            name=name,
+            max_rounds=max_rounds,
+            merge_epochs=merge_epochs,
+            calculation_timeout=calculation_timeout,
+            log_rounds=log_rounds,
+        )
         self.batch_size = batch_size
         self.learning_rate = learning_rate
         self.momentum = momentum
@@ -61,13 +77,15 @@ class DigitsScheduler(FedAvgScheduler):
 
     def make_model(self) -> nn.Module:
         model = ConvNet().to(self.device)
-        self.optimizer = torch.optim.SGD(model.parameters(), lr=self.learning_rate,
-                                         momentum=self.momentum)
+        self.optimizer = torch.optim.SGD(
+            model.parameters(), lr=self.learning_rate, momentum=self.momentum
+        )
         return model
 
     def _digits(self, train: bool) -> torchvision.datasets.MNIST:
-        return torchvision.datasets.MNIST(os.path.join(self.name, "data"), train=train,
-                                          download=False, transform=NORMALIZE)
+        return torchvision.datasets.MNIST(
+            os.path.join(self.name, "data"), train=train, download=False, transform=NORMALIZE
+        )
 
     def make_train_dataloader(self) -> DataLoader:
         return DataLoader(self._digits(train=True), batch_size=self.batch_size, shuffle=True)
@@ -113,8 +131,12 @@ class DigitsScheduler(FedAvgScheduler):
 class DatasetVerify:
     """Runs on each participant before it trains: is the data there and readable?"""
 
-    FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte",
-             "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
+    FILES = [
+        "train-images-idx3-ubyte",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte",
+        "t10k-labels-idx1-ubyte",
+    ]
 
     def __init__(self, task_id, current_node):
         self.task_id = task_id
@@ -138,9 +160,15 @@ if __name__ == "__main__":
     parser.add_argument("--min-clients", type=int, default=2)
     parser.add_argument("--max-clients", type=int, default=3)
     options = parser.parse_args()
-    scheduler = DigitsScheduler(min_clients=options.min_clients,
-                                max_clients=options.max_clients, name="demo_task",
-                                max_rounds=options.rounds, merge_epochs=options.epochs)
+    scheduler = DigitsScheduler(
+        min_clients=options.min_clients,
+        max_clients=options.max_clients,
+        name="demo_task",
+        max_rounds=options.rounds,
+        merge_epochs=options.epochs,
+    )
     result = scheduler.launch_task(task_id=options.task)
-    print(f"final accuracy {result.metrics['accuracy']:.1%} after {result.rounds} rounds; "
-          f"checkpoint in {result.checkpoint}")
+    print(
+        f"final accuracy {result.metrics['accuracy']:.1%} after {result.rounds} rounds; "
+        f"checkpoint in {result.checkpoint}"
+    )

@@ -42,8 +42,10 @@ class LabBridge:
 
     def state(self) -> dict[str, Any]:
         """What the frontend shows: every task this kernel runs or has joined."""
-        return {"tasks": [_task_state(run) for run in list(self.session.tasks.values())],
-                "joins": [_join_state(panel) for panel in list(self.session.joined.values())]}
+        return {
+            "tasks": [_task_state(run) for run in list(self.session.tasks.values())],
+            "joins": [_join_state(panel) for panel in list(self.session.joined.values())],
+        }
 
     def push(self) -> None:
         with self._lock:
@@ -76,44 +78,72 @@ class LabBridge:
         """Run Verify data for every task this kernel joined; say so when it joined none."""
         joined = self.session.joined
         if not joined:
-            return [{"passed": False, "task_id": None, "node": None,
-                     "detail": "this kernel has not joined a task: run %fedavg_join "
-                               "URL --task ID --token T --node NAME first"}]
+            return [
+                {
+                    "passed": False,
+                    "task_id": None,
+                    "node": None,
+                    "detail": "this kernel has not joined a task: run %fedavg_join "
+                    "URL --task ID --token T --node NAME first",
+                }
+            ]
         results = []
         for task_id, panel in list(joined.items()):
             if panel.package is None:
-                results.append({"passed": False, "task_id": task_id, "node": panel.node,
-                                "detail": "the task's code has not arrived yet: wait for "
-                                          "the task to start, then verify"})
+                results.append(
+                    {
+                        "passed": False,
+                        "task_id": task_id,
+                        "node": panel.node,
+                        "detail": "the task's code has not arrived yet: wait for "
+                        "the task to start, then verify",
+                    }
+                )
                 continue
             passed = panel.verify_data()
             _, detail = panel.verified
-            results.append({"passed": bool(passed), "task_id": task_id, "node": panel.node,
-                            "detail": detail})
+            results.append(
+                {"passed": bool(passed), "task_id": task_id, "node": panel.node, "detail": detail}
+            )
         return results
 
 
 def _task_state(run: TaskRun) -> dict[str, Any]:
     history = run.history
     done, error = run.done(), run.error
-    return {"task_id": run.task_id, "role": "author",
-            "status": "running" if not done else "finished" if error is None else "failed",
-            "error": None if error is None else str(error),
-            "stopping": run.stop_requested and not done,
-            "round": len(history), "max_rounds": run.max_rounds,
-            "participants": [{"node": p.node, "status": p.status, "detail": p.detail}
-                             for p in run.participants.values()],
-            "metrics": {key: value for key, value in last_metrics(history).items()
-                        if isinstance(value, (int, float, str))},
-            "join_command": run.join_command}
+    return {
+        "task_id": run.task_id,
+        "role": "author",
+        "status": "running" if not done else "finished" if error is None else "failed",
+        "error": None if error is None else str(error),
+        "stopping": run.stop_requested and not done,
+        "round": len(history),
+        "max_rounds": run.max_rounds,
+        "participants": [
+            {"node": p.node, "status": p.status, "detail": p.detail}
+            for p in run.participants.values()
+        ],
+        "metrics": {
+            key: value
+            for key, value in last_metrics(history).items()
+            if isinstance(value, (int, float, str))
+        },
+        "join_command": run.join_command,
+    }
 
 
 def _join_state(panel: ParticipantPanel) -> dict[str, Any]:
     passed, detail = panel.verified if panel.verified is not None else (None, "")
-    return {"task_id": panel.task_id, "role": "participant", "node": panel.node,
-            "status": "ended" if panel.ended else "running",
-            "detail": html.unescape(panel.status.value),
-            "code_hash": panel.package.code_hash if panel.package is not None else None,
-            "accepted": panel.accepted_hash is not None,
-            "round": panel.progress.value, "max_rounds": panel.progress.max,
-            "verified": passed, "verification": detail}
+    return {
+        "task_id": panel.task_id,
+        "role": "participant",
+        "node": panel.node,
+        "status": "ended" if panel.ended else "running",
+        "detail": html.unescape(panel.status.value),
+        "code_hash": panel.package.code_hash if panel.package is not None else None,
+        "accepted": panel.accepted_hash is not None,
+        "round": panel.progress.value,
+        "max_rounds": panel.progress.max,
+        "verified": passed,
+        "verification": detail,
+    }

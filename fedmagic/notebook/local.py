@@ -43,9 +43,18 @@ class LocalParticipants:
         wait: seconds each participant waits for the task to start.
     """
 
-    def __init__(self, task_id: str, count: int, url: str, token: str, *,
-                 split: str = "iid", data_dir: str = "demo_task/data",
-                 workdir: str | os.PathLike[str] | None = None, wait: float = 600.0) -> None:
+    def __init__(
+        self,
+        task_id: str,
+        count: int,
+        url: str,
+        token: str,
+        *,
+        split: str = "iid",
+        data_dir: str = "demo_task/data",
+        workdir: str | os.PathLike[str] | None = None,
+        wait: float = 600.0,
+    ) -> None:
         self.task_id = task_id
         self._own_workdir = workdir is None  # removed at shutdown
         self.workdir = Path(workdir or tempfile.mkdtemp(prefix="fedmagic-local-"))
@@ -63,22 +72,28 @@ class LocalParticipants:
                 manager = KernelManager(kernel_name="python3")
                 log = open(party.workdir / "kernel.log", "wb")  # not into the author's cell
                 self._logs.append(log)
-                manager.start_kernel(cwd=str(party.workdir), stdout=log, stderr=log,
-                                     env={**os.environ, "OMP_NUM_THREADS": "1"})
+                manager.start_kernel(
+                    cwd=str(party.workdir),
+                    stdout=log,
+                    stderr=log,
+                    env={**os.environ, "OMP_NUM_THREADS": "1"},
+                )
                 self.managers.append(manager)
                 client = manager.client()
                 client.start_channels()
                 try:
                     client.wait_for_ready(timeout=60)
-                    client.execute(_JOIN.format(url=url, task=task_id, token=token,
-                                                node=party.name, wait=wait))
+                    client.execute(
+                        _JOIN.format(url=url, task=task_id, token=token, node=party.name, wait=wait)
+                    )
                 finally:
                     client.stop_channels()
         except BaseException:
             self.shutdown()
             raise
-        threading.Thread(target=self._shutdown_when_task_ends, daemon=True,
-                         name=f"fedmagic-local-{task_id}").start()
+        threading.Thread(
+            target=self._shutdown_when_task_ends, daemon=True, name=f"fedmagic-local-{task_id}"
+        ).start()
 
     def alive(self) -> list[bool]:
         return [manager.is_alive() for manager in self.managers]
@@ -103,5 +118,7 @@ class LocalParticipants:
 
     def __repr__(self) -> str:
         alive = sum(self.alive())
-        return (f"<LocalParticipants for task {self.task_id!r}: {', '.join(self.nodes)} "
-                f"({alive} running) in {self.workdir}>")
+        return (
+            f"<LocalParticipants for task {self.task_id!r}: {', '.join(self.nodes)} "
+            f"({alive} running) in {self.workdir}>"
+        )

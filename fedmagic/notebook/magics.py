@@ -1,16 +1,16 @@
 """The notebook magics: a thin skin over ``launch_task`` and ``DatasetVerify``.
 
-    %load_ext fedmagic
+%load_ext fedmagic
 
-    %%fedavg_task [--wait] [--relay URL] [--token T] [--join-timeout S]
-    ...a FedAvgScheduler subclass, then scheduler.launch_task(task_id=...)
+%%fedavg_task [--wait] [--relay URL] [--token T] [--join-timeout S]
+...a FedAvgScheduler subclass, then scheduler.launch_task(task_id=...)
 
-    %%dataset_verify TASK_ID
-    class DatasetVerify: ...
+%%dataset_verify TASK_ID
+class DatasetVerify: ...
 
-    %fedavg_local 3 --task TASK_ID      # participant kernels on this machine
+%fedavg_local 3 --task TASK_ID      # participant kernels on this machine
 
-    %fedavg_join ws://HOST:PORT --task TASK_ID --token T --node NAME   # a data owner's panel
+%fedavg_join ws://HOST:PORT --task TASK_ID --token T --node NAME   # a data owner's panel
 """
 
 from __future__ import annotations
@@ -45,15 +45,26 @@ class FedMagics(Magics):
         self.session = session
 
     @magic_arguments()
-    @argument("--wait", action="store_true",
-              help="block until the task ends and raise if it failed (scripts, headless runs); "
-                   "by default the task runs in the background and the cell returns at once")
-    @argument("--relay", help="the relay's URL (default $FEDMAGIC_RELAY, else a relay "
-                              "started inside this kernel on 127.0.0.1)")
-    @argument("--token", help="the join token participants present (default "
-                              "$FEDMAGIC_TOKEN, else a random one)")
-    @argument("--join-timeout", type=float,
-              help="seconds to wait for min_clients participants (default 300)")
+    @argument(
+        "--wait",
+        action="store_true",
+        help="block until the task ends and raise if it failed (scripts, headless runs); "
+        "by default the task runs in the background and the cell returns at once",
+    )
+    @argument(
+        "--relay",
+        help="the relay's URL (default $FEDMAGIC_RELAY, else a relay "
+        "started inside this kernel on 127.0.0.1)",
+    )
+    @argument(
+        "--token",
+        help="the join token participants present (default $FEDMAGIC_TOKEN, else a random one)",
+    )
+    @argument(
+        "--join-timeout",
+        type=float,
+        help="seconds to wait for min_clients participants (default 300)",
+    )
     @cell_magic
     def fedavg_task(self, line: str, cell: str) -> object:
         """Run the cell's FedAvg task; the cell is the code participants receive."""
@@ -76,24 +87,38 @@ class FedMagics(Magics):
         self._run(cell, filename)
         verify_cls = namespace.get("DatasetVerify")
         if not isinstance(verify_cls, type) or verify_cls is before:
-            raise UsageError("a %%dataset_verify cell must define a class named DatasetVerify "
-                             "with __init__(self, task_id, current_node) and run() -> bool")
+            raise UsageError(
+                "a %%dataset_verify cell must define a class named DatasetVerify "
+                "with __init__(self, task_id, current_node) and run() -> bool"
+            )
         verify_cls.__fedmagic_source__ = cell
         verify_cls.__fedmagic_filename__ = filename
         self.session.verify_classes[args.task_id] = verify_cls
-        print(f"DatasetVerify registered for task {args.task_id!r}: each participant runs it "
-              "on its own data before training")
+        print(
+            f"DatasetVerify registered for task {args.task_id!r}: each participant runs it "
+            "on its own data before training"
+        )
 
     @magic_arguments()
     @argument("count", type=int, help="how many participant kernels to start")
     @argument("--task", required=True, help="the task id they join")
-    @argument("--relay", help="the relay's URL (default: the relay a task of this kernel "
-                              "embeds, on 127.0.0.1:$FEDMAGIC_PORT, 8765 by default)")
-    @argument("--split", default="iid", choices=("iid", "by-label"),
-              help="how the digits are shared out (default iid)")
-    @argument("--data-dir", default="demo_task/data",
-              help="where each participant's data goes, in its own directory "
-                   "(default demo_task/data, the reference tutorial's)")
+    @argument(
+        "--relay",
+        help="the relay's URL (default: the relay a task of this kernel "
+        "embeds, on 127.0.0.1:$FEDMAGIC_PORT, 8765 by default)",
+    )
+    @argument(
+        "--split",
+        default="iid",
+        choices=("iid", "by-label"),
+        help="how the digits are shared out (default iid)",
+    )
+    @argument(
+        "--data-dir",
+        default="demo_task/data",
+        help="where each participant's data goes, in its own directory "
+        "(default demo_task/data, the reference tutorial's)",
+    )
     @line_magic
     def fedavg_local(self, line: str) -> LocalParticipants:
         """Start participant kernels on this machine, each with its own digits data."""
@@ -103,30 +128,41 @@ class FedMagics(Magics):
         port = int(os.environ.get("FEDMAGIC_PORT", DEFAULT_PORT))
         url = args.relay or os.environ.get("FEDMAGIC_RELAY") or f"ws://127.0.0.1:{port}"
         token = self.session.join_tokens.setdefault(args.task, new_token())
-        return LocalParticipants(args.task, args.count, url, token, split=args.split,
-                                 data_dir=args.data_dir)
+        return LocalParticipants(
+            args.task, args.count, url, token, split=args.split, data_dir=args.data_dir
+        )
 
     @magic_arguments()
     @argument("url", help="the relay, e.g. ws://127.0.0.1:8765")
     @argument("--task", required=True, help="the task id")
     @argument("--token", default=None, help="the task's join token (default $FEDMAGIC_TOKEN)")
     @argument("--node", required=True, help="this node's name")
-    @argument("--data-root", help="run the task's code from this directory, where its "
-                                  "relative data paths start (default: the notebook's)")
-    @argument("--wait", type=float, default=300.0,
-              help="seconds to wait for the task to appear (default 300)")
+    @argument(
+        "--data-root",
+        help="run the task's code from this directory, where its "
+        "relative data paths start (default: the notebook's)",
+    )
+    @argument(
+        "--wait",
+        type=float,
+        default=300.0,
+        help="seconds to wait for the task to appear (default 300)",
+    )
     @line_magic
     def fedavg_join(self, line: str) -> ParticipantPanel:
         """Join a task from this notebook: review its code, verify your data, accept, train."""
         args = parse_argstring(self.fedavg_join, line)
         token = args.token or os.environ.get("FEDMAGIC_TOKEN")
         if not token:
-            raise UsageError("pass --token (or set FEDMAGIC_TOKEN): the task's author shares "
-                             "it with the join line")
+            raise UsageError(
+                "pass --token (or set FEDMAGIC_TOKEN): the task's author shares "
+                "it with the join line"
+            )
         if args.data_root:
             os.chdir(args.data_root)
-        panel = ParticipantPanel(args.url, args.task, token, args.node, wait=args.wait,
-                                 on_change=self.session.changed)
+        panel = ParticipantPanel(
+            args.url, args.task, token, args.node, wait=args.wait, on_change=self.session.changed
+        )
         self.session.joined[args.task] = panel
         self.session.changed()
         return panel

@@ -30,21 +30,29 @@ LOG_LINES = 8
 class ParticipantPanel(widgets.VBox):
     """Join ``task`` at ``url`` as ``node``: review, verify, accept, train."""
 
-    def __init__(self, url: str, task: str, token: str, node: str, wait: float = 300.0,
-                 on_change: Callable[[], None] = lambda: None) -> None:
+    def __init__(
+        self,
+        url: str,
+        task: str,
+        token: str,
+        node: str,
+        wait: float = 300.0,
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
         self._on_change = on_change
         self.url, self.task_id, self.token, self.node, self.wait = url, task, token, node, wait
-        self.summary = widgets.HTML(f"connecting to {html.escape(url)} as "
-                                    f"<b>{html.escape(node)}</b>, waiting for task "
-                                    f"<b>{html.escape(task)}</b>...")
+        self.summary = widgets.HTML(
+            f"connecting to {html.escape(url)} as "
+            f"<b>{html.escape(node)}</b>, waiting for task "
+            f"<b>{html.escape(task)}</b>..."
+        )
         self.code = widgets.HTML()
-        self.verify_button = widgets.Button(description="Verify data", icon="check",
-                                            disabled=True)
-        self.accept_button = widgets.Button(description="Accept and join", icon="play",
-                                            button_style="success", disabled=True)
+        self.verify_button = widgets.Button(description="Verify data", icon="check", disabled=True)
+        self.accept_button = widgets.Button(
+            description="Accept and join", icon="play", button_style="success", disabled=True
+        )
         self.decline_button = widgets.Button(description="Decline", disabled=True)
-        self.join_button = widgets.Button(description="Join again", icon="sign-in",
-                                          disabled=True)
+        self.join_button = widgets.Button(description="Join again", icon="sign-in", disabled=True)
         self.leave_button = widgets.Button(description="Leave", icon="sign-out")
         self.verification = widgets.HTML()
         self.status = widgets.HTML()
@@ -56,11 +64,25 @@ class ParticipantPanel(widgets.VBox):
         self.decline_button.on_click(lambda _: self.decline())
         self.join_button.on_click(lambda _: self.join())
         self.leave_button.on_click(lambda _: self.leave())
-        super().__init__([self.summary, self.code,
-                          widgets.HBox([self.verify_button, self.accept_button,
-                                        self.decline_button, self.join_button,
-                                        self.leave_button]),
-                          self.verification, self.status, self.progress, self.task_log])
+        super().__init__(
+            [
+                self.summary,
+                self.code,
+                widgets.HBox(
+                    [
+                        self.verify_button,
+                        self.accept_button,
+                        self.decline_button,
+                        self.join_button,
+                        self.leave_button,
+                    ]
+                ),
+                self.verification,
+                self.status,
+                self.progress,
+                self.task_log,
+            ]
+        )
         self.add_class("fedmagic-participant")
         self.package: TaskPackage | None = None
         #: The last Verify data: (passed, what it found), or None before any.
@@ -80,15 +102,19 @@ class ParticipantPanel(widgets.VBox):
             TimeoutError: if it has not arrived after ``timeout`` seconds.
         """
         if not self._code_shown.wait(timeout):
-            raise TimeoutError(f"task {self.task_id!r} has not sent its code to "
-                               f"{self.node!r} after {timeout:g} s: {self.run}")
+            raise TimeoutError(
+                f"task {self.task_id!r} has not sent its code to "
+                f"{self.node!r} after {timeout:g} s: {self.run}"
+            )
         return self.package
 
     def accept(self) -> None:
         """Run the code shown, and only that code (its hash is what was accepted)."""
         if not self._code_shown.is_set():
-            raise RuntimeError("nothing to accept yet: the task's code has not arrived "
-                               "(panel.wait_for_code() waits for it)")
+            raise RuntimeError(
+                "nothing to accept yet: the task's code has not arrived "
+                "(panel.wait_for_code() waits for it)"
+            )
         self._decide(True)
 
     def decline(self) -> None:
@@ -114,14 +140,20 @@ class ParticipantPanel(widgets.VBox):
         trace = ""
         try:
             passed = True
-            detail = ("DatasetVerify.run() returned True" if verify_data(self.package, self.node)
-                      else "the task has no DatasetVerify")
+            detail = (
+                "DatasetVerify.run() returned True"
+                if verify_data(self.package, self.node)
+                else "the task has no DatasetVerify"
+            )
         except Exception as exc:
             passed, detail = False, describe_failure(exc)
             if not isinstance(exc, VerificationFailed):  # the verifier itself broke
                 trace = f"<pre>{html.escape(traceback.format_exc())}</pre>"
-        mark = ("<b style='color:#2e7d32'>data verified</b>" if passed else
-                "<b style='color:#c62828'>verification failed</b>")
+        mark = (
+            "<b style='color:#2e7d32'>data verified</b>"
+            if passed
+            else "<b style='color:#c62828'>verification failed</b>"
+        )
         self.verification.value = f"{mark}: {html.escape(detail)}{trace}"
         self.verified = (passed, detail)
         self._on_change()
@@ -135,31 +167,51 @@ class ParticipantPanel(widgets.VBox):
     def _start(self) -> JoinRun:
         self._code_shown.clear()
         self._decision.clear()
-        return start_join(self.url, self.task_id, self.token, self.node, self._consent,
-                          wait=self.wait, on_event=self._on_event, quiet=True)
+        return start_join(
+            self.url,
+            self.task_id,
+            self.token,
+            self.node,
+            self._consent,
+            wait=self.wait,
+            on_event=self._on_event,
+            quiet=True,
+        )
 
     def _consent(self, package: TaskPackage) -> bool:
         # On the join's worker thread: show the code, then wait for its owner.
         self.package = package
         if package.code_hash == self.accepted_hash:
-            self.summary.value = (f"task <b>{html.escape(package.task_id)}</b>: the code you "
-                                  f"accepted before (hash <code>{package.code_hash[:16]}</code>)"
-                                  ", joining")
+            self.summary.value = (
+                f"task <b>{html.escape(package.task_id)}</b>: the code you "
+                f"accepted before (hash <code>{package.code_hash[:16]}</code>)"
+                ", joining"
+            )
             self._code_shown.set()
             self._on_change()
             return True
-        notice = ("<b>The code changed since you accepted it.</b> "
-                  if self.accepted_hash is not None else "")
-        self.summary.value = (f"task <b>{html.escape(package.task_id)}</b>: "
-                              f"{html.escape(package.class_name)}, code hash "
-                              f"<code>{package.code_hash[:16]}</code>. {notice}Review the "
-                              "code, verify your data, then accept to join.")
-        verify = ("" if package.verify_source is None else
-                  f" and its DatasetVerify ({len(package.verify_source.splitlines())} lines)")
-        self.code.value = (f"<div>runs <code>{html.escape(package.call)}</code></div>"
-                           f"<details><summary>the task's code ({len(package.source.splitlines())}"
-                           f" lines){verify}, sha256 {package.code_hash}</summary><pre>"
-                           f"{html.escape(package.review())}</pre></details>")
+        notice = (
+            "<b>The code changed since you accepted it.</b> "
+            if self.accepted_hash is not None
+            else ""
+        )
+        self.summary.value = (
+            f"task <b>{html.escape(package.task_id)}</b>: "
+            f"{html.escape(package.class_name)}, code hash "
+            f"<code>{package.code_hash[:16]}</code>. {notice}Review the "
+            "code, verify your data, then accept to join."
+        )
+        verify = (
+            ""
+            if package.verify_source is None
+            else f" and its DatasetVerify ({len(package.verify_source.splitlines())} lines)"
+        )
+        self.code.value = (
+            f"<div>runs <code>{html.escape(package.call)}</code></div>"
+            f"<details><summary>the task's code ({len(package.source.splitlines())}"
+            f" lines){verify}, sha256 {package.code_hash}</summary><pre>"
+            f"{html.escape(package.review())}</pre></details>"
+        )
         for button in (self.verify_button, self.accept_button, self.decline_button):
             button.disabled = False
         self._code_shown.set()
@@ -183,9 +235,12 @@ class ParticipantPanel(widgets.VBox):
 
     def _show(self, kind: str, details: dict[str, Any]) -> None:
         if kind == "log":
-            self._log_lines = [*self._log_lines[-(LOG_LINES - 1):], details["text"]]
-            self.task_log.value = ("<pre style='max-height:10em;overflow:auto'>"
-                                   + html.escape("\n".join(self._log_lines)) + "</pre>")
+            self._log_lines = [*self._log_lines[-(LOG_LINES - 1) :], details["text"]]
+            self.task_log.value = (
+                "<pre style='max-height:10em;overflow:auto'>"
+                + html.escape("\n".join(self._log_lines))
+                + "</pre>"
+            )
             return
         if kind == "verified":
             self.progress.max = max(details["max_rounds"], 1)
@@ -197,16 +252,21 @@ class ParticipantPanel(widgets.VBox):
             self.progress.value = min(self.progress.value + 1, self.progress.max)
             self.status.value = f"round {details['round']}: update sent"
         elif kind == "reconnecting":
-            self.status.value = html.escape(f"{details['why']}; reconnecting for up to "
-                                            f"{details['window']:g} s")
+            self.status.value = html.escape(
+                f"{details['why']}; reconnecting for up to {details['window']:g} s"
+            )
         elif kind == "reconnected":
             self.status.value = "back in the task: this node keeps its model and its consent"
         elif kind == "ended":
             self.ended = True
             outcome, error = details["outcome"], details["error"]
-            text = (f"error: {error}" if error is not None else
-                    f"finished: {outcome.reason}" if outcome.ok else
-                    f"did not finish: {outcome.reason}")
+            text = (
+                f"error: {error}"
+                if error is not None
+                else f"finished: {outcome.reason}"
+                if outcome.ok
+                else f"did not finish: {outcome.reason}"
+            )
             self.status.value = html.escape(text)
             for button in (self.accept_button, self.decline_button, self.leave_button):
                 button.disabled = True

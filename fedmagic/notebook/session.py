@@ -54,8 +54,10 @@ class KernelSession:
             return self.tasks[task_id]
         except KeyError:
             started = ", ".join(map(repr, self.tasks)) or "none yet"
-            raise KeyError(f"this kernel started no task {task_id!r} (it started: {started}); "
-                           "a %%fedavg_task cell starts one") from None
+            raise KeyError(
+                f"this kernel started no task {task_id!r} (it started: {started}); "
+                "a %%fedavg_task cell starts one"
+            ) from None
 
     def watch(self, watcher: Callable[[], None]) -> None:
         """Call ``watcher()``, from any thread, whenever a task starts, moves on or ends."""
@@ -69,34 +71,44 @@ class KernelSession:
         for watcher in list(self._watchers):
             watcher()
 
-    def cell(self, source: str, filename: str, *, wait: bool = False,
-             options: dict[str, Any] | None = None) -> CodeContext:
+    def cell(
+        self,
+        source: str,
+        filename: str,
+        *,
+        wait: bool = False,
+        options: dict[str, Any] | None = None,
+    ) -> CodeContext:
         """What a ``%%fedavg_task`` cell runs under: its source is the task's code.
 
         Args:
             wait: ``launch_task`` blocks until the task ends and returns its result.
             options: ``launch_task`` options from the magic's line; the call's own win.
         """
+
         def launch(scheduler: Scheduler, task_id: str, given: dict[str, Any]) -> Any:
             return self._launch(scheduler, task_id, {**(options or {}), **given}, wait)
 
         return CodeContext(source, filename, launch)
 
-    def _launch(self, scheduler: Scheduler, task_id: str, options: dict[str, Any],
-                wait: bool) -> Any:
+    def _launch(
+        self, scheduler: Scheduler, task_id: str, options: dict[str, Any], wait: bool
+    ) -> Any:
         from IPython import get_ipython
         from IPython.display import display
 
         running = self.tasks.get(task_id)
         if running is not None and not running.done():
-            log.info("task %r is already running in this kernel; here it is (to start it "
-                     "again, call .stop() on it first)", task_id)
+            log.info(
+                "task %r is already running in this kernel; here it is (to start it "
+                "again, call .stop() on it first)",
+                task_id,
+            )
         else:
             in_kernel = getattr(get_ipython(), "kernel", None) is not None
             options.setdefault("dataset_verify", self.verify_classes.get(task_id))
             options.setdefault("token", self.join_tokens.get(task_id))
-            running = start_task(scheduler, task_id, **{"quiet": in_kernel and not wait,
-                                                        **options})
+            running = start_task(scheduler, task_id, **{"quiet": in_kernel and not wait, **options})
             self.tasks[task_id] = running
             running.subscribe(lambda _event: self.changed())
             self.changed()
@@ -118,7 +130,9 @@ def loaded_session(create: bool = False) -> KernelSession:
     global _loaded
     if _loaded is None:
         if not create:
-            raise RuntimeError("fedmagic is not loaded in this kernel: run %load_ext fedmagic, "
-                               "then start a task in a %%fedavg_task cell")
+            raise RuntimeError(
+                "fedmagic is not loaded in this kernel: run %load_ext fedmagic, "
+                "then start a task in a %%fedavg_task cell"
+            )
         _loaded = KernelSession()
     return _loaded

@@ -23,10 +23,20 @@ if TYPE_CHECKING:
 __all__ = ["TaskWidget", "show_task"]
 
 LOG_LINES = 12
-_STATUS_COLOURS = {"uploaded": "#2e7d32", "ready": "#2e7d32", "training": "#1565c0",
-                   "trained": "#1565c0", "uploading": "#1565c0", "refused": "#c62828",
-                   "failed": "#c62828", "unverified": "#c62828", "declined": "#c62828",
-                   "dropped": "#ef6c00", "timed out": "#ef6c00", "reconnecting": "#ef6c00"}
+_STATUS_COLOURS = {
+    "uploaded": "#2e7d32",
+    "ready": "#2e7d32",
+    "training": "#1565c0",
+    "trained": "#1565c0",
+    "uploading": "#1565c0",
+    "refused": "#c62828",
+    "failed": "#c62828",
+    "unverified": "#c62828",
+    "declined": "#c62828",
+    "dropped": "#ef6c00",
+    "timed out": "#ef6c00",
+    "reconnecting": "#ef6c00",
+}
 
 
 def show_task(run: TaskRun) -> None:
@@ -46,18 +56,23 @@ class TaskWidget(widgets.VBox):
     def __init__(self, run: TaskRun) -> None:
         self.run = run
         self.header = widgets.HTML()
-        self.progress = widgets.IntProgress(min=0, max=max(run.max_rounds, 1),
-                                            description="round", bar_style="info")
+        self.progress = widgets.IntProgress(
+            min=0, max=max(run.max_rounds, 1), description="round", bar_style="info"
+        )
         self.table = widgets.HTML()
         self.charts = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
         self.event_log = widgets.HTML()
-        self.stop_button = widgets.Button(description="Stop after this round", icon="stop",
-                                          button_style="warning",
-                                          layout=widgets.Layout(width="auto"))
+        self.stop_button = widgets.Button(
+            description="Stop after this round",
+            icon="stop",
+            button_style="warning",
+            layout=widgets.Layout(width="auto"),
+        )
         self.stop_button.on_click(self._stop)
         self._lines: dict[str, bqplot.Lines] = {}
-        super().__init__([self.header, self.progress, self.table, self.charts, self.event_log,
-                          self.stop_button])
+        super().__init__(
+            [self.header, self.progress, self.table, self.charts, self.event_log, self.stop_button]
+        )
         self.add_class("fedmagic-task")
         self.refresh()
         run.subscribe(self._on_event)
@@ -78,8 +93,12 @@ class TaskWidget(widgets.VBox):
 
     def _plot(self, history: list[dict[str, Any]]) -> None:
         tested = [row for row in history if row.get("tested")]
-        names = [key for row in tested for key, value in metrics_of(row).items()
-                 if isinstance(value, (int, float)) and not isinstance(value, bool)]
+        names = [
+            key
+            for row in tested
+            for key, value in metrics_of(row).items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool)
+        ]
         for name in dict.fromkeys(names):
             points = [(row["round"], row[name]) for row in tested if name in row]
             if name not in self._lines:
@@ -92,10 +111,15 @@ class TaskWidget(widgets.VBox):
         x_scale, y_scale = bqplot.LinearScale(), bqplot.LinearScale()
         line = bqplot.Lines(x=[], y=[], scales={"x": x_scale, "y": y_scale}, marker="circle")
         figure = bqplot.Figure(
-            marks=[line], title=name, fig_margin={"top": 40, "bottom": 40, "left": 50, "right": 20},
-            axes=[bqplot.Axis(scale=x_scale, label="round", tick_format="d"),
-                  bqplot.Axis(scale=y_scale, orientation="vertical")],
-            layout=widgets.Layout(width="320px", height="220px"))
+            marks=[line],
+            title=name,
+            fig_margin={"top": 40, "bottom": 40, "left": 50, "right": 20},
+            axes=[
+                bqplot.Axis(scale=x_scale, label="round", tick_format="d"),
+                bqplot.Axis(scale=y_scale, orientation="vertical"),
+            ],
+            layout=widgets.Layout(width="320px", height="220px"),
+        )
         self.charts.children = (*self.charts.children, figure)
         return line
 
@@ -118,13 +142,18 @@ def _header(run: TaskRun, done: bool) -> str:
     if done and run.error is not None:
         state += f": {html.escape(str(run.error))}"
         trace = _traceback("".join(traceback.format_exception(run.error)))
-    return (f"<b>task {html.escape(run.task_id)}</b> &middot; {state}{trace}<br>"
-            f"data owners join with: <code>{html.escape(run.join_command)}</code>")
+    return (
+        f"<b>task {html.escape(run.task_id)}</b> &middot; {state}{trace}<br>"
+        f"data owners join with: <code>{html.escape(run.join_command)}</code>"
+    )
 
 
 def _traceback(text: str) -> str:
-    return (f"<details><summary>traceback</summary><pre>{html.escape(text)}</pre></details>"
-            if text else "")
+    return (
+        f"<details><summary>traceback</summary><pre>{html.escape(text)}</pre></details>"
+        if text
+        else ""
+    )
 
 
 def _bar_style(run: TaskRun, done: bool) -> str:
@@ -141,19 +170,27 @@ def _table(run: TaskRun) -> str:
     for p in participants.values():
         colour = _STATUS_COLOURS.get(p.status, "inherit")
         seconds = f"{p.train_seconds:.2f}" if p.train_seconds is not None else ""
-        rows.append(f"<tr><td>{html.escape(p.node)}</td>"
-                    f"<td style='color:{colour}'>{html.escape(p.status)}</td>"
-                    f"<td>{p.samples or ''}</td><td>{seconds}</td>"
-                    f"<td>{html.escape(p.detail)}{_traceback(p.traceback)}</td></tr>")
-    return ("<style>.fedmagic-participants td, .fedmagic-participants th"
-            "{padding:2px 12px 2px 0;text-align:left}</style>"
-            "<table class='fedmagic-participants'><tr><th>node</th><th>status</th>"
-            "<th>samples</th><th>s per round</th><th>detail</th></tr>"
-            + "".join(rows) + "</table>")
+        rows.append(
+            f"<tr><td>{html.escape(p.node)}</td>"
+            f"<td style='color:{colour}'>{html.escape(p.status)}</td>"
+            f"<td>{p.samples or ''}</td><td>{seconds}</td>"
+            f"<td>{html.escape(p.detail)}{_traceback(p.traceback)}</td></tr>"
+        )
+    return (
+        "<style>.fedmagic-participants td, .fedmagic-participants th"
+        "{padding:2px 12px 2px 0;text-align:left}</style>"
+        "<table class='fedmagic-participants'><tr><th>node</th><th>status</th>"
+        "<th>samples</th><th>s per round</th><th>detail</th></tr>" + "".join(rows) + "</table>"
+    )
 
 
 def _log(events: list[tuple[float, str]]) -> str:
-    lines = [f"{time.strftime('%H:%M:%S', time.localtime(stamp))} {text.splitlines()[0]}"
-             for stamp, text in events[-LOG_LINES:]]
-    return ("<pre class='fedmagic-log' style='max-height:12em;overflow:auto'>"
-            + html.escape("\n".join(lines)) + "</pre>")
+    lines = [
+        f"{time.strftime('%H:%M:%S', time.localtime(stamp))} {text.splitlines()[0]}"
+        for stamp, text in events[-LOG_LINES:]
+    ]
+    return (
+        "<pre class='fedmagic-log' style='max-height:12em;overflow:auto'>"
+        + html.escape("\n".join(lines))
+        + "</pre>"
+    )

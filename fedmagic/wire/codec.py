@@ -40,11 +40,23 @@ MAX_STATE_BYTES = 64 << 30
 DTYPES: dict[str, torch.dtype] = {
     str(dtype).removeprefix("torch."): dtype
     for dtype in (
-        torch.float16, torch.bfloat16, torch.float32, torch.float64,
-        torch.complex64, torch.complex128,
-        torch.int8, torch.int16, torch.int32, torch.int64,
-        torch.uint8, torch.uint16, torch.uint32, torch.uint64,
-        torch.bool, torch.float8_e4m3fn, torch.float8_e5m2,
+        torch.float16,
+        torch.bfloat16,
+        torch.float32,
+        torch.float64,
+        torch.complex64,
+        torch.complex128,
+        torch.int8,
+        torch.int16,
+        torch.int32,
+        torch.int64,
+        torch.uint8,
+        torch.uint16,
+        torch.uint32,
+        torch.uint64,
+        torch.bool,
+        torch.float8_e4m3fn,
+        torch.float8_e5m2,
     )
 }
 _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
@@ -53,14 +65,16 @@ _DTYPE_NAMES = {dtype: name for name, dtype in DTYPES.items()}
 def tensor_bytes(tensor: torch.Tensor) -> memoryview:
     """The tensor's raw bytes, C order, from CPU memory; no copy when possible."""
     if tensor.dtype not in _DTYPE_NAMES:
-        raise CodecError(f"dtype {tensor.dtype} cannot travel; supported: "
-                         f"{', '.join(DTYPES)}", "tensor")
+        raise CodecError(
+            f"dtype {tensor.dtype} cannot travel; supported: {', '.join(DTYPES)}", "tensor"
+        )
     flat = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
     return memoryview(flat.view(torch.uint8).numpy()).cast("B")
 
 
-def encode_state(state: Mapping[str, torch.Tensor], *, chunk_bytes: int = CHUNK_BYTES,
-                 **fields: Any) -> Iterator[Frame]:
+def encode_state(
+    state: Mapping[str, torch.Tensor], *, chunk_bytes: int = CHUNK_BYTES, **fields: Any
+) -> Iterator[Frame]:
     """Stream a state dict as ``state`` frames and a closing ``state_end``.
 
     ``fields`` (the round, say) are copied into every header. Each piece is
@@ -71,8 +85,9 @@ def encode_state(state: Mapping[str, torch.Tensor], *, chunk_bytes: int = CHUNK_
         CodecError: for a key that is not a string or a dtype that cannot travel.
     """
     if chunk_bytes < 1:
-        raise ConfigurationError("chunk_bytes", chunk_bytes,
-                                 "frames need room for at least one payload byte")
+        raise ConfigurationError(
+            "chunk_bytes", chunk_bytes, "frames need room for at least one payload byte"
+        )
     pieces: list[list[Any]] = []
     payload: list[memoryview] = []
     size = 0
@@ -86,7 +101,7 @@ def encode_state(state: Mapping[str, torch.Tensor], *, chunk_bytes: int = CHUNK_
         while True:
             take = min(data.nbytes - start, chunk_bytes - size)
             pieces.append([*meta, start, start + take])
-            payload.append(data[start:start + take])
+            payload.append(data[start : start + take])
             size += take
             start += take
             if size >= chunk_bytes:
@@ -111,9 +126,13 @@ class StateReader:
         max_bytes: the most this reader allocates, whatever headers claim.
     """
 
-    def __init__(self, expected: Mapping[str, torch.Tensor] | None = None, *,
-                 out: dict[str, torch.Tensor] | None = None,
-                 max_bytes: int = MAX_STATE_BYTES) -> None:
+    def __init__(
+        self,
+        expected: Mapping[str, torch.Tensor] | None = None,
+        *,
+        out: dict[str, torch.Tensor] | None = None,
+        max_bytes: int = MAX_STATE_BYTES,
+    ) -> None:
         self.expected = expected
         self.tensors: dict[str, torch.Tensor] = out if out is not None else {}
         self.max_bytes = max_bytes
@@ -137,21 +156,28 @@ class StateReader:
             name, dtype, shape, start, stop = _check_piece(piece)
             flat = self._target(name, dtype, shape)
             if start != self._filled[name]:
-                raise CodecError(f"tensor {name!r}: piece starts at byte {start}, expected "
-                                 f"{self._filled[name]}", "state frame")
+                raise CodecError(
+                    f"tensor {name!r}: piece starts at byte {start}, expected {self._filled[name]}",
+                    "state frame",
+                )
             if stop > flat.nbytes:
-                raise CodecError(f"tensor {name!r}: piece ends at byte {stop}, past its "
-                                 f"{flat.nbytes} bytes", "state frame")
+                raise CodecError(
+                    f"tensor {name!r}: piece ends at byte {stop}, past its {flat.nbytes} bytes",
+                    "state frame",
+                )
             size = stop - start
             if offset + size > payload.nbytes:
-                raise CodecError(f"pieces describe more than the {payload.nbytes} payload "
-                                 "bytes", "state frame")
-            flat[start:stop] = np.frombuffer(payload[offset:offset + size], dtype=np.uint8)
+                raise CodecError(
+                    f"pieces describe more than the {payload.nbytes} payload bytes", "state frame"
+                )
+            flat[start:stop] = np.frombuffer(payload[offset : offset + size], dtype=np.uint8)
             offset += size
             self._filled[name] = stop
         if offset != payload.nbytes:
-            raise CodecError(f"{payload.nbytes - offset} payload bytes are not described "
-                             "by any piece", "state frame")
+            raise CodecError(
+                f"{payload.nbytes - offset} payload bytes are not described by any piece",
+                "state frame",
+            )
 
     def finish(self, frame: Frame) -> dict[str, torch.Tensor]:
         """Check the closing ``state_end`` and return the whole state.
@@ -160,14 +186,15 @@ class StateReader:
             CodecError: if tensors are missing or incomplete.
         """
         count = frame.header.get("count")
-        incomplete = [name for name, flat in self._flat.items()
-                      if self._filled[name] != flat.nbytes]
+        incomplete = [
+            name for name, flat in self._flat.items() if self._filled[name] != flat.nbytes
+        ]
         if incomplete:
-            raise CodecError(f"tensors {incomplete} ended before all their bytes arrived",
-                             "state")
+            raise CodecError(f"tensors {incomplete} ended before all their bytes arrived", "state")
         if count != len(self._flat):
-            raise CodecError(f"state_end announces {count} tensors but "
-                             f"{len(self._flat)} arrived", "state")
+            raise CodecError(
+                f"state_end announces {count} tensors but {len(self._flat)} arrived", "state"
+            )
         state = {name: self.tensors[name] for name in self._flat}
         if self.expected is not None:
             missing = [name for name in self.expected if name not in self._flat]
@@ -182,28 +209,43 @@ class StateReader:
         if name in self._flat:
             tensor = self.tensors[name]
             if tensor.dtype != dtype or list(tensor.shape) != shape:
-                raise CodecError(f"tensor {name!r} changed dtype or shape between pieces",
-                                 "state frame")
+                raise CodecError(
+                    f"tensor {name!r} changed dtype or shape between pieces", "state frame"
+                )
             return self._flat[name]
         if self.expected is not None:
             want = self.expected.get(name)
             if want is None:
-                raise CodecError(f"unexpected tensor {name!r}; expected only "
-                                 f"{_names(self.expected)}", "state")
+                raise CodecError(
+                    f"unexpected tensor {name!r}; expected only {_names(self.expected)}", "state"
+                )
             if want.dtype != dtype:
-                raise CodecError(f"tensor {name!r} has dtype {_DTYPE_NAMES.get(dtype, dtype)}, "
-                                 f"expected {_DTYPE_NAMES.get(want.dtype, want.dtype)}", "state")
+                raise CodecError(
+                    f"tensor {name!r} has dtype {_DTYPE_NAMES.get(dtype, dtype)}, "
+                    f"expected {_DTYPE_NAMES.get(want.dtype, want.dtype)}",
+                    "state",
+                )
             if list(want.shape) != shape:
-                raise CodecError(f"tensor {name!r} has shape {tuple(shape)}, expected "
-                                 f"{tuple(want.shape)}", "state")
+                raise CodecError(
+                    f"tensor {name!r} has shape {tuple(shape)}, expected {tuple(want.shape)}",
+                    "state",
+                )
         nbytes = math.prod(shape) * _itemsize(dtype)
         if self._allocated + nbytes > self.max_bytes:
-            raise CodecError(f"tensor {name!r} would bring the state to "
-                             f"{self._allocated + nbytes} bytes, over the limit of "
-                             f"{self.max_bytes}", "state")
+            raise CodecError(
+                f"tensor {name!r} would bring the state to "
+                f"{self._allocated + nbytes} bytes, over the limit of "
+                f"{self.max_bytes}",
+                "state",
+            )
         tensor = self.tensors.get(name)
-        if (tensor is None or tensor.dtype != dtype or list(tensor.shape) != shape
-                or tensor.device.type != "cpu" or not tensor.is_contiguous()):
+        if (
+            tensor is None
+            or tensor.dtype != dtype
+            or list(tensor.shape) != shape
+            or tensor.device.type != "cpu"
+            or not tensor.is_contiguous()
+        ):
             # only a contiguous CPU tensor can be filled through a flat byte view
             tensor = torch.empty(shape, dtype=dtype)
             self.tensors[name] = tensor
@@ -223,12 +265,16 @@ def _check_piece(piece: Any) -> tuple[str, torch.dtype, list[int], int, int]:
     dtype = DTYPES.get(dtype_name) if isinstance(dtype_name, str) else None
     if dtype is None:
         raise CodecError(f"tensor {name!r} has unknown dtype {dtype_name!r}", "state frame")
-    if (not isinstance(shape, list) or len(shape) > 64
-            or not all(isinstance(dim, int) and 0 <= dim < 1 << 48 for dim in shape)):
+    if (
+        not isinstance(shape, list)
+        or len(shape) > 64
+        or not all(isinstance(dim, int) and 0 <= dim < 1 << 48 for dim in shape)
+    ):
         raise CodecError(f"tensor {name!r} has invalid shape {shape!r}", "state frame")
     if not (isinstance(start, int) and isinstance(stop, int) and 0 <= start <= stop):
-        raise CodecError(f"tensor {name!r} has invalid byte range {start!r}:{stop!r}",
-                         "state frame")
+        raise CodecError(
+            f"tensor {name!r} has invalid byte range {start!r}:{stop!r}", "state frame"
+        )
     return name, dtype, shape, start, stop
 
 
@@ -239,4 +285,3 @@ def _itemsize(dtype: torch.dtype) -> int:
 def _names(state: Mapping[str, Any]) -> str:
     names = list(state)
     return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-

@@ -23,8 +23,7 @@ import msgpack
 
 from ..errors import CodecError
 
-__all__ = ["CHUNK_BYTES", "Frame", "Kind", "MAX_HEADER_BYTES", "MAX_LOG_SIZE",
-           "PROTOCOL_VERSION"]
+__all__ = ["CHUNK_BYTES", "Frame", "Kind", "MAX_HEADER_BYTES", "MAX_LOG_SIZE", "PROTOCOL_VERSION"]
 
 PROTOCOL_VERSION = 2
 MAX_HEADER_BYTES = 1 << 20
@@ -90,13 +89,16 @@ class Frame:
         """
         header = msgpack.packb(self.header, use_bin_type=True)
         if len(header) > MAX_HEADER_BYTES:
-            raise CodecError(f"header of {len(header)} bytes exceeds the limit of "
-                             f"{MAX_HEADER_BYTES} bytes", "outgoing frame")
+            raise CodecError(
+                f"header of {len(header)} bytes exceeds the limit of {MAX_HEADER_BYTES} bytes",
+                "outgoing frame",
+            )
         return _PREFIX.pack(len(header)) + header
 
     @classmethod
-    def parse(cls, data: bytes | bytearray | memoryview, *,
-              max_header_bytes: int = MAX_HEADER_BYTES) -> Frame:
+    def parse(
+        cls, data: bytes | bytearray | memoryview, *, max_header_bytes: int = MAX_HEADER_BYTES
+    ) -> Frame:
         """Decode one frame; the payload is a view into ``data``, not a copy.
 
         Raises:
@@ -109,16 +111,23 @@ class Frame:
             raise CodecError(f"{view.nbytes} bytes is shorter than the 4-byte header length")
         (size,) = _PREFIX.unpack_from(view)
         if size > max_header_bytes:
-            raise CodecError(f"header of {size} bytes exceeds the limit of "
-                             f"{max_header_bytes} bytes")
+            raise CodecError(
+                f"header of {size} bytes exceeds the limit of {max_header_bytes} bytes"
+            )
         end = _PREFIX.size + size
         if end > view.nbytes:
-            raise CodecError(f"header claims {size} bytes but only "
-                             f"{view.nbytes - _PREFIX.size} follow")
+            raise CodecError(
+                f"header claims {size} bytes but only {view.nbytes - _PREFIX.size} follow"
+            )
         try:
-            header = msgpack.unpackb(view[_PREFIX.size:end], raw=False, strict_map_key=True,
-                                     ext_hook=_refuse_ext, object_pairs_hook=_check_map,
-                                     list_hook=_check_list)
+            header = msgpack.unpackb(
+                view[_PREFIX.size : end],
+                raw=False,
+                strict_map_key=True,
+                ext_hook=_refuse_ext,
+                object_pairs_hook=_check_map,
+                list_hook=_check_list,
+            )
         except CodecError:
             raise
         except Exception as exc:  # msgpack raises several unrelated types
@@ -129,8 +138,10 @@ class Frame:
 
     def __str__(self) -> str:
         keys = [key for key in self.header if key != "t"]
-        fields = [f"{_loggable(str(key))}={_loggable(repr(self.header[key]))}"
-                  for key in keys[:MAX_LOG_FIELDS]]
+        fields = [
+            f"{_loggable(str(key))}={_loggable(repr(self.header[key]))}"
+            for key in keys[:MAX_LOG_FIELDS]
+        ]
         if len(keys) > MAX_LOG_FIELDS:
             fields.append(f"... {len(keys) - MAX_LOG_FIELDS} more")
         size = self.payload_size
@@ -142,7 +153,7 @@ def _loggable(text: str) -> str:
     """``text`` on one line of at most ``MAX_LOG_SIZE`` characters."""
     if not text.isprintable():
         text = repr(text)  # a peer's newline must not forge a log line
-    return text if len(text) <= MAX_LOG_SIZE else text[:MAX_LOG_SIZE - 3] + "..."
+    return text if len(text) <= MAX_LOG_SIZE else text[: MAX_LOG_SIZE - 3] + "..."
 
 
 def _refuse_ext(code: int, data: bytes) -> None:

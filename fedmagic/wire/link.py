@@ -56,13 +56,23 @@ class Link:
         return session if isinstance(session, str) else None
 
     @classmethod
-    async def open(cls, url: str, *, role: str, task: str, token: str,
-                   node: str | None = None, relay_token: str | None = None,
-                   wait: float = 0.0, ssl: ssl_module.SSLContext | None = None,
-                   session: str | None = None, allowed_nodes: Sequence[str] | None = None,
-                   max_frame_bytes: int = CHUNK_BYTES + MAX_HEADER_BYTES + 1024,
-                   ping_interval: float | None = PING_INTERVAL,
-                   ping_timeout: float | None = PING_TIMEOUT) -> Link:
+    async def open(
+        cls,
+        url: str,
+        *,
+        role: str,
+        task: str,
+        token: str,
+        node: str | None = None,
+        relay_token: str | None = None,
+        wait: float = 0.0,
+        ssl: ssl_module.SSLContext | None = None,
+        session: str | None = None,
+        allowed_nodes: Sequence[str] | None = None,
+        max_frame_bytes: int = CHUNK_BYTES + MAX_HEADER_BYTES + 1024,
+        ping_interval: float | None = PING_INTERVAL,
+        ping_timeout: float | None = PING_TIMEOUT,
+    ) -> Link:
         """Connect and say hello.
 
         Args:
@@ -83,8 +93,13 @@ class Link:
         """
         if ssl is None and url.startswith("wss://"):
             ssl = ssl_module.create_default_context()  # the system's trust ($SSL_CERT_FILE)
-        hello: dict[str, Any] = {"t": Kind.HELLO, "protocol": PROTOCOL_VERSION, "role": role,
-                                 "task": task, "token": token}
+        hello: dict[str, Any] = {
+            "t": Kind.HELLO,
+            "protocol": PROTOCOL_VERSION,
+            "role": role,
+            "task": task,
+            "token": token,
+        }
         if node is not None:
             hello["node"] = node
         if relay_token is not None:
@@ -93,10 +108,18 @@ class Link:
             hello["session"] = session
         if allowed_nodes is not None:
             hello["allowed_nodes"] = list(allowed_nodes)
-        options = {"ssl": ssl, "compression": None, "proxy": None, "max_size": max_frame_bytes,
-                   "max_queue": 4, "ping_interval": ping_interval,
-                   "ping_timeout": ping_timeout, "close_timeout": CLOSE_TIMEOUT,
-                   "write_limit": 4 << 20, "open_timeout": 10}
+        options = {
+            "ssl": ssl,
+            "compression": None,
+            "proxy": None,
+            "max_size": max_frame_bytes,
+            "max_queue": 4,
+            "ping_interval": ping_interval,
+            "ping_timeout": ping_timeout,
+            "close_timeout": CLOSE_TIMEOUT,
+            "write_limit": 4 << 20,
+            "open_timeout": 10,
+        }
         return await cls._connect(url, hello, wait, options)
 
     async def reopen(self, wait: float, **hello: Any) -> Link:
@@ -118,12 +141,19 @@ class Link:
             hello["session"] = self.session
         # Asked again: a relay shutting down may close before it answers, and one
         # that has not yet noticed the initiator's old connection is gone still holds its task.
-        return await self._connect(self.url, hello, wait, self._options,
-                                   retry=RETRYABLE | {"closed", "task_exists"})
+        return await self._connect(
+            self.url, hello, wait, self._options, retry=RETRYABLE | {"closed", "task_exists"}
+        )
 
     @classmethod
-    async def _connect(cls, url: str, hello: dict[str, Any], wait: float,
-                       options: dict[str, Any], retry: frozenset[str] = RETRYABLE) -> Link:
+    async def _connect(
+        cls,
+        url: str,
+        hello: dict[str, Any],
+        wait: float,
+        options: dict[str, Any],
+        retry: frozenset[str] = RETRYABLE,
+    ) -> Link:
         """Say hello until welcomed, asking again while the relay is busy or the task not there."""
         deadline = time.monotonic() + wait
         while True:
@@ -139,8 +169,9 @@ class Link:
             return link
 
     @classmethod
-    async def _attempt(cls, url: str, hello: dict[str, Any], deadline: float,
-                       options: dict[str, Any]) -> Link:
+    async def _attempt(
+        cls, url: str, hello: dict[str, Any], deadline: float, options: dict[str, Any]
+    ) -> Link:
         """Connect (trying until ``deadline``, backing off) and say hello once."""
         delay = RETRY_DELAY
         while True:
@@ -148,15 +179,21 @@ class Link:
                 connection = await connect(url, **options)
                 break
             except InvalidURI as exc:
-                raise RelayRefused("bad_url", f"{exc}; use ws://HOST:PORT or wss://HOST:PORT",
-                                   url) from None
+                raise RelayRefused(
+                    "bad_url", f"{exc}; use ws://HOST:PORT or wss://HOST:PORT", url
+                ) from None
             except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
                 if time.monotonic() >= deadline:
-                    raise RelayRefused("unreachable", f"cannot connect ({exc or type(exc)}); is "
-                                       "the relay running at that address?", url) from None
+                    raise RelayRefused(
+                        "unreachable",
+                        f"cannot connect ({exc or type(exc)}); is "
+                        "the relay running at that address?",
+                        url,
+                    ) from None
                 # Jittered, so a relay coming back is not hit by every node at once.
-                await asyncio.sleep(min(delay * random.uniform(0.5, 1.0),
-                                        max(deadline - time.monotonic(), 0)))
+                await asyncio.sleep(
+                    min(delay * random.uniform(0.5, 1.0), max(deadline - time.monotonic(), 0))
+                )
                 delay = min(delay * 2, MAX_RETRY_DELAY)
         if deadline > time.monotonic():
             hello = {**hello, "wait": max(deadline - time.monotonic(), 0.001)}
@@ -170,12 +207,16 @@ class Link:
             try:
                 reply = await asyncio.wait_for(link.recv(), answer_within)
             except asyncio.TimeoutError:
-                raise RelayRefused("timeout", f"no answer to the hello within "
-                                   f"{answer_within:.0f} s; is that a fedmagic relay?",
-                                   url) from None
+                raise RelayRefused(
+                    "timeout",
+                    f"no answer to the hello within "
+                    f"{answer_within:.0f} s; is that a fedmagic relay?",
+                    url,
+                ) from None
             if reply.kind == Kind.ERROR:
-                raise RelayRefused(str(reply.header.get("code")),
-                                   str(reply.header.get("message")), url)
+                raise RelayRefused(
+                    str(reply.header.get("code")), str(reply.header.get("message")), url
+                )
             if reply.kind != Kind.WELCOME:
                 raise RelayRefused("protocol", f"expected a welcome, got {reply.kind!r}", url)
         except ConnectionLost as exc:
@@ -212,8 +253,9 @@ class Link:
             raise ConnectionLost(self.url, _why(exc)) from None
         frame = Frame.parse(data)
         if frame.kind == Kind.ERROR and self.welcome.kind == Kind.WELCOME:
-            raise RelayRefused(str(frame.header.get("code")), str(frame.header.get("message")),
-                               self.url)
+            raise RelayRefused(
+                str(frame.header.get("code")), str(frame.header.get("message")), self.url
+            )
         return frame
 
     async def close(self) -> None:

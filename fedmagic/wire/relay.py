@@ -47,8 +47,16 @@ try:
 except ImportError:  # Windows: no open-file limit to read or raise
     resource = None  # type: ignore[assignment]
 
-__all__ = ["DEFAULT_PORT", "EmbeddedRelay", "Relay", "RelayLimits", "connection_cap",
-           "new_token", "raise_open_file_limit", "serve_relay"]
+__all__ = [
+    "DEFAULT_PORT",
+    "EmbeddedRelay",
+    "Relay",
+    "RelayLimits",
+    "connection_cap",
+    "new_token",
+    "raise_open_file_limit",
+    "serve_relay",
+]
 
 DEFAULT_PORT = 8765
 
@@ -65,8 +73,9 @@ NORMAL_CLOSURE = 1000
 MAX_CLOSE_REASON_BYTES = 120
 MAX_NAME_CHARS = 128
 #: Kinds only the relay may send; a client sending one would speak for the relay.
-RELAY_KINDS = frozenset({Kind.HELLO, Kind.WELCOME, Kind.ERROR, Kind.PEER_JOINED,
-                         Kind.PEER_LEFT, Kind.TASK_CLOSED})
+RELAY_KINDS = frozenset(
+    {Kind.HELLO, Kind.WELCOME, Kind.ERROR, Kind.PEER_JOINED, Kind.PEER_LEFT, Kind.TASK_CLOSED}
+)
 #: Open files a relay keeps for itself and for refusing connections over its cap.
 FD_RESERVE = 64
 #: What "no limit" on open files stands for.
@@ -248,11 +257,13 @@ class _Outbox:
         Raises:
             _TooSlow: if the connection takes nothing for ``stall`` seconds meanwhile.
         """
-        while not (self.closed or (sender is not None and not sender.active)
-                   or self.offer(message, size)):
+        while not (
+            self.closed or (sender is not None and not sender.active) or self.offer(message, size)
+        ):
             if self._loop.time() >= self._progress + self.stall:
-                raise _TooSlow(f"it took nothing for {self.stall:g} s while "
-                               f"{_mib(self.queued)} waited for it")
+                raise _TooSlow(
+                    f"it took nothing for {self.stall:g} s while {_mib(self.queued)} waited for it"
+                )
             await self._sent(self._progress + self.stall)
 
     async def drain(self, timeout: float) -> bool:
@@ -309,8 +320,13 @@ class _Outbox:
 class _Peer:
     """One admitted connection: who it is and what waits to be written to it."""
 
-    def __init__(self, connection: ServerConnection, name: str, limits: RelayLimits,
-                 session: str | None = None) -> None:
+    def __init__(
+        self,
+        connection: ServerConnection,
+        name: str,
+        limits: RelayLimits,
+        session: str | None = None,
+    ) -> None:
         self.connection = connection
         self.name = name
         self.address = _address(connection)
@@ -359,8 +375,9 @@ class _QuietLog:
         self.last = line
 
     def _summary(self) -> None:
-        log.info("%d more like it in the last %g s, the last: %s", self.skipped, self.period,
-                 self.last)
+        log.info(
+            "%d more like it in the last %g s, the last: %s", self.skipped, self.period, self.last
+        )
         self.skipped = 0
 
 
@@ -378,8 +395,7 @@ class Relay:
         self.max_connections = limits.max_connections or connection_cap()
         #: Beyond this, new TCP connections are cut at once: the descriptors
         #: between it and the open-file limit are the process's own.
-        self.max_sockets = self.max_connections + max(FD_RESERVE // 2,
-                                                      self.max_connections // 16)
+        self.max_sockets = self.max_connections + max(FD_RESERVE // 2, self.max_connections // 16)
         self.max_waiting = max(min(limits.max_waiting, self.max_connections // 2), 1)
         self.tasks: dict[str, _Task] = {}
         #: Open TCP connections, counted from before their websocket handshake.
@@ -390,23 +406,29 @@ class Relay:
         self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._background: set[asyncio.Task[None]] = set()
         self._flood_logs: dict[str, _QuietLog] = collections.defaultdict(
-            lambda: _QuietLog(FLOOD_LOG_PERIOD))
+            lambda: _QuietLog(FLOOD_LOG_PERIOD)
+        )
 
     def describe_limits(self) -> str:
         """The capacity limits, for the log of a relay that starts."""
-        return (f"at most {self.max_connections} connections, {self.max_waiting} of them "
-                f"joins waiting for a task that has not started "
-                f"({self.limits.max_waiting_per_address} per address)")
+        return (
+            f"at most {self.max_connections} connections, {self.max_waiting} of them "
+            f"joins waiting for a task that has not started "
+            f"({self.limits.max_waiting_per_address} per address)"
+        )
 
     async def handle(self, connection: ServerConnection) -> None:
         """Serve one connection from its hello to its close."""
         peer = _address(connection)
         try:
             if self.connections > self.max_connections:
-                raise _Refusal("busy", f"relay busy: it serves its limit of "
-                               f"{self.max_connections} connections; try again later, or ask "
-                               "its operator to raise the limit (ulimit -n, --max-connections)",
-                               flood="connections")
+                raise _Refusal(
+                    "busy",
+                    f"relay busy: it serves its limit of "
+                    f"{self.max_connections} connections; try again later, or ask "
+                    "its operator to raise the limit (ulimit -n, --max-connections)",
+                    flood="connections",
+                )
             hello = await self._read_hello(connection)
             if hello["role"] == "initiator":
                 await self._serve_initiator(connection, hello)
@@ -434,53 +456,78 @@ class Relay:
             raise _Refusal("protocol", f"the first frame must be a hello, got {header['t']!r}")
         version = header.get("protocol")
         if version != PROTOCOL_VERSION:
-            raise _Refusal("protocol", f"this relay speaks fedmagic protocol {PROTOCOL_VERSION} "
-                           f"but the client speaks {version!r}; install the same fedmagic "
-                           "version on every node")
+            raise _Refusal(
+                "protocol",
+                f"this relay speaks fedmagic protocol {PROTOCOL_VERSION} "
+                f"but the client speaks {version!r}; install the same fedmagic "
+                "version on every node",
+            )
         if header.get("role") not in ("initiator", "participant"):
             raise _Refusal("protocol", "role must be 'initiator' or 'participant'")
         for key in ("task", "token"):
             if not isinstance(header.get(key), str) or not header[key]:
                 raise _Refusal("protocol", f"hello needs a non-empty string {key!r}")
         wait = header.get("wait")
-        if wait is not None and (isinstance(wait, bool) or not isinstance(wait, (int, float))
-                                 or not math.isfinite(wait)):
+        if wait is not None and (
+            isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait)
+        ):
             raise _Refusal("protocol", "'wait' must be a finite number of seconds")
         if header["role"] == "participant":
             if not _is_node_name(header.get("node")):
-                raise _Refusal("protocol", f"a participant needs a node name of 1 to "
-                               f"{MAX_NAME_CHARS} characters, not starting with '@'")
+                raise _Refusal(
+                    "protocol",
+                    f"a participant needs a node name of 1 to "
+                    f"{MAX_NAME_CHARS} characters, not starting with '@'",
+                )
             if not _is_hex(header.get("session", "0")):
-                raise _Refusal("protocol", "'session' must be the hex string a relay's "
-                               "welcome gave this node (Link.session)")
+                raise _Refusal(
+                    "protocol",
+                    "'session' must be the hex string a relay's "
+                    "welcome gave this node (Link.session)",
+                )
             if not _is_hex(header.get("accepted", "0")):
-                raise _Refusal("protocol", "'accepted' must be the hex code hash of the task "
-                               "this node consented to")
+                raise _Refusal(
+                    "protocol",
+                    "'accepted' must be the hex code hash of the task this node consented to",
+                )
         else:
             allowed = header.get("allowed_nodes")
             if allowed is not None and not (
-                    isinstance(allowed, list) and len(allowed) <= self.limits.max_participants
-                    and all(map(_is_node_name, allowed))):
-                raise _Refusal("protocol", f"'allowed_nodes' must be a list of at most "
-                               f"{self.limits.max_participants} node names")
+                isinstance(allowed, list)
+                and len(allowed) <= self.limits.max_participants
+                and all(map(_is_node_name, allowed))
+            ):
+                raise _Refusal(
+                    "protocol",
+                    f"'allowed_nodes' must be a list of at most "
+                    f"{self.limits.max_participants} node names",
+                )
         return header
 
-    async def _serve_initiator(self, connection: ServerConnection,
-                               hello: dict[str, Any]) -> None:
+    async def _serve_initiator(self, connection: ServerConnection, hello: dict[str, Any]) -> None:
         task_id = hello["task"]
         if self.token is not None and not _same(hello.get("relay_token"), self.token):
-            raise _Refusal("relay_token", "wrong or missing relay token: pass the token the "
-                           "relay's operator gave you (FEDMAGIC_RELAY_TOKEN)")
+            raise _Refusal(
+                "relay_token",
+                "wrong or missing relay token: pass the token the "
+                "relay's operator gave you (FEDMAGIC_RELAY_TOKEN)",
+            )
         if task_id in self.tasks:
-            raise _Refusal("task_exists", f"task {task_id!r} is already running on this "
-                           "relay; stop it first or pick another task id")
+            raise _Refusal(
+                "task_exists",
+                f"task {task_id!r} is already running on this "
+                "relay; stop it first or pick another task id",
+            )
         if len(self.tasks) >= self.limits.max_tasks:
-            raise _Refusal("busy", f"relay busy: it already runs {len(self.tasks)} tasks, "
-                           "its limit; try again later")
+            raise _Refusal(
+                "busy",
+                f"relay busy: it already runs {len(self.tasks)} tasks, its limit; try again later",
+            )
         allowed = hello.get("allowed_nodes")
         initiator = _Peer(connection, INITIATOR, self.limits)
-        task = _Task(task_id, hello["token"], initiator,
-                     frozenset(allowed) if allowed is not None else None)
+        task = _Task(
+            task_id, hello["token"], initiator, frozenset(allowed) if allowed is not None else None
+        )
         self.tasks[task_id] = task
         self._seen[task_id] = None
         self._seen.move_to_end(task_id)
@@ -491,8 +538,11 @@ class Relay:
             waiting.event.set()
         log.info("task %r created by %s", task_id, initiator.address)
         try:
-            initiator.outbox.force(Frame({"t": Kind.WELCOME, "task": task_id,
-                                          "protocol": PROTOCOL_VERSION}).serialize())
+            initiator.outbox.force(
+                Frame(
+                    {"t": Kind.WELCOME, "task": task_id, "protocol": PROTOCOL_VERSION}
+                ).serialize()
+            )
             async for to, message, size in self._incoming(initiator):
                 await self._fan_out(task, self._targets(task, to), message, size)
         finally:
@@ -503,9 +553,10 @@ class Relay:
             participants = list(task.participants.values())
             task.participants.clear()
             closed = Frame({"t": Kind.TASK_CLOSED, "task": task_id}).serialize()
-            await asyncio.gather(initiator.outbox.aclose(),
-                                 *(self._close_task(participant, closed)
-                                   for participant in participants))
+            await asyncio.gather(
+                initiator.outbox.aclose(),
+                *(self._close_task(participant, closed) for participant in participants),
+            )
 
     async def _incoming(self, peer: _Peer) -> AsyncIterator[tuple[Any, Any, int]]:
         """A client's frames to forward: limited, checked, stamped with the sender.
@@ -513,21 +564,27 @@ class Relay:
         Yields:
             the frame's ``to`` field, the message to forward and its size.
         """
-        frames = _TokenBucket(self.limits.max_frames_per_second,
-                              burst=self.limits.max_frames_per_second)
+        frames = _TokenBucket(
+            self.limits.max_frames_per_second, burst=self.limits.max_frames_per_second
+        )
         volume = _TokenBucket(self.limits.max_bytes_per_second, burst=self.limits.burst_bytes)
         async for data in peer.connection:
             if frames.take() > 0:  # over the frame rate: refused, not slowed
-                raise _Refusal("rate", "more than "
-                               f"{self.limits.max_frames_per_second:g} frames per second")
+                raise _Refusal(
+                    "rate", f"more than {self.limits.max_frames_per_second:g} frames per second"
+                )
             size = len(data)
             delay = volume.take(size)
             if delay > 0:
                 if not peer.throttled:
                     peer.throttled = True
-                    log.warning("throttling %s from %s: it sends more than %s per second; "
-                                "reading it slower", _name(peer), peer.address,
-                                _mib(self.limits.max_bytes_per_second))
+                    log.warning(
+                        "throttling %s from %s: it sends more than %s per second; "
+                        "reading it slower",
+                        _name(peer),
+                        peer.address,
+                        _mib(self.limits.max_bytes_per_second),
+                    )
                 await asyncio.sleep(delay)
             if not peer.active:
                 continue  # dropped, replaced or its task closed: read on until it closes
@@ -540,8 +597,7 @@ class Relay:
                 message = frame.serialize()
             yield to, message, size
 
-    async def _fan_out(self, task: _Task, targets: list[_Peer], message: Any,
-                       size: int) -> None:
+    async def _fan_out(self, task: _Task, targets: list[_Peer], message: Any, size: int) -> None:
         """Queue one frame for each target; drop those that take nothing.
 
         The same message (and payload view) goes into every queue, so a fan-out
@@ -554,7 +610,8 @@ class Relay:
             return
         outcomes = await asyncio.gather(
             *(target.outbox.put(message, size, sender=task.initiator) for target in full),
-            return_exceptions=True)
+            return_exceptions=True,
+        )
         for target, outcome in zip(full, outcomes, strict=True):
             if isinstance(outcome, _TooSlow):
                 self._drop(task, target, f"too slow: {outcome}")
@@ -563,8 +620,9 @@ class Relay:
 
     def _drop(self, task: _Task, peer: _Peer, reason: str) -> None:
         """Disconnect a peer (participant or initiator) that holds others up."""
-        log.warning("dropping %s of task %r from %s: %s", _name(peer), task.task_id,
-                    peer.address, reason)
+        log.warning(
+            "dropping %s of task %r from %s: %s", _name(peer), task.task_id, peer.address, reason
+        )
         self._remove(task, peer)
         peer.active = False
         self._spawn(_hang_up(peer, POLICY_VIOLATION, reason))
@@ -574,8 +632,7 @@ class Relay:
         if task.participants.get(peer.name) is peer:
             del task.participants[peer.name]
             peer.active = False
-            task.initiator.outbox.force(
-                Frame({"t": Kind.PEER_LEFT, "from": peer.name}).serialize())
+            task.initiator.outbox.force(Frame({"t": Kind.PEER_LEFT, "from": peer.name}).serialize())
             log.info("%r left task %r", peer.name, task.task_id)
 
     def _spawn(self, coroutine: Any) -> None:
@@ -597,8 +654,9 @@ class Relay:
             cap = min(cap, self.limits.max_unknown_task_wait)
         return min(float(wanted or 0), cap)
 
-    async def _wait_for_task(self, connection: ServerConnection, node: str, address: str,
-                             task_id: str, wait: float) -> bool:
+    async def _wait_for_task(
+        self, connection: ServerConnection, node: str, address: str, task_id: str, wait: float
+    ) -> bool:
         """Hold a participant until its task starts; False if it hung up first.
 
         Raises:
@@ -606,14 +664,22 @@ class Relay:
                 address or overall), or the task did not start within ``wait`` seconds.
         """
         if self.waiting >= self.max_waiting:
-            raise _Refusal("busy", f"relay busy: {self.waiting} joins already wait for tasks "
-                           "that have not started, its limit; start the task first, or try "
-                           "again later", flood="waiting")
+            raise _Refusal(
+                "busy",
+                f"relay busy: {self.waiting} joins already wait for tasks "
+                "that have not started, its limit; start the task first, or try "
+                "again later",
+                flood="waiting",
+            )
         if self._waiting_from[address] >= self.limits.max_waiting_per_address:
-            raise _Refusal("busy", f"relay busy: {self._waiting_from[address]} joins from "
-                           f"{address} already wait for tasks that have not started, its limit "
-                           "per address; start the task first, or ask the relay's operator to "
-                           "raise --max-waiting-per-address", flood="waiting from one address")
+            raise _Refusal(
+                "busy",
+                f"relay busy: {self._waiting_from[address]} joins from "
+                f"{address} already wait for tasks that have not started, its limit "
+                "per address; start the task first, or ask the relay's operator to "
+                "raise --max-waiting-per-address",
+                flood="waiting from one address",
+            )
         log.info("%r is waiting up to %g s for task %r", node, wait, task_id)
         waiting = self._waiting.setdefault(task_id, _Waiting())
         waiting.count += 1
@@ -622,8 +688,7 @@ class Relay:
         created = asyncio.ensure_future(waiting.event.wait())
         closed = asyncio.ensure_future(connection.wait_closed())
         try:
-            await asyncio.wait((created, closed), timeout=wait,
-                               return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait((created, closed), timeout=wait, return_when=asyncio.FIRST_COMPLETED)
         finally:
             created.cancel()
             closed.cancel()
@@ -638,8 +703,11 @@ class Relay:
             return True
         if closed.done() and not closed.cancelled():
             return False
-        raise _Refusal("unknown_task", f"task {task_id!r} did not start within {wait:g} s; "
-                       "start the task first, or join with a longer wait")
+        raise _Refusal(
+            "unknown_task",
+            f"task {task_id!r} did not start within {wait:g} s; "
+            "start the task first, or join with a longer wait",
+        )
 
     def _targets(self, task: _Task, to: Any) -> list[_Peer]:
         if to == "*":
@@ -648,50 +716,76 @@ class Relay:
             raise CodecError("an initiator's frame needs 'to': a list of node names or '*'")
         return [task.participants[node] for node in to if node in task.participants]
 
-    async def _serve_participant(self, connection: ServerConnection,
-                                 hello: dict[str, Any]) -> None:
+    async def _serve_participant(self, connection: ServerConnection, hello: dict[str, Any]) -> None:
         task_id, node = hello["task"], hello["node"]
         address = connection.remote_address[0] if connection.remote_address else "?"
         task = self.tasks.get(task_id)
         if task is None:
             wait = self._join_wait(task_id, hello.get("wait"))
             if wait <= 0:
-                raise _Refusal("unknown_task", f"no task {task_id!r} on this relay; check the "
-                               "task id, or wait for the initiator to launch it")
+                raise _Refusal(
+                    "unknown_task",
+                    f"no task {task_id!r} on this relay; check the "
+                    "task id, or wait for the initiator to launch it",
+                )
             if not await self._wait_for_task(connection, node, address, task_id, wait):
                 return  # the participant hung up (or the relay is closing) while waiting
             task = self.tasks.get(task_id)
             if task is None:
                 raise _Refusal("unknown_task", f"task {task_id!r} ended before it could be joined")
         if not _same(hello["token"], task.join_token):
-            raise _Refusal("join_token", f"wrong join token for task {task_id!r}; copy the "
-                           "join line the task's author shared")
+            raise _Refusal(
+                "join_token",
+                f"wrong join token for task {task_id!r}; copy the "
+                "join line the task's author shared",
+            )
         if task.allowed_nodes is not None and node not in task.allowed_nodes:
-            raise _Refusal("node_not_allowed", f"task {task_id!r} admits only the nodes its "
-                           f"author named, and {node!r} is not one of them; ask the task's "
-                           "author to add it, or check the --node name")
+            raise _Refusal(
+                "node_not_allowed",
+                f"task {task_id!r} admits only the nodes its "
+                f"author named, and {node!r} is not one of them; ask the task's "
+                "author to add it, or check the --node name",
+            )
         session = hello.get("session")
         stale = task.participants.get(node)
         if stale is not None and not _same(session, stale.session or ""):
-            raise _Refusal("node_taken", f"the name {node!r} is in use by a connected node of "
-                           f"task {task_id!r}; pick another --node name, or, if this is that "
-                           "node restarting, present its session (the one its welcome gave)")
+            raise _Refusal(
+                "node_taken",
+                f"the name {node!r} is in use by a connected node of "
+                f"task {task_id!r}; pick another --node name, or, if this is that "
+                "node restarting, present its session (the one its welcome gave)",
+            )
         if stale is None and len(task.participants) >= self.limits.max_participants:
-            raise _Refusal("busy", f"relay busy: task {task_id!r} already has "
-                           f"{len(task.participants)} participants, its limit")
+            raise _Refusal(
+                "busy",
+                f"relay busy: task {task_id!r} already has "
+                f"{len(task.participants)} participants, its limit",
+            )
         peer = _Peer(connection, node, self.limits, session or secrets.token_hex(16))
         if stale is not None:
-            log.info("%r reconnected to task %r from %s; closing its stale connection from %s",
-                     node, task_id, peer.address, stale.address)
+            log.info(
+                "%r reconnected to task %r from %s; closing its stale connection from %s",
+                node,
+                task_id,
+                peer.address,
+                stale.address,
+            )
             self._remove(task, stale)  # its peer_left reaches the initiator before our peer_joined
-            self._spawn(_hang_up(stale, NORMAL_CLOSURE,
-                                 "replaced by a reconnect of the same node"))
+            self._spawn(_hang_up(stale, NORMAL_CLOSURE, "replaced by a reconnect of the same node"))
         task.participants[node] = peer
         log.info("%r joined task %r from %s", node, task_id, peer.address)
         try:
-            peer.outbox.force(Frame({"t": Kind.WELCOME, "task": task_id, "node": node,
-                                     "session": peer.session,
-                                     "protocol": PROTOCOL_VERSION}).serialize())
+            peer.outbox.force(
+                Frame(
+                    {
+                        "t": Kind.WELCOME,
+                        "task": task_id,
+                        "node": node,
+                        "session": peer.session,
+                        "protocol": PROTOCOL_VERSION,
+                    }
+                ).serialize()
+            )
             # A node coming back says which code it consented to: the initiator
             # need not send it again, nor the data owner consent twice.
             joined = {"t": Kind.PEER_JOINED, "from": node}
@@ -733,13 +827,15 @@ def _counted_connections(relay: Relay) -> type[ServerConnection]:
 
 
 def _is_node_name(node: Any) -> bool:
-    return (isinstance(node, str) and 0 < len(node) <= MAX_NAME_CHARS
-            and not node.startswith("@"))
+    return isinstance(node, str) and 0 < len(node) <= MAX_NAME_CHARS and not node.startswith("@")
 
 
 def _is_hex(text: Any) -> bool:
-    return (isinstance(text, str) and 0 < len(text) <= MAX_NAME_CHARS
-            and all(char in string.hexdigits for char in text))
+    return (
+        isinstance(text, str)
+        and 0 < len(text) <= MAX_NAME_CHARS
+        and all(char in string.hexdigits for char in text)
+    )
 
 
 def _parse_forwarded(data: bytes) -> Frame:
@@ -751,8 +847,9 @@ def _parse_forwarded(data: bytes) -> Frame:
     """
     frame = Frame.parse(data)
     if frame.kind in RELAY_KINDS:
-        raise _Refusal("protocol", f"{frame.kind!r} frames come from the relay only; "
-                       "clients may not send them")
+        raise _Refusal(
+            "protocol", f"{frame.kind!r} frames come from the relay only; clients may not send them"
+        )
     return frame
 
 
@@ -764,8 +861,9 @@ async def _hang_up(peer: _Peer, code: int, reason: str) -> None:
     """
     await peer.outbox.aclose()
     try:
-        await asyncio.wait_for(peer.connection.close(code, _close_reason(reason)),
-                               peer.connection.close_timeout)
+        await asyncio.wait_for(
+            peer.connection.close(code, _close_reason(reason)), peer.connection.close_timeout
+        )
     except asyncio.TimeoutError:
         peer.connection.transport.abort()
 
@@ -778,16 +876,18 @@ async def _refuse(connection: ServerConnection, code: str, message: str) -> None
     ends for ``close_timeout``.
     """
     try:
-        await connection.send(Frame({"t": Kind.ERROR, "code": code,
-                                     "message": message}).serialize())
+        await connection.send(
+            Frame({"t": Kind.ERROR, "code": code, "message": message}).serialize()
+        )
     except ConnectionClosed:
         return
     except WebSocketProtocolError:
         pass  # a message to it was cut off half-way: only the close frame may follow
     discard = asyncio.ensure_future(_discard(connection))
     try:
-        await asyncio.wait_for(connection.close(POLICY_VIOLATION, _close_reason(message)),
-                               connection.close_timeout)
+        await asyncio.wait_for(
+            connection.close(POLICY_VIOLATION, _close_reason(message)), connection.close_timeout
+        )
     except asyncio.TimeoutError:
         connection.transport.abort()
     finally:
@@ -845,11 +945,18 @@ def ssl_context(certfile: str | None, keyfile: str | None) -> ssl_module.SSLCont
     return context
 
 
-async def serve_relay(relay: Relay, host: str, port: int, *,
-                      ssl: ssl_module.SSLContext | None = None) -> Server:
+async def serve_relay(
+    relay: Relay, host: str, port: int, *, ssl: ssl_module.SSLContext | None = None
+) -> Server:
     """Start listening; the caller closes the returned server."""
-    server = await serve(relay.handle, host, port, ssl=ssl,
-                         create_connection=_counted_connections(relay), **_server_options(relay))
+    server = await serve(
+        relay.handle,
+        host,
+        port,
+        ssl=ssl,
+        create_connection=_counted_connections(relay),
+        **_server_options(relay),
+    )
     log.info("relay limits: %s", relay.describe_limits())
     return server
 
@@ -861,15 +968,17 @@ class EmbeddedRelay:
     loop is busy, or blocked in user code.
     """
 
-    def __init__(self, host: str = "127.0.0.1", port: int = DEFAULT_PORT,
-                 relay: Relay | None = None) -> None:
+    def __init__(
+        self, host: str = "127.0.0.1", port: int = DEFAULT_PORT, relay: Relay | None = None
+    ) -> None:
         self.relay = relay or Relay()
         self.host = host
         self.port = port
         self._loop = asyncio.new_event_loop()
         self._server: Server | None = None
-        self._thread = threading.Thread(target=self._loop.run_forever,
-                                        name="fedmagic-relay", daemon=True)
+        self._thread = threading.Thread(
+            target=self._loop.run_forever, name="fedmagic-relay", daemon=True
+        )
 
     @property
     def url(self) -> str:
@@ -879,7 +988,8 @@ class EmbeddedRelay:
         """Listen, or raise ``OSError`` (port in use, say) before returning."""
         self._thread.start()
         future = asyncio.run_coroutine_threadsafe(
-            serve_relay(self.relay, self.host, self.port), self._loop)
+            serve_relay(self.relay, self.host, self.port), self._loop
+        )
         try:
             self._server = future.result()
         except BaseException:

@@ -49,10 +49,25 @@ def save_session(url: str, task: str, node: str, secret: str | None) -> None:
         pass
 
 
-async def join_relay(url: str, task: str, token: str, node: str, *, wait: float,
-                     ssl: ssl_module.SSLContext | None = None) -> Link:
+async def join_relay(
+    url: str,
+    task: str,
+    token: str,
+    node: str,
+    *,
+    wait: float,
+    ssl: ssl_module.SSLContext | None = None,
+) -> Link:
     """Open a participant's link, presenting this node's session and keeping the new one."""
-    link = await Link.open(url, role="participant", task=task, token=token, node=node,
-                           wait=wait, ssl=ssl, session=load_session(url, task, node))
+    link = await Link.open(
+        url,
+        role="participant",
+        task=task,
+        token=token,
+        node=node,
+        wait=wait,
+        ssl=ssl,
+        session=load_session(url, task, node),
+    )
     save_session(url, task, node, link.session)
     return link
