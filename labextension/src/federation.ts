@@ -98,9 +98,13 @@ export class Federation implements IDisposable {
   /** Run the joined tasks' `DatasetVerify` in the kernel, on its data. */
   verifyData(): Promise<IVerifyResult[]> {
     if (this._comm === null) {
-      return Promise.resolve([{ passed: false, task_id: null, node: null, detail: NOT_LOADED }]);
+      return Promise.resolve([
+        { passed: false, task_id: null, node: null, detail: NOT_LOADED }
+      ]);
     }
-    const pending = new Promise<IVerifyResult[]>(resolve => this._verifying.push(resolve));
+    const pending = new Promise<IVerifyResult[]>(resolve =>
+      this._verifying.push(resolve)
+    );
     this._comm.send({ action: 'verify' });
     return pending;
   }
@@ -129,8 +133,12 @@ export class Federation implements IDisposable {
   }
 
   private _onStatusChanged(_: ISessionContext, status: Kernel.Status): void {
-    if (status === 'restarting' || status === 'autorestarting' || status === 'dead') {
-      this._forget();  // the kernel's tasks and comm end with it
+    if (
+      status === 'restarting' ||
+      status === 'autorestarting' ||
+      status === 'dead'
+    ) {
+      this._forget(); // the kernel's tasks and comm end with it
     }
   }
 
@@ -145,7 +153,11 @@ export class Federation implements IDisposable {
       .requestCommInfo({ target_name: COMM_TARGET })
       .then(reply => {
         const content = reply.content;
-        if (content.status !== 'ok' || this._kernel !== kernel || this._comm !== null) {
+        if (
+          content.status !== 'ok' ||
+          this._kernel !== kernel ||
+          this._comm !== null
+        ) {
           return;
         }
         const ids = Object.keys(content.comms);
@@ -155,7 +167,7 @@ export class Federation implements IDisposable {
           comm.send({ action: 'refresh' });
         }
       })
-      .catch(() => undefined);  // a kernel that went away meanwhile: nothing to show
+      .catch(() => undefined); // a kernel that went away meanwhile: nothing to show
   }
 
   private _detach(): void {
@@ -171,20 +183,26 @@ export class Federation implements IDisposable {
     this._tasks = [];
     this._joins = [];
     this._lastVerification = [];
-    this._settleVerifying([{ passed: false, task_id: null, node: null, detail: NOT_LOADED }]);
+    this._settleVerifying([
+      { passed: false, task_id: null, node: null, detail: NOT_LOADED }
+    ]);
     if (!this._isDisposed) {
       this._changed.emit();
     }
   }
 
-  private _onCommOpen = (comm: Kernel.IComm, message: KernelMessage.ICommOpenMsg): void => {
+  private _onCommOpen = (
+    comm: Kernel.IComm,
+    message: KernelMessage.ICommOpenMsg
+  ): void => {
     this._use(comm);
     this._receive(message.content.data as unknown as Message);
   };
 
   private _use(comm: Kernel.IComm): void {
     this._comm = comm;
-    comm.onMsg = message => this._receive(message.content.data as unknown as Message);
+    comm.onMsg = message =>
+      this._receive(message.content.data as unknown as Message);
     comm.onClose = () => {
       if (this._comm === comm) {
         this._forget();

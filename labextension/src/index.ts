@@ -8,11 +8,17 @@ import {
   ToolbarButton
 } from '@jupyterlab/apputils';
 import { DocumentRegistry } from '@jupyterlab/docregistry';
-import { INotebookModel, INotebookTracker, NotebookPanel } from '@jupyterlab/notebook';
+import {
+  INotebookModel,
+  INotebookTracker,
+  NotebookPanel
+} from '@jupyterlab/notebook';
 import { checkIcon } from '@jupyterlab/ui-components';
 import { DisposableDelegate, IDisposable } from '@lumino/disposable';
 
 import { Federation, IVerifyResult } from './federation';
+// The side panel is created in activate(), so it is needed at once.
+// eslint-disable-next-line jupyter/prefer-lazy-imports
 import { copyJoinLine, FederationPanel } from './panel';
 
 namespace CommandIDs {
@@ -23,6 +29,9 @@ namespace CommandIDs {
 }
 
 const CATEGORY = 'Federated Learning';
+
+/** What the commands take: no arguments. */
+const NO_ARGS = { args: { type: 'object', properties: {} } };
 
 /** The Federation of each open notebook, ended when the notebook closes. */
 class Federations {
@@ -46,8 +55,14 @@ class Federations {
  * A Verify data button in the toolbar of participant notebooks: those whose
  * kernel has joined a task, or that carry fedmagic metadata.
  */
-class VerifyDataButton implements DocumentRegistry.IWidgetExtension<NotebookPanel, INotebookModel> {
-  constructor(federations: Federations, verify: (panel: NotebookPanel) => Promise<void>) {
+class VerifyDataButton implements DocumentRegistry.IWidgetExtension<
+  NotebookPanel,
+  INotebookModel
+> {
+  constructor(
+    federations: Federations,
+    verify: (panel: NotebookPanel) => Promise<void>
+  ) {
     this._federations = federations;
     this._verify = verify;
   }
@@ -81,24 +96,33 @@ class VerifyDataButton implements DocumentRegistry.IWidgetExtension<NotebookPane
 
 function notify(results: IVerifyResult[]): void {
   for (const result of results) {
-    const where = result.task_id ? `${result.node} in task ${result.task_id}: ` : '';
+    const where = result.task_id
+      ? `${result.node} in task ${result.task_id}: `
+      : '';
     if (result.passed) {
-      Notification.success(`${where}data verified (${result.detail})`, { autoClose: 6000 });
+      Notification.success(`${where}data verified (${result.detail})`, {
+        autoClose: 6000
+      });
     } else {
-      Notification.error(`${where}data verification failed: ${result.detail}`,
-        { autoClose: false });
+      Notification.error(`${where}data verification failed: ${result.detail}`, {
+        autoClose: false
+      });
     }
   }
 }
 
 const plugin: JupyterFrontEndPlugin<void> = {
   id: 'fedmagic:plugin',
-  description: 'Federated tasks in JupyterLab: the Federation panel and Verify data.',
+  description:
+    'Federated tasks in JupyterLab: the Federation panel and Verify data.',
   autoStart: true,
   requires: [INotebookTracker],
   optional: [ICommandPalette],
-  activate: (app: JupyterFrontEnd, tracker: INotebookTracker,
-    palette: ICommandPalette | null) => {
+  activate: (
+    app: JupyterFrontEnd,
+    tracker: INotebookTracker,
+    palette: ICommandPalette | null
+  ) => {
     const federations = new Federations();
     const current = (): NotebookPanel | null => tracker.currentWidget;
 
@@ -121,10 +145,14 @@ const plugin: JupyterFrontEndPlugin<void> = {
     tracker.currentChanged.connect(follow);
     follow();
 
-    app.docRegistry.addWidgetExtension('Notebook', new VerifyDataButton(federations, verify));
+    app.docRegistry.addWidgetExtension(
+      'Notebook',
+      new VerifyDataButton(federations, verify)
+    );
 
     const hasNotebook = () => current() !== null;
     app.commands.addCommand(CommandIDs.verifyData, {
+      describedBy: NO_ARGS,
       label: 'Verify Data of the Joined Tasks',
       caption: "Run each joined task's DatasetVerify on this machine's data",
       icon: checkIcon,
@@ -135,26 +163,33 @@ const plugin: JupyterFrontEndPlugin<void> = {
       }
     });
     app.commands.addCommand(CommandIDs.showPanel, {
+      describedBy: NO_ARGS,
       label: 'Show the Federation Panel',
       execute: () => app.shell.activateById(sidePanel.id)
     });
     app.commands.addCommand(CommandIDs.stopTasks, {
+      describedBy: NO_ARGS,
       label: "Stop This Notebook's Federated Tasks After Their Round",
       isEnabled: () => {
         const panel = current();
-        return !!panel && federations.of(panel).tasks.some(t => t.status === 'running');
+        return (
+          !!panel &&
+          federations.of(panel).tasks.some(t => t.status === 'running')
+        );
       },
       execute: () => {
         const panel = current();
         if (panel) {
           const federation = federations.of(panel);
-          federation.tasks.filter(t => t.status === 'running')
+          federation.tasks
+            .filter(t => t.status === 'running')
             .forEach(t => federation.stop(t.task_id));
         }
       }
     });
     app.commands.addCommand(CommandIDs.copyJoinLine, {
-      label: 'Copy the Join Line of This Notebook\'s Task',
+      describedBy: NO_ARGS,
+      label: "Copy the Join Line of This Notebook's Task",
       isEnabled: () => {
         const panel = current();
         return !!panel && federations.of(panel).tasks.length > 0;

@@ -11,7 +11,10 @@ const FEDERATION_SVG =
   '<circle cx="20" cy="19" r="3"/><path d="M11 7h2v5.4l5.2 4.2-1.3 1.5L12 14.2l-4.9 3.9-1.3-1.5 ' +
   '5.2-4.2z"/></g></svg>';
 
-export const federationIcon = new LabIcon({ name: 'fedmagic:federation', svgstr: FEDERATION_SVG });
+export const federationIcon = new LabIcon({
+  name: 'fedmagic:federation',
+  svgstr: FEDERATION_SVG
+});
 
 /**
  * The Federation side panel: the tasks the current notebook's kernel runs or
@@ -43,20 +46,42 @@ export class FederationPanel extends Widget {
     node.replaceChildren(element('h2', 'Federation'));
     const federation = this._federation;
     if (this._notebook === null || federation === null) {
-      node.append(element('p', 'Open a notebook to see its federated tasks.', 'fedmagic-hint'));
+      node.append(
+        element(
+          'p',
+          'Open a notebook to see its federated tasks.',
+          'fedmagic-hint'
+        )
+      );
       return;
     }
-    node.append(element('div', this._notebook.title.label, 'fedmagic-notebook'));
+    node.append(
+      element('div', this._notebook.title.label, 'fedmagic-notebook')
+    );
     if (!federation.connected) {
-      node.append(element('p', "This notebook's kernel has not loaded fedmagic: run " +
-        '%load_ext fedmagic to author or join a task.', 'fedmagic-hint'));
+      node.append(
+        element(
+          'p',
+          "This notebook's kernel has not loaded fedmagic: run " +
+            '%load_ext fedmagic to author or join a task.',
+          'fedmagic-hint'
+        )
+      );
       return;
     }
     if (federation.tasks.length === 0 && federation.joins.length === 0) {
-      node.append(element('p', 'No task yet: run a %%fedavg_task cell to start one, or ' +
-        '%fedavg_join to join one.', 'fedmagic-hint'));
+      node.append(
+        element(
+          'p',
+          'No task yet: run a %%fedavg_task cell to start one, or ' +
+            '%fedavg_join to join one.',
+          'fedmagic-hint'
+        )
+      );
     }
-    federation.tasks.forEach(task => node.append(this._taskCard(federation, task)));
+    federation.tasks.forEach(task =>
+      node.append(this._taskCard(federation, task))
+    );
     federation.joins.forEach(join => node.append(this._joinCard(join)));
   }
 
@@ -65,7 +90,11 @@ export class FederationPanel extends Widget {
   }
 
   private _taskCard(federation: Federation, task: ITaskState): HTMLElement {
-    const card = element('section', '', `fedmagic-TaskCard fedmagic-status-${task.status}`);
+    const card = element(
+      'section',
+      '',
+      `fedmagic-TaskCard fedmagic-status-${task.status}`
+    );
     card.dataset.taskId = task.task_id;
     const state = task.stopping ? 'stopping after this round' : task.status;
     card.append(
@@ -77,7 +106,9 @@ export class FederationPanel extends Widget {
     );
     const join = element('code', task.join_command, 'fedmagic-join-line');
     const copy = button('Copy join line', () => copyJoinLine(task));
-    const stop = button('Stop after this round', () => federation.stop(task.task_id));
+    const stop = button('Stop after this round', () =>
+      federation.stop(task.task_id)
+    );
     stop.disabled = task.status !== 'running' || task.stopping;
     card.append(join, element('div', '', 'fedmagic-actions'));
     card.lastElementChild!.append(copy, stop);
@@ -85,18 +116,32 @@ export class FederationPanel extends Widget {
   }
 
   private _joinCard(join: IJoinState): HTMLElement {
-    const card = element('section', '', `fedmagic-JoinCard fedmagic-status-${join.status}`);
+    const card = element(
+      'section',
+      '',
+      `fedmagic-JoinCard fedmagic-status-${join.status}`
+    );
     card.dataset.taskId = join.task_id;
     const verification =
-      join.verified === null ? 'not verified yet'
+      join.verified === null
+        ? 'not verified yet'
         : `${join.verified ? 'passed' : 'failed'}: ${join.verification}`;
     card.append(
       element('h3', `${join.task_id} (as ${join.node})`),
       row('status', join.detail || join.status),
       row('round', `${join.round} / ${join.max_rounds}`),
-      row('code', join.code_hash ? `${join.code_hash.slice(0, 16)}, ` +
-        (join.accepted ? 'accepted' : 'not accepted yet') : 'not received yet'),
-      row('data', verification, join.verified === false ? 'fedmagic-failed' : '')
+      row(
+        'code',
+        join.code_hash
+          ? `${join.code_hash.slice(0, 16)}, ` +
+              (join.accepted ? 'accepted' : 'not accepted yet')
+          : 'not received yet'
+      ),
+      row(
+        'data',
+        verification,
+        join.verified === false ? 'fedmagic-failed' : ''
+      )
     );
     const verify = button('Verify data', () => void this._verify());
     card.append(element('div', '', 'fedmagic-actions'));
@@ -112,7 +157,9 @@ export class FederationPanel extends Widget {
 /** Put a task's join line on the clipboard, for its author to send to data owners. */
 export function copyJoinLine(task: ITaskState): void {
   Clipboard.copyToSystem(task.join_command);
-  Notification.info(`Join line of task ${task.task_id} copied`, { autoClose: 3000 });
+  Notification.info(`Join line of task ${task.task_id} copied`, {
+    autoClose: 3000
+  });
 }
 
 function participantsText(task: ITaskState): string {
@@ -120,15 +167,22 @@ function participantsText(task: ITaskState): string {
     return 'none yet';
   }
   const counts = new Map<string, number>();
-  task.participants.forEach(p => counts.set(p.status, (counts.get(p.status) ?? 0) + 1));
-  return `${task.participants.length} (` +
-    [...counts].map(([status, count]) => `${count} ${status}`).join(', ') + ')';
+  task.participants.forEach(p =>
+    counts.set(p.status, (counts.get(p.status) ?? 0) + 1)
+  );
+  return (
+    `${task.participants.length} (` +
+    [...counts].map(([status, count]) => `${count} ${status}`).join(', ') +
+    ')'
+  );
 }
 
 function metricsText(metrics: Record<string, number | string>): string {
   return Object.entries(metrics)
-    .map(([name, value]) =>
-      `${name} ${typeof value === 'number' ? Number(value.toPrecision(4)) : value}`)
+    .map(
+      ([name, value]) =>
+        `${name} ${typeof value === 'number' ? Number(value.toPrecision(4)) : value}`
+    )
     .join(', ');
 }
 
@@ -148,8 +202,11 @@ function row(label: string, value: string, className = ''): HTMLElement {
 }
 
 function button(label: string, onClick: () => void): HTMLButtonElement {
-  const node = element('button', label, 'jp-Button jp-mod-styled jp-mod-reject') as
-    HTMLButtonElement;
+  const node = element(
+    'button',
+    label,
+    'jp-Button jp-mod-styled jp-mod-reject'
+  ) as HTMLButtonElement;
   node.addEventListener('click', onClick);
   return node;
 }
