@@ -58,9 +58,9 @@ def mnist_like_digits() -> tuple[np.ndarray, np.ndarray]:
     box = torch.nn.functional.interpolate(
         small, size=(20, 20), mode="bilinear", align_corners=False, antialias=True
     )
-    box = box.squeeze(1).round().clamp(0, 255).to(torch.uint8).numpy()
-    images = np.zeros((len(box), 28, 28), dtype=np.uint8)
-    images[:, 4:24, 4:24] = box
+    pixels = box.squeeze(1).round().clamp(0, 255).to(torch.uint8).numpy()
+    images = np.zeros((len(pixels), 28, 28), dtype=np.uint8)
+    images[:, 4:24, 4:24] = pixels
     return images, digits.target.astype(np.uint8)
 
 
@@ -143,14 +143,16 @@ def write_mnist(
     return root
 
 
-def _split_test(labels: np.ndarray, test_fraction: float, rng: np.random.Generator):
+def _split_test(
+    labels: np.ndarray, test_fraction: float, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray]:
     """Hold out ``test_fraction`` of every label, at least one each, so every class is tested."""
-    test = []
+    held: list[np.intp] = []
     for label in np.unique(labels):
         members = rng.permutation(np.flatnonzero(labels == label))
         take = min(max(1, round(test_fraction * len(members))), len(members) - 1)
-        test.extend(members[:take])
-    test = np.sort(np.array(test))
+        held.extend(members[:take])
+    test = np.sort(np.array(held))
     train = rng.permutation(np.setdiff1d(np.arange(len(labels)), test))
     return train, test
 

@@ -21,9 +21,12 @@ __all__ = ["FedAvgScheduler"]
 
 
 class FedAvgScheduler(Scheduler):
-    """A federated-averaging task: subclass it, then call ``launch_task``."""
+    """A federated-averaging task: subclass it, then call ``launch_task``.
 
-    __doc__ += Scheduler.__doc__.split("\n", 1)[1]
+    It takes :class:`~fedmagic.engine.scheduler.Scheduler`'s arguments:
+    ``min_clients``, ``max_clients``, ``name``, ``max_rounds``,
+    ``merge_epochs``, ``calculation_timeout``, ``log_rounds``.
+    """
 
     def launch_task(self, task_id: str, **options: Any) -> Any:
         """Run this task as its initiator and return its ``TaskResult``.

@@ -57,6 +57,7 @@ class JoinRun:
             )
         if self._error is not None:
             raise self._error
+        assert self._outcome is not None, "a part that ended without an error has an outcome"
         return self._outcome
 
     def __repr__(self) -> str:

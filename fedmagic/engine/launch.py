@@ -100,6 +100,7 @@ class TaskRun:
             raise TimeoutError(f"task {self.task_id!r} is still running after {timeout:g} s")
         if self._error is not None:
             raise self._error
+        assert self._result is not None, "a task that ended without an error has a result"
         return self._result
 
     def stop(self, now: bool = False) -> None:
@@ -130,6 +131,7 @@ class TaskRun:
         def target() -> None:
             asyncio.set_event_loop(self._loop)
             try:
+                assert self._task is not None, "the task is created before its thread starts"
                 self._result = self._loop.run_until_complete(self._task)
             except BaseException as exc:
                 self._error = exc
@@ -282,8 +284,10 @@ def start_task(
         )
     scheduler._check_rounds()
     scheduler._setup(task_id)
+    name = scheduler.name
+    assert name is not None, "_setup() names the task"
     package = TaskPackage.from_scheduler(scheduler, task_id, dataset_verify)
-    checkpoint = Checkpoint(Path(checkpoint_dir or Path("models") / scheduler.name).absolute())
+    checkpoint = Checkpoint(Path(checkpoint_dir or Path("models") / name).absolute())
     history: list[dict[str, Any]] = []
     announce = [f"task {task_id!r}: code hash {package.code_hash[:16]}"]
     if resume is None:
@@ -316,12 +320,15 @@ def start_task(
     async def main() -> TaskResult:
         if scheduler.is_task_finished():
             record(f"the checkpoint of task {task_id!r} is already finished; nothing to run")
-            return TaskResult(
-                task_id, scheduler.name, scheduler.current_round, history, checkpoint.directory
-            )
-        pinned = {} if allowed_nodes is None else {"allowed_nodes": list(allowed_nodes)}
+            return TaskResult(task_id, name, scheduler.current_round, history, checkpoint.directory)
+        assert url, "a task with rounds to run has a relay, embedded if none was given"
         link = await Link.open(
-            url, role="initiator", task=task_id, token=token, relay_token=relay_token, **pinned
+            url,
+            role="initiator",
+            task=task_id,
+            token=token,
+            relay_token=relay_token,
+            allowed_nodes=None if allowed_nodes is None else list(allowed_nodes),
         )
         run._aggregator = Aggregator(
             scheduler,

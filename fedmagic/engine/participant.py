@@ -107,7 +107,7 @@ class ParticipantRuntime:
                 await self._status("declined", detail="the data owner did not consent")
                 return JoinOutcome(task_id, self.node, False, "consent refused")
             try:
-                self.scheduler, self.samples = await asyncio.to_thread(self._prepare, package)
+                scheduler, self.samples = await asyncio.to_thread(self._prepare, package)
             except Exception as exc:
                 await self._status(
                     "verified",
@@ -118,10 +118,9 @@ class ParticipantRuntime:
                 return JoinOutcome(
                     task_id, self.node, False, f"data verification failed: {describe_failure(exc)}"
                 )
+            self.scheduler = scheduler
             self.accepted = package.code_hash
-            self.on_event(
-                "verified", {"samples": self.samples, "max_rounds": self.scheduler.max_rounds}
-            )
+            self.on_event("verified", {"samples": self.samples, "max_rounds": scheduler.max_rounds})
             try:
                 await self._say_verified()
             except ConnectionLost:
@@ -189,8 +188,16 @@ class ParticipantRuntime:
                     f"expected a round, an upload request or the end of the task, got {frame}",
                 )
 
-    async def _upload(self, round: int) -> None:
-        update = await asyncio.to_thread(self.scheduler.state_dict)
+    @property
+    def _scheduler(self) -> Scheduler:
+        """The task's scheduler, which rounds need: built once this node verified its data."""
+        if self.scheduler is None:
+            raise RuntimeError("the task's scheduler is not built before its data is verified")
+        return self.scheduler
+
+    # A round's number is echoed back as the initiator sent it (None if it sent none).
+    async def _upload(self, round: int | None) -> None:
+        update = await asyncio.to_thread(self._scheduler.state_dict)
         try:
             await self.link.send_state(update, round=round)
         except ConnectionLost:
@@ -198,9 +205,9 @@ class ParticipantRuntime:
         self.rounds += 1
         self.on_event("uploaded", {"round": round})
 
-    async def _train(self, round: int, epochs: int | None) -> str | None:
+    async def _train(self, round: int | None, epochs: int | None) -> str | None:
         """Load the global weights, train, report; the failure's text if ``train()`` raised."""
-        scheduler = self.scheduler
+        scheduler = self._scheduler
         epochs = epochs or scheduler.merge_epochs
         self.on_event("round", {"round": round, "epochs": epochs})
         state = await self._receive_state(round)
@@ -237,8 +244,8 @@ class ParticipantRuntime:
         self.on_event("trained", {"round": round, "seconds": seconds})
         return None
 
-    async def _receive_state(self, round: int) -> dict[str, Any]:
-        reader = StateReader(self.scheduler.state_dict(), out=self._inbox)
+    async def _receive_state(self, round: int | None) -> dict[str, Any]:
+        reader = StateReader(self._scheduler.state_dict(), out=self._inbox)
         while True:
             frame = await self._next()
             if frame.kind not in (Kind.STATE, Kind.STATE_END) or frame.header.get("round") != round:

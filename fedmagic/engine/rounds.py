@@ -26,7 +26,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, cast
 
 import torch
 
@@ -123,7 +123,8 @@ class _Upload:
     round: int
     reader: StateReader
     deadline: float
-    buffer: dict[str, torch.Tensor]
+    #: None once given back for the next upload to fill.
+    buffer: dict[str, torch.Tensor] | None
     received: int = 0
     state: dict[str, torch.Tensor] | None = None
     error: str | None = None
@@ -242,9 +243,11 @@ class Aggregator:
             reader.cancel()
             await self.link.close()
         self._event(f"task {self.task_id!r} finished after round {self.scheduler.current_round}")
+        name = self.scheduler.name
+        assert name is not None, "the scheduler was set up, which names the task"
         return TaskResult(
             self.task_id,
-            self.scheduler.name,
+            name,
             self.scheduler.current_round,
             self.history,
             self.checkpoint.directory,
@@ -319,10 +322,12 @@ class Aggregator:
             )
             await self.link.send_state(global_state, to=selected, round=number)
 
+        mean: WeightedMean | None = None  # the running mean, unless updates are kept whole
         if not keep:
             if self._mean is None:
                 self._mean = WeightedMean(global_state)
-            self._mean.reset()
+            mean = self._mean
+            mean.reset()
         try:
             await self._collect(current, slots)
         finally:
@@ -330,10 +335,10 @@ class Aggregator:
             for upload in current.uploads.values():
                 self._release(upload)
 
-        if keep:
+        if mean is None:
             contributions, samples = len(current.kept), None
         else:
-            contributions, samples = self._mean.count, int(self._mean.total_weight)
+            contributions, samples = mean.count, int(mean.total_weight)
         if contributions < scheduler.min_clients:
             raise NotEnoughParticipants(
                 self.task_id, contributions, scheduler.min_clients, round=number
@@ -354,11 +359,11 @@ class Aggregator:
         log_rounds = scheduler.log_rounds
         tested = number == 1 or finished or (log_rounds > 0 and number % log_rounds == 0)
         row["tested"] = tested
+        chosen = [self.participants[node] for node in selected]
         trained = [
-            self.participants[node].train_seconds
-            for node in selected
-            if self.participants[node].status == "uploaded"
-            and self.participants[node].train_seconds is not None
+            p.train_seconds
+            for p in chosen
+            if p.status == "uploaded" and p.train_seconds is not None
         ]
         row["train_seconds"] = max(trained, default=None)
         if tested:
@@ -550,13 +555,17 @@ class Aggregator:
 
     def _add(self, current: _Round, upload: _Upload, weight: float) -> str | None:
         """Fold one update in (on a worker thread); why it was refused, or None."""
-        bad = non_finite(upload.state)
+        state = upload.state
+        assert state is not None, "only complete updates are folded in"
+        bad = non_finite(state)
         if bad:
             return f"non-finite values (NaN or infinity) in {', '.join(bad)}"
         if self.policy.keeps_updates:
-            current.kept.append(upload.state)
+            current.kept.append(state)
         else:
-            self._mean.add(upload.state, weight)
+            mean = self._mean
+            assert mean is not None, "a round that folds updates in has a running mean"
+            mean.add(state, weight)
         return None
 
     def _combine(self, current: _Round) -> dict[str, torch.Tensor]:
@@ -564,7 +573,9 @@ class Aggregator:
             return coordinate_median(current.kept)
         if self.policy.aggregation == "trimmed_mean":
             return trimmed_mean(current.kept, self.policy.trim)
-        return self._mean.result_in_place()
+        mean = self._mean
+        assert mean is not None, "a round that folds updates in has a running mean"
+        return mean.result_in_place()
 
     def _release(self, upload: _Upload) -> None:
         """Give an upload's buffer back, for the next upload to fill."""
@@ -664,7 +675,8 @@ class Aggregator:
             raise _Interrupted from None
 
     async def _dispatch(self, frame: Frame) -> None:
-        node = frame.header.get("from")
+        # The relay stamps every frame it forwards with its sender's name.
+        node = cast(str, frame.header.get("from"))
         kind = frame.kind
         if kind == Kind.STATE or kind == Kind.STATE_END:
             self._on_state(node, frame)
@@ -675,8 +687,8 @@ class Aggregator:
                 self._leave_round(node, "reconnected; its work in this round is lost")
             if frame.header.get("accepted") == self.package.code_hash:
                 # It consented to this very code: it only says again that its data is verified.
-                participant = self.participants[node] = known or Participant(node)
-                participant.status, participant.detail = "joined", ""
+                back = self.participants[node] = known or Participant(node)
+                back.status, back.detail = "joined", ""
                 self._event(f"{node} is back, with its consent to this code")
                 return
             self.participants[node] = Participant(node)
@@ -754,7 +766,8 @@ class Aggregator:
 
     def _on_trained(self, participant: Participant, header: dict[str, Any]) -> None:
         seconds = header.get("seconds")
-        participant.train_seconds = seconds if isinstance(seconds, numbers.Real) else None
+        # Decoded from msgpack, a number is an int or a float.
+        participant.train_seconds = seconds if isinstance(seconds, (int, float)) else None
         current = self._current
         if (
             current is None
@@ -773,7 +786,8 @@ class Aggregator:
         current = self._current
         upload = current.uploads.get(node) if current is not None else None
         if (
-            upload is None
+            current is None
+            or upload is None
             or upload.state is not None
             or upload.error is not None
             or frame.header.get("round") != upload.round

@@ -56,6 +56,23 @@ class Scheduler(abc.ABC):
         is_centralized: only ``True`` (one aggregator) is supported.
     """
 
+    # Set in ``__init__`` (and ``_init_call`` in ``__new__``); declared here so
+    # subclasses and the engine see their types. Annotations only: no class
+    # attributes, so ``_setup`` can still tell a skipped ``__init__``.
+    _init_call: tuple[tuple[Any, ...], dict[str, Any]]
+    min_clients: int
+    max_clients: int
+    name: str | None
+    max_rounds: int
+    merge_epochs: int
+    calculation_timeout: float
+    log_rounds: int
+    is_centralized: bool
+    task_id: str | None
+    current_round: int
+    model: nn.Module | None
+    _context_validated: bool
+
     def __new__(cls, *args: Any, **kwargs: Any) -> Scheduler:
         missing = [name for name in _REQUIRED if name in getattr(cls, "__abstractmethods__", ())]
         if missing:
@@ -125,9 +142,9 @@ class Scheduler(abc.ABC):
         self.calculation_timeout = float(calculation_timeout)
         self.log_rounds = log_rounds
         self.is_centralized = is_centralized
-        self.task_id: str | None = None
+        self.task_id = None
         self.current_round = 0
-        self.model: nn.Module | None = None
+        self.model = None
         self._context_validated = False
 
     # What every task defines.

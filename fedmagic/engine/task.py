@@ -233,6 +233,8 @@ def _source_of(scheduler_cls: type) -> tuple[str, str]:
         return context.source, context.filename
     module = sys.modules.get(scheduler_cls.__module__)
     try:
+        if module is None:
+            raise TypeError(f"module {scheduler_cls.__module__!r} is not loaded")
         return inspect.getsource(module), getattr(module, "__file__", None) or "task.py"
     except (OSError, TypeError):
         raise TaskDefinitionError(
@@ -255,7 +257,9 @@ def _verify_source(dataset_verify: Any) -> str | None:
     )
 
 
-def _check_arguments_travel(scheduler_cls: type, args: tuple, kwargs: dict) -> None:
+def _check_arguments_travel(
+    scheduler_cls: type[Scheduler], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> None:
     try:
         bound = inspect.signature(scheduler_cls.__init__).bind(None, *args, **kwargs)
         named = list(bound.arguments.items())[1:]

@@ -101,6 +101,7 @@ class LabBridge:
                 )
                 continue
             passed = panel.verify_data()
+            assert panel.verified is not None, "verify_data() records what it found"
             _, detail = panel.verified
             results.append(
                 {"passed": bool(passed), "task_id": task_id, "node": panel.node, "detail": detail}

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import ast
 import os
-from typing import Any
+from typing import Any, cast
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
@@ -43,6 +43,13 @@ class FedMagics(Magics):
     def __init__(self, shell: Any, session: KernelSession) -> None:
         super().__init__(shell)
         self.session = session
+
+    @property
+    def _shell(self) -> Any:
+        """The IPython shell the magics were registered with."""
+        if self.shell is None:
+            raise UsageError("fedmagic's magics are not registered with an IPython shell")
+        return self.shell
 
     @magic_arguments()
     @argument(
@@ -71,7 +78,7 @@ class FedMagics(Magics):
         args = parse_argstring(self.fedavg_task, line)
         options = {"relay": args.relay, "token": args.token, "join_timeout": args.join_timeout}
         options = {key: value for key, value in options.items() if value is not None}
-        filename = self.shell.compile.cache(cell)  # tracebacks show the cell's lines
+        filename = self._shell.compile.cache(cell)  # tracebacks show the cell's lines
         with running_code(self.session.cell(cell, filename, wait=args.wait, options=options)):
             return self._run(cell, filename)
 
@@ -81,8 +88,8 @@ class FedMagics(Magics):
     def dataset_verify(self, line: str, cell: str) -> None:
         """Register the cell's ``DatasetVerify`` class: each participant runs it on its data."""
         args = parse_argstring(self.dataset_verify, line)
-        filename = self.shell.compile.cache(cell)
-        namespace = self.shell.user_ns
+        filename = self._shell.compile.cache(cell)
+        namespace = self._shell.user_ns
         before = namespace.get("DatasetVerify")
         self._run(cell, filename)
         verify_cls = namespace.get("DatasetVerify")
@@ -91,8 +98,10 @@ class FedMagics(Magics):
                 "a %%dataset_verify cell must define a class named DatasetVerify "
                 "with __init__(self, task_id, current_node) and run() -> bool"
             )
-        verify_cls.__fedmagic_source__ = cell
-        verify_cls.__fedmagic_filename__ = filename
+        # What participants receive: engine/task.py reads these back when packing the task.
+        marked = cast(Any, verify_cls)
+        marked.__fedmagic_source__ = cell
+        marked.__fedmagic_filename__ = filename
         self.session.verify_classes[args.task_id] = verify_cls
         print(
             f"DatasetVerify registered for task {args.task_id!r}: each participant runs it "
@@ -169,9 +178,10 @@ class FedMagics(Magics):
 
     def _run(self, cell: str, filename: str) -> object:
         """Run ``cell`` in the user's namespace; return its last expression's value."""
-        tree = ast.parse(self.shell.transform_cell(cell), filename)
+        shell = self._shell
+        tree = ast.parse(shell.transform_cell(cell), filename)
         last = tree.body.pop() if tree.body and isinstance(tree.body[-1], ast.Expr) else None
-        namespace = self.shell.user_ns
+        namespace = shell.user_ns
         exec(compile(tree, filename, "exec"), namespace)
         if last is None:
             return None

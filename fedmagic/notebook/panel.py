@@ -106,6 +106,7 @@ class ParticipantPanel(widgets.VBox):
                 f"task {self.task_id!r} has not sent its code to "
                 f"{self.node!r} after {timeout:g} s: {self.run}"
             )
+        assert self.package is not None, "the code is shown once its package is here"
         return self.package
 
     def accept(self) -> None:

@@ -69,7 +69,8 @@ def tensor_bytes(tensor: torch.Tensor) -> memoryview:
             f"dtype {tensor.dtype} cannot travel; supported: {', '.join(DTYPES)}", "tensor"
         )
     flat = tensor.detach().to("cpu").resolve_conj().resolve_neg().contiguous().reshape(-1)
-    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+    # numpy's stubs declare ndarray's buffer protocol (__buffer__) for Python 3.12+ only.
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")  # type: ignore[arg-type]
 
 
 def encode_state(
@@ -207,8 +208,8 @@ class StateReader:
 
     def _target(self, name: str, dtype: torch.dtype, shape: list[int]) -> np.ndarray:
         if name in self._flat:
-            tensor = self.tensors[name]
-            if tensor.dtype != dtype or list(tensor.shape) != shape:
+            filling = self.tensors[name]
+            if filling.dtype != dtype or list(filling.shape) != shape:
                 raise CodecError(
                     f"tensor {name!r} changed dtype or shape between pieces", "state frame"
                 )

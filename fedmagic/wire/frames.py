@@ -97,9 +97,14 @@ class Frame:
 
     @classmethod
     def parse(
-        cls, data: bytes | bytearray | memoryview, *, max_header_bytes: int = MAX_HEADER_BYTES
+        cls,
+        data: bytes | bytearray | memoryview | str,
+        *,
+        max_header_bytes: int = MAX_HEADER_BYTES,
     ) -> Frame:
         """Decode one frame; the payload is a view into ``data``, not a copy.
+
+        ``data`` is a websocket message as received: a text message is refused.
 
         Raises:
             CodecError: if ``data`` is not a well-formed frame.

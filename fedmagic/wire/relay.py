@@ -33,7 +33,7 @@ import string
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any, AsyncIterator, cast
 
 from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
@@ -817,7 +817,8 @@ def _counted_connections(relay: Relay) -> type[ServerConnection]:
             super().connection_made(transport)
             relay.connections += 1
             if relay.connections > relay.max_sockets:
-                transport.abort()  # too many even to say "busy"
+                # A stream's transport, as websockets' own connection_made assumes.
+                cast(asyncio.Transport, transport).abort()  # too many even to say "busy"
 
         def connection_lost(self, exc: Exception | None) -> None:
             relay.connections -= 1
@@ -838,7 +839,7 @@ def _is_hex(text: Any) -> bool:
     )
 
 
-def _parse_forwarded(data: bytes) -> Frame:
+def _parse_forwarded(data: bytes | str) -> Frame:
     """Parse a frame a client wants forwarded; only the relay speaks for the relay.
 
     Raises:
