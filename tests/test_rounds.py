@@ -1,17 +1,20 @@
 """The round loop against participants that misbehave on purpose.
 
-The initiator's ``Aggregator`` runs in this process over a real relay on
-127.0.0.1; each participant is a short script speaking the protocol through
-its own ``Link``: honest, slow, silent, or lying about its weight. No
-process starts, so each scenario takes well under a second of overhead.
+The initiator's ``Aggregator`` runs in this process, over the in-memory relay
+(or, where the wire is the point, a real relay on 127.0.0.1); each
+participant is a short script speaking the protocol through its own link:
+honest, slow, silent, or lying about its weight. No process starts, so each
+scenario costs milliseconds beyond the deadlines it waits out.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import threading
 from pathlib import Path
-from typing import Any, Awaitable, Callable
+from typing import Any, AsyncIterator, Awaitable, Callable
 
 import pytest
 import torch
@@ -22,8 +25,10 @@ from fedmagic.errors import (ConfigurationError, ConnectionLost, NotEnoughPartic
                              TaskFailed)
 from fedmagic.engine.joining import start_join
 from fedmagic.engine.launch import start_task
+from fedmagic.engine.participant import ParticipantRuntime
 from fedmagic.wire.link import Link
 from fedmagic.engine.policy import RoundPolicy, over_share, sit_out_rounds
+from fedmagic.wire.memory import MemoryRelay
 from fedmagic.wire.relay import EmbeddedRelay, Relay
 from fedmagic.engine.rounds import Aggregator, TaskResult
 from fedmagic.engine.task import TaskPackage
@@ -74,10 +79,24 @@ async def never_trains(link, round, round_header, may_upload):
     await asyncio.Event().wait()
 
 
-async def participant(url: str, node: str, behaviour: Behaviour, samples: int = 100) -> None:
+# How a party connects: ``MemoryRelay.open``, or ``Link.open`` bound to a relay's URL.
+Connect = Callable[..., Awaitable[Any]]
+
+
+@contextlib.asynccontextmanager
+async def a_relay(transport: str) -> AsyncIterator[Connect]:
+    """How parties connect to a fresh relay: in memory, or a websocket relay on loopback."""
+    if transport == "memory":
+        yield MemoryRelay().open
+        return
+    with EmbeddedRelay("127.0.0.1", 0, Relay()) as relay:
+        yield functools.partial(Link.open, relay.url)
+
+
+async def participant(connect: Connect, node: str, behaviour: Behaviour,
+                      samples: int = 100) -> None:
     """Join, say the data is verified, and act out ``behaviour`` every round."""
-    link = await Link.open(url, role="participant", task="rounds", token=TOKEN, node=node,
-                           wait=10)
+    link = await connect(role="participant", task="rounds", token=TOKEN, node=node, wait=10)
     work: asyncio.Task | None = None
     try:
         assert (await link.recv()).kind == Kind.TASK
@@ -112,26 +131,27 @@ async def participant(url: str, node: str, behaviour: Behaviour, samples: int = 
 
 def run_task(tmp_path: Path, behaviours: dict[str, Behaviour], *, rounds: int = 1,
              min_clients: int = 1, samples: dict[str, int] | None = None,
-             calculation_timeout: float = 10, **policy: Any) -> tuple[Any, list[str], float]:
+             calculation_timeout: float = 10, transport: str = "memory",
+             **policy: Any) -> tuple[Any, list[str], float]:
     """Run a Tiny task with these participants; its result (or error), events and seconds."""
     events: list[str] = []
     samples = samples or {}
 
     async def scenario():
-        with EmbeddedRelay("127.0.0.1", 0, Relay()) as relay:
+        async with a_relay(transport) as connect:
             scheduler = Tiny(min_clients=min_clients, max_clients=len(behaviours),
                              max_rounds=rounds, calculation_timeout=calculation_timeout)
             scheduler._setup("rounds")
             with torch.no_grad():
                 scheduler.model.weight.zero_()
             package = TaskPackage.from_scheduler(scheduler, "rounds")
-            link = await Link.open(relay.url, role="initiator", task="rounds", token=TOKEN)
+            link = await connect(role="initiator", task="rounds", token=TOKEN)
             policy.setdefault("join_grace", 1)
             aggregator = Aggregator(scheduler, package, link,
                                     checkpoint=Checkpoint(tmp_path / "models" / "rounds"),
                                     policy=RoundPolicy(join_timeout=10, **policy),
                                     on_event=events.append)
-            nodes = [asyncio.create_task(participant(relay.url, node, behaviour,
+            nodes = [asyncio.create_task(participant(connect, node, behaviour,
                                                      samples.get(node, 100)))
                      for node, behaviour in behaviours.items()]
             loop = asyncio.get_running_loop()
@@ -155,9 +175,11 @@ def run_task(tmp_path: Path, behaviours: dict[str, Behaviour], *, rounds: int = 
 
 # -- averaging ------------------------------------------------------------------------------
 
-def test_updates_are_averaged_weighted_by_sample_counts(tmp_path):
+@pytest.mark.parametrize("transport", ["memory", "websocket"])
+def test_updates_are_averaged_weighted_by_sample_counts(tmp_path, transport):
     result, events, _ = run_task(tmp_path, {"a": sends(1.0), "b": sends(4.0)},
-                                 samples={"a": 100, "b": 200}, min_clients=2)
+                                 samples={"a": 100, "b": 200}, min_clients=2,
+                                 transport=transport)
 
     assert isinstance(result, TaskResult), result
     assert result.metrics["w"] == pytest.approx(3.0)
@@ -270,8 +292,10 @@ def test_too_few_updates_within_the_deadlines_ends_the_task_saying_why(tmp_path)
 # -- ending and continuing -----------------------------------------------------------------
 
 def participants_in_the_background(url: str, behaviours: dict[str, Behaviour]) -> threading.Thread:
+    connect = functools.partial(Link.open, url)
+
     async def all_of_them():
-        await asyncio.wait_for(asyncio.gather(*(participant(url, node, behaviour)
+        await asyncio.wait_for(asyncio.gather(*(participant(connect, node, behaviour)
                                                 for node, behaviour in behaviours.items())), 30)
 
     thread = threading.Thread(target=asyncio.run, args=(all_of_them(),))
@@ -464,3 +488,47 @@ def test_an_initiator_whose_relay_does_not_come_back_fails_saying_how_long_it_wa
     assert "reconnecting for up to 1 s (reconnect_window)" in "\n".join(events)
     assert "no relay took the task back within 1 s (reconnect_window)" in str(failure)
     assert seconds < 5
+
+
+def test_a_relay_restart_mid_round_costs_no_round_and_no_consent_in_memory(tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    relay = MemoryRelay()
+    events: list[str] = []
+    consents: list[str] = []
+
+    def restart_once_round_2_starts(text: str) -> None:
+        events.append(text)
+        if text.startswith("round 2: training on") and sum(
+                t.startswith("round 2: training on") for t in events) == 1:
+            relay.restart()  # before round 2's weights go out
+
+    def consent_of(node: str) -> Callable[[TaskPackage], bool]:
+        return lambda package: consents.append(node) is None
+
+    async def scenario():
+        scheduler = Tiny(min_clients=2, max_clients=2, max_rounds=3)
+        scheduler._setup("rounds")
+        aggregator = Aggregator(
+            scheduler, TaskPackage.from_scheduler(scheduler, "rounds"),
+            await relay.open(role="initiator", task="rounds", token=TOKEN),
+            checkpoint=Checkpoint(tmp_path / "models"), on_event=restart_once_round_2_starts,
+            policy=RoundPolicy(join_timeout=10, join_grace=1, weighted=False),
+            reconnect_window=5)
+
+        async def node(name: str):
+            link = await relay.open(role="participant", task="rounds", token=TOKEN, node=name,
+                                    wait=5)
+            return await ParticipantRuntime(link, name, consent_of(name),
+                                            reconnect_window=5).run()
+
+        return await asyncio.wait_for(asyncio.gather(aggregator.run(), node("a"), node("b")),
+                                      30)
+
+    result, *outcomes = asyncio.run(scenario())
+
+    assert any("the relay connection was lost; the round runs again" in t for t in events)
+    assert [row["round"] for row in result.history] == [1, 2, 3]
+    assert all(row["participants"] == 2 for row in result.history)
+    assert sorted(consents) == ["a", "b"]  # each shown the code once
+    assert all(outcome.ok for outcome in outcomes), outcomes

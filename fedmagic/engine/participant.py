@@ -26,7 +26,7 @@ from ..errors import (
     VerificationFailed,
 )
 from ..wire.codec import Frame, Kind, StateReader
-from ..wire.link import Link
+from ..wire.transport import Transport
 from .scheduler import Scheduler
 from .task import TaskPackage
 
@@ -55,7 +55,8 @@ class ParticipantRuntime:
     """Takes part in one task over an open link.
 
     Args:
-        link: a participant's link to the relay.
+        link: a participant's connection to the task (a websocket ``Link``, or a
+            ``MemoryLink`` of the in-memory relay).
         node: this node's name.
         consent: shown the task's package; returns whether to run it.
         on_event: called with ``(kind, details)`` as the task goes on, for
@@ -68,7 +69,7 @@ class ParticipantRuntime:
 
     def __init__(
         self,
-        link: Link,
+        link: Transport,
         node: str,
         consent: Consent,
         on_event: Callable[[str, dict[str, Any]], None] | None = None,

@@ -40,7 +40,8 @@ from ..errors import (
     UpdateRejected,
 )
 from ..wire.codec import Frame, Kind, StateReader
-from ..wire.link import WELCOME_TIMEOUT, Link
+from ..wire.link import WELCOME_TIMEOUT
+from ..wire.transport import Transport
 from .aggregate import WeightedMean, coordinate_median, non_finite, trimmed_mean
 from .checkpoint import Checkpoint
 from .policy import RoundPolicy, over_share, sit_out_rounds
@@ -159,7 +160,8 @@ class Aggregator:
     Args:
         scheduler: the author's scheduler, already set up.
         package: the task's code, sent to each participant that joins.
-        link: an initiator's link to the relay.
+        link: an initiator's connection to the task (a websocket ``Link``, or a
+            ``MemoryLink`` of the in-memory relay).
         policy: selection, weighting, deadlines and aggregation.
         on_event: called with every event line, for displays.
         reconnect_window: when the relay connection drops, keep trying this
@@ -172,7 +174,7 @@ class Aggregator:
         self,
         scheduler: Scheduler,
         package: TaskPackage,
-        link: Link,
+        link: Transport,
         *,
         checkpoint: Checkpoint,
         policy: RoundPolicy | None = None,
