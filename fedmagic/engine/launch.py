@@ -17,6 +17,7 @@ import os
 import shlex
 import threading
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable, Coroutine
 
@@ -26,8 +27,9 @@ from ..wire.link import Link
 from ..wire.relay import DEFAULT_PORT, EmbeddedRelay, Relay, new_token
 from .checkpoint import Checkpoint
 from .policy import RoundPolicy
-from .rounds import Aggregator, Participant, TaskResult, metrics_of, metrics_text
+from .rounds import Aggregator, Participant, TaskResult
 from .scheduler import Scheduler
+from .state import TaskSnapshot, TaskStatus
 from .task import TaskPackage
 
 __all__ = ["TaskRun", "run_task", "start_task"]
@@ -156,32 +158,31 @@ class TaskRun:
         )
         self._thread.start()
 
+    def snapshot(self) -> TaskSnapshot:
+        """Where the task stands now: what every display of it renders."""
+        done, error = self.done(), self._error
+        status = (
+            TaskStatus.RUNNING
+            if not done
+            else TaskStatus.FINISHED
+            if error is None
+            else TaskStatus.FAILED
+        )
+        return TaskSnapshot(
+            self.task_id,
+            status,
+            None if error is None else str(error),
+            "" if error is None else "".join(traceback.format_exception(error)),
+            self.stop_requested and not done,
+            self.max_rounds,
+            tuple(p.state() for p in self.participants.values()),
+            tuple(self.history),
+            self.join_command,
+        )
+
     def summary(self) -> str:
         """The task as text: its state, each participant, and each round's metrics."""
-        history, participants = self.history, self.participants
-        state = (
-            "running"
-            if not self.done()
-            else "finished"
-            if self._error is None
-            else f"failed: {self._error}"
-        )
-        lines = [
-            f"task {self.task_id!r} {state}: round {len(history)}/"
-            f"{self.max_rounds or '?'}, {len(participants)} participants"
-        ]
-        lines += [
-            f"  {p.node}: {p.status}"
-            + (f", {p.samples} samples" if p.samples else "")
-            + (f" ({p.detail})" if p.detail else "")
-            for p in participants.values()
-        ]
-        lines += [
-            f"  round {row['round']}: {row['participants']} participants"
-            + (f", {metrics_text(row)}" if metrics_of(row) else "")
-            for row in history
-        ]
-        return "\n".join(lines)
+        return self.snapshot().summary()
 
     def __repr__(self) -> str:
         state = "finished" if self.done() else "running"

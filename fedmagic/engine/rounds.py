@@ -20,7 +20,6 @@ import asyncio
 import collections
 import contextlib
 import logging
-import math
 import numbers
 import random
 import time
@@ -46,16 +45,12 @@ from .aggregate import WeightedMean, coordinate_median, non_finite, trimmed_mean
 from .checkpoint import Checkpoint
 from .policy import RoundPolicy, over_share, sit_out_rounds
 from .scheduler import Scheduler
+from .state import NodeStatus, ParticipantState, last_metrics, metrics_text
 from .task import TaskPackage
 
 __all__ = ["Aggregator", "Participant", "TaskResult"]
 
 log = logging.getLogger("fedmagic")
-
-#: Statuses from which a participant may be picked for the next round.
-AVAILABLE = ("ready", "uploaded", "refused", "timed out")
-#: Statuses of nodes that will not take part again unless they join anew.
-ENDED = ("declined", "unverified", "failed", "dropped")
 
 
 @dataclass
@@ -63,7 +58,7 @@ class Participant:
     """What the initiator knows of one node."""
 
     node: str
-    status: str = "joined"
+    status: NodeStatus = NodeStatus.JOINED
     samples: int = 0
     detail: str = ""
     traceback: str = ""
@@ -73,6 +68,12 @@ class Participant:
     sits_out_until: int = 0
     #: Deadlines missed in a row; each doubles the rounds sat out.
     strikes: int = 0
+
+    def state(self) -> ParticipantState:
+        """What displays show of this node, as it is now."""
+        return ParticipantState(
+            self.node, self.status, self.samples, self.detail, self.traceback, self.train_seconds
+        )
 
 
 @dataclass
@@ -90,30 +91,6 @@ class TaskResult:
     def metrics(self) -> dict[str, Any]:
         """The last tested round's metrics."""
         return last_metrics(self.history)
-
-
-# What a history row records about the round itself; the rest is what ``test()`` returned.
-_ROUND_KEYS = frozenset(
-    {"round", "participants", "samples", "seconds", "train_seconds", "test_seconds", "tested"}
-)
-
-
-def metrics_of(row: dict[str, Any]) -> dict[str, Any]:
-    """The metrics ``test()`` returned in a history row."""
-    return {key: value for key, value in row.items() if key not in _ROUND_KEYS}
-
-
-def last_metrics(history: list[dict[str, Any]]) -> dict[str, Any]:
-    """The metrics of the last tested round, or none before the first test."""
-    for row in reversed(history):
-        if row.get("tested"):
-            return metrics_of(row)
-    return {}
-
-
-def metrics_text(row: dict[str, Any]) -> str:
-    """A history row's metrics as ``loss=0.31, accuracy=0.91``."""
-    return ", ".join(f"{key}={_short(value)}" for key, value in metrics_of(row).items())
 
 
 @dataclass(eq=False)
@@ -273,7 +250,7 @@ class Aggregator:
         )
 
     def _count_available(self) -> int:
-        return sum(p.status in AVAILABLE for p in self.participants.values())
+        return sum(p.status.available for p in self.participants.values())
 
     # One round.
 
@@ -308,7 +285,7 @@ class Aggregator:
         )
         for node in selected:
             participant = self.participants[node]
-            participant.status, participant.round = "training", number
+            participant.status, participant.round = NodeStatus.TRAINING, number
         self._event(f"round {number}: training on {', '.join(selected)}")
         async with self._link_lost_interrupts():
             await self.link.send(
@@ -365,7 +342,7 @@ class Aggregator:
         trained = [
             p.train_seconds
             for p in chosen
-            if p.status == "uploaded" and p.train_seconds is not None
+            if p.status == NodeStatus.UPLOADED and p.train_seconds is not None
         ]
         row["train_seconds"] = max(trained, default=None)
         if tested:
@@ -392,12 +369,12 @@ class Aggregator:
     def _select(self, number: int) -> list[str]:
         """This round's participants: rested nodes first, nobody over the weight cap."""
         scheduler, policy = self.scheduler, self.policy
-        available = [p for p in self.participants.values() if p.status in AVAILABLE]
+        available = [p for p in self.participants.values() if p.status.available]
         if policy.max_weight_share is not None and policy.weighted:
             capped = over_share({p.node: p.samples for p in available}, policy.max_weight_share)
             for node, share in capped.items():
                 participant = self.participants[node]
-                participant.status = "refused"
+                participant.status = NodeStatus.REFUSED
                 participant.detail = (
                     f"its {participant.samples} samples would be {share:.0%} "
                     f"of round {number}'s weight, over max_weight_share="
@@ -446,7 +423,7 @@ class Aggregator:
                 self._event(f"round {current.number}: {self._waiting_for(current, now)}")
                 next_progress = now + self.policy.progress_every
             wake = [next_progress, *(upload.deadline for upload in current.uploads.values())]
-            if any(self.participants[node].status == "training" for node in current.owed):
+            if any(self.participants[node].status == NodeStatus.TRAINING for node in current.owed):
                 wake.append(current.train_deadline)
             try:
                 await asyncio.wait_for(self._changed.wait(), max(min(wake) - now, 0))
@@ -458,7 +435,7 @@ class Aggregator:
         granted = []
         while current.queued and len(current.uploads) < slots:
             node = current.queued.popleft()
-            if node in current.owed and self.participants[node].status == "trained":
+            if node in current.owed and self.participants[node].status == NodeStatus.TRAINED:
                 self._open_upload(current, node)
                 granted.append(node)
         if granted:
@@ -474,14 +451,14 @@ class Aggregator:
         current.uploads[node] = _Upload(
             node, current.number, StateReader(current.global_state, out=buffer), deadline, buffer
         )
-        self.participants[node].status = "uploading"
+        self.participants[node].status = NodeStatus.UPLOADING
 
     def _expire(self, current: _Round, now: float) -> None:
         """Leave out the nodes past a deadline; they sit out the next round(s)."""
         for node in list(current.owed):
             participant = self.participants[node]
             upload = current.uploads.get(node)
-            if participant.status == "training" and now >= current.train_deadline:
+            if participant.status == NodeStatus.TRAINING and now >= current.train_deadline:
                 self._strike(
                     current,
                     participant,
@@ -503,7 +480,7 @@ class Aggregator:
         participant.strikes += 1
         rounds = sit_out_rounds(participant.strikes)
         participant.sits_out_until = current.number + rounds
-        participant.status, participant.detail = "timed out", why
+        participant.status, participant.detail = NodeStatus.TIMED_OUT, why
         current.owed.discard(participant.node)
         sits = (
             f"round {current.number + 1}"
@@ -525,7 +502,7 @@ class Aggregator:
                     f"{node} (uploading: {share:.0%} of {_size(current.state_bytes)}, "
                     f"{max(upload.deadline - now, 0):.0f} s left)"
                 )
-            elif participant.status == "training":
+            elif participant.status == NodeStatus.TRAINING:
                 parts.append(
                     f"{node} (training, {max(current.train_deadline - now, 0):.0f} s left)"
                 )
@@ -548,12 +525,12 @@ class Aggregator:
         finally:
             self._release(upload)
         if upload.error is not None:
-            participant.status, participant.detail = "refused", upload.error
+            participant.status, participant.detail = NodeStatus.REFUSED, upload.error
             self._event(
                 str(UpdateRejected(upload.node, upload.round, upload.error)), logging.WARNING
             )
             return
-        participant.status, participant.strikes = "uploaded", 0
+        participant.status, participant.strikes = NodeStatus.UPLOADED, 0
 
     def _add(self, current: _Round, upload: _Upload, weight: float) -> str | None:
         """Fold one update in (on a worker thread); why it was refused, or None."""
@@ -615,8 +592,8 @@ class Aggregator:
         self._epoch += 1
         self._connected = False
         for participant in self.participants.values():
-            if participant.status not in ENDED:
-                participant.status = "reconnecting"
+            if not participant.status.ended:
+                participant.status = NodeStatus.RECONNECTING
                 participant.detail = "lost with the relay connection"
         self._changed.set()
         self._event(
@@ -657,13 +634,16 @@ class Aggregator:
         # The others get a short grace, as when a task gathers.
         await self._wait_until(
             lambda: (
-                not any(p.status in ("reconnecting", "joined") for p in self.participants.values())
+                not any(
+                    p.status in (NodeStatus.RECONNECTING, NodeStatus.JOINED)
+                    for p in self.participants.values()
+                )
             ),
             min(back, loop.time() + self.policy.join_grace),
         )
         for participant in self.participants.values():
-            if participant.status == "reconnecting":
-                participant.status = "dropped"
+            if participant.status == NodeStatus.RECONNECTING:
+                participant.status = NodeStatus.DROPPED
                 participant.detail = "not back since the relay connection was lost"
 
     @contextlib.asynccontextmanager
@@ -690,7 +670,7 @@ class Aggregator:
             if frame.header.get("accepted") == self.package.code_hash:
                 # It consented to this very code: it only says again that its data is verified.
                 back = self.participants[node] = known or Participant(node)
-                back.status, back.detail = "joined", ""
+                back.status, back.detail = NodeStatus.JOINED, ""
                 self._event(f"{node} is back, with its consent to this code")
                 return
             self.participants[node] = Participant(node)
@@ -703,8 +683,12 @@ class Aggregator:
             log.warning("ignored a %s frame from unknown node %r", kind, node)
             return
         if kind == Kind.PEER_LEFT:
-            if participant.status not in ("declined", "unverified", "failed"):
-                participant.status = "dropped"
+            if participant.status not in (
+                NodeStatus.DECLINED,
+                NodeStatus.UNVERIFIED,
+                NodeStatus.FAILED,
+            ):
+                participant.status = NodeStatus.DROPPED
             self._leave_round(node, "left")
             self._event(f"{node} left", logging.WARNING)
         elif kind == Kind.STATUS:
@@ -712,7 +696,7 @@ class Aggregator:
         elif kind == Kind.TRAINED:
             self._on_trained(participant, frame.header)
         elif kind == Kind.FAILED:
-            participant.status = "failed"
+            participant.status = NodeStatus.FAILED
             self._leave_round(node, "failed")
             error = RemoteError(
                 node,
@@ -740,13 +724,14 @@ class Aggregator:
         stage = header.get("stage")
         detail = str(header.get("detail") or "")
         if stage == "declined":
-            participant.status, participant.detail = "declined", detail or "consent refused"
+            participant.status = NodeStatus.DECLINED
+            participant.detail = detail or "consent refused"
             self._event(f"{node} declined the task's code: {participant.detail}", logging.WARNING)
         elif stage == "verified" and header.get("ok"):
             samples = header.get("samples")
             limit = self.policy.max_samples
             if isinstance(samples, int) and not isinstance(samples, bool) and samples > limit:
-                participant.status = "unverified"
+                participant.status = NodeStatus.UNVERIFIED
                 participant.detail = (
                     f"reported {samples} training samples, over max_samples="
                     f"{limit}: implausible, so its update would outweigh "
@@ -755,10 +740,10 @@ class Aggregator:
                 self._event(f"{node} refused: {participant.detail}", logging.WARNING)
                 return
             participant.samples = samples if isinstance(samples, int) and samples > 0 else 0
-            participant.status = "ready"
+            participant.status = NodeStatus.READY
             self._event(f"{node} verified its data: {participant.samples} training samples")
         elif stage == "verified":
-            participant.status, participant.detail = "unverified", detail
+            participant.status, participant.detail = NodeStatus.UNVERIFIED, detail
             participant.traceback = trace = str(header.get("traceback") or "")
             self._event(
                 f"{node} failed data verification: {detail}"
@@ -774,11 +759,11 @@ class Aggregator:
         if (
             current is None
             or header.get("round") != current.number
-            or participant.status != "training"
+            or participant.status != NodeStatus.TRAINING
             or participant.node not in current.owed
         ):
             return  # late: the round gave up on it, and it may be picked again
-        participant.status = "trained"
+        participant.status = NodeStatus.TRAINED
         if current.upload_now:
             self._open_upload(current, participant.node)
         else:
@@ -861,12 +846,6 @@ def _metrics(values: Any) -> dict[str, Any]:
                 else value
             )
     return metrics
-
-
-def _short(value: Any) -> str:
-    if isinstance(value, float) and math.isfinite(value):
-        return f"{value:.4g}"
-    return str(value)
 
 
 def _size(nbytes: float) -> str:

@@ -9,17 +9,11 @@ own channels carry it all: no side server, no port of its own.
 
 from __future__ import annotations
 
-import html
 import logging
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from ..engine.rounds import last_metrics
 from .session import KernelSession
-
-if TYPE_CHECKING:
-    from ..engine.launch import TaskRun
-    from .panel import ParticipantPanel
 
 __all__ = ["TARGET", "LabBridge"]
 
@@ -43,8 +37,8 @@ class LabBridge:
     def state(self) -> dict[str, Any]:
         """What the frontend shows: every task this kernel runs or has joined."""
         return {
-            "tasks": [_task_state(run) for run in list(self.session.tasks.values())],
-            "joins": [_join_state(panel) for panel in list(self.session.joined.values())],
+            "tasks": [run.snapshot().to_json() for run in list(self.session.tasks.values())],
+            "joins": [panel.snapshot().to_json() for panel in list(self.session.joined.values())],
         }
 
     def push(self) -> None:
@@ -107,44 +101,3 @@ class LabBridge:
                 {"passed": bool(passed), "task_id": task_id, "node": panel.node, "detail": detail}
             )
         return results
-
-
-def _task_state(run: TaskRun) -> dict[str, Any]:
-    history = run.history
-    done, error = run.done(), run.error
-    return {
-        "task_id": run.task_id,
-        "role": "author",
-        "status": "running" if not done else "finished" if error is None else "failed",
-        "error": None if error is None else str(error),
-        "stopping": run.stop_requested and not done,
-        "round": len(history),
-        "max_rounds": run.max_rounds,
-        "participants": [
-            {"node": p.node, "status": p.status, "detail": p.detail}
-            for p in run.participants.values()
-        ],
-        "metrics": {
-            key: value
-            for key, value in last_metrics(history).items()
-            if isinstance(value, (int, float, str))
-        },
-        "join_command": run.join_command,
-    }
-
-
-def _join_state(panel: ParticipantPanel) -> dict[str, Any]:
-    passed, detail = panel.verified if panel.verified is not None else (None, "")
-    return {
-        "task_id": panel.task_id,
-        "role": "participant",
-        "node": panel.node,
-        "status": "ended" if panel.ended else "running",
-        "detail": html.unescape(panel.status.value),
-        "code_hash": panel.package.code_hash if panel.package is not None else None,
-        "accepted": panel.accepted_hash is not None,
-        "round": panel.progress.value,
-        "max_rounds": panel.progress.max,
-        "verified": passed,
-        "verification": detail,
-    }

@@ -19,6 +19,7 @@ import ipywidgets as widgets
 
 from ..engine.joining import JoinRun, start_join
 from ..engine.participant import describe_failure, verify_data
+from ..engine.state import JoinSnapshot
 from ..engine.task import TaskPackage
 from ..errors import VerificationFailed
 
@@ -90,6 +91,8 @@ class ParticipantPanel(widgets.VBox):
         #: Whether this node's part in the task is over (Join again starts another).
         self.ended = False
         self.accepted_hash: str | None = None
+        #: What this node does now, as one line of text (the status line shows it).
+        self._doing = ""
         self._code_shown = threading.Event()
         self._decision = threading.Event()
         self._accepted = False
@@ -129,7 +132,7 @@ class ParticipantPanel(widgets.VBox):
         self.join_button.disabled = True
         self.leave_button.disabled = False
         self.ended = False
-        self.status.value = ""
+        self._say("")
         self.progress.value = 0
         self.run = self._start()
 
@@ -234,6 +237,26 @@ class ParticipantPanel(widgets.VBox):
         self._show(kind, details)
         self._on_change()
 
+    def snapshot(self) -> JoinSnapshot:
+        """This node's part in the task now, as the JupyterLab extension shows it."""
+        passed, verification = self.verified if self.verified is not None else (None, "")
+        return JoinSnapshot(
+            self.task_id,
+            self.node,
+            self.ended,
+            self._doing,
+            self.package.code_hash if self.package is not None else None,
+            self.accepted_hash is not None,
+            self.progress.value,
+            self.progress.max,
+            passed,
+            verification,
+        )
+
+    def _say(self, text: str) -> None:
+        self._doing = text
+        self.status.value = html.escape(text)
+
     def _show(self, kind: str, details: dict[str, Any]) -> None:
         if kind == "log":
             self._log_lines = [*self._log_lines[-(LOG_LINES - 1) :], details["text"]]
@@ -245,19 +268,17 @@ class ParticipantPanel(widgets.VBox):
             return
         if kind == "verified":
             self.progress.max = max(details["max_rounds"], 1)
-            self.status.value = f"joined: {details['samples']} training samples"
+            self._say(f"joined: {details['samples']} training samples")
         elif kind in ("round", "epoch"):
             epoch = f", epoch {details['epoch']}/{details['epochs']}" if kind == "epoch" else ""
-            self.status.value = f"round {details['round']}: training{epoch}"
+            self._say(f"round {details['round']}: training{epoch}")
         elif kind == "uploaded":
             self.progress.value = min(self.progress.value + 1, self.progress.max)
-            self.status.value = f"round {details['round']}: update sent"
+            self._say(f"round {details['round']}: update sent")
         elif kind == "reconnecting":
-            self.status.value = html.escape(
-                f"{details['why']}; reconnecting for up to {details['window']:g} s"
-            )
+            self._say(f"{details['why']}; reconnecting for up to {details['window']:g} s")
         elif kind == "reconnected":
-            self.status.value = "back in the task: this node keeps its model and its consent"
+            self._say("back in the task: this node keeps its model and its consent")
         elif kind == "ended":
             self.ended = True
             outcome, error = details["outcome"], details["error"]
@@ -268,7 +289,7 @@ class ParticipantPanel(widgets.VBox):
                 if outcome.ok
                 else f"did not finish: {outcome.reason}"
             )
-            self.status.value = html.escape(text)
+            self._say(text)
             for button in (self.accept_button, self.decline_button, self.leave_button):
                 button.disabled = True
             self.join_button.disabled = False

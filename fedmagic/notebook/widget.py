@@ -9,13 +9,12 @@ from __future__ import annotations
 
 import html
 import time
-import traceback
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 import bqplot
 import ipywidgets as widgets
 
-from ..engine.rounds import metrics_of
+from ..engine.state import NodeStatus, ParticipantState, TaskSnapshot, TaskStatus, metrics_of
 
 if TYPE_CHECKING:
     from ..engine.launch import TaskRun
@@ -23,19 +22,25 @@ if TYPE_CHECKING:
 __all__ = ["TaskWidget", "show_task"]
 
 LOG_LINES = 12
+_BAR_STYLES = {
+    TaskStatus.RUNNING: "info",
+    TaskStatus.FINISHED: "success",
+    TaskStatus.FAILED: "danger",
+}
+_GOOD, _BUSY, _BAD, _AWAY = "#2e7d32", "#1565c0", "#c62828", "#ef6c00"
 _STATUS_COLOURS = {
-    "uploaded": "#2e7d32",
-    "ready": "#2e7d32",
-    "training": "#1565c0",
-    "trained": "#1565c0",
-    "uploading": "#1565c0",
-    "refused": "#c62828",
-    "failed": "#c62828",
-    "unverified": "#c62828",
-    "declined": "#c62828",
-    "dropped": "#ef6c00",
-    "timed out": "#ef6c00",
-    "reconnecting": "#ef6c00",
+    NodeStatus.READY: _GOOD,
+    NodeStatus.UPLOADED: _GOOD,
+    NodeStatus.TRAINING: _BUSY,
+    NodeStatus.TRAINED: _BUSY,
+    NodeStatus.UPLOADING: _BUSY,
+    NodeStatus.REFUSED: _BAD,
+    NodeStatus.FAILED: _BAD,
+    NodeStatus.UNVERIFIED: _BAD,
+    NodeStatus.DECLINED: _BAD,
+    NodeStatus.DROPPED: _AWAY,
+    NodeStatus.TIMED_OUT: _AWAY,
+    NodeStatus.RECONNECTING: _AWAY,
 }
 
 
@@ -79,19 +84,17 @@ class TaskWidget(widgets.VBox):
 
     def refresh(self) -> None:
         """Show the run as it is now."""
-        run = self.run
-        history = run.history
-        done = run.done()
+        task = self.run.snapshot()
         with self.hold_sync():
-            self.header.value = _header(run, done)
-            self.progress.value = min(len(history), self.progress.max)
-            self.progress.bar_style = _bar_style(run, done)
-            self.table.value = _table(run)
-            self.event_log.value = _log(run.events)
-            self.stop_button.disabled = done or run.stop_requested
-            self._plot(history)
+            self.header.value = _header(task)
+            self.progress.value = min(task.round, self.progress.max)
+            self.progress.bar_style = _BAR_STYLES[task.status]
+            self.table.value = _table(task.participants)
+            self.event_log.value = _log(self.run.events)
+            self.stop_button.disabled = task.status != TaskStatus.RUNNING or task.stopping
+            self._plot(task.history)
 
-    def _plot(self, history: list[dict[str, Any]]) -> None:
+    def _plot(self, history: Sequence[dict[str, Any]]) -> None:
         tested = [row for row in history if row.get("tested")]
         names = [
             key
@@ -136,15 +139,13 @@ class TaskWidget(widgets.VBox):
         self.refresh()
 
 
-def _header(run: TaskRun, done: bool) -> str:
-    state = "finished" if done and run.error is None else "failed" if done else "running"
-    trace = ""
-    if done and run.error is not None:
-        state += f": {html.escape(str(run.error))}"
-        trace = _traceback("".join(traceback.format_exception(run.error)))
+def _header(task: TaskSnapshot) -> str:
+    state = str(task.status)
+    if task.error is not None:
+        state += f": {html.escape(task.error)}{_traceback(task.error_traceback)}"
     return (
-        f"<b>task {html.escape(run.task_id)}</b> &middot; {state}{trace}<br>"
-        f"data owners join with: <code>{html.escape(run.join_command)}</code>"
+        f"<b>task {html.escape(task.task_id)}</b> &middot; {state}<br>"
+        f"data owners join with: <code>{html.escape(task.join_command)}</code>"
     )
 
 
@@ -156,18 +157,11 @@ def _traceback(text: str) -> str:
     )
 
 
-def _bar_style(run: TaskRun, done: bool) -> str:
-    if not done:
-        return "info"
-    return "success" if run.error is None else "danger"
-
-
-def _table(run: TaskRun) -> str:
-    participants = run.participants
+def _table(participants: Sequence[ParticipantState]) -> str:
     if not participants:
         return "<i>no participant has joined yet</i>"
     rows = []
-    for p in participants.values():
+    for p in participants:
         colour = _STATUS_COLOURS.get(p.status, "inherit")
         seconds = f"{p.train_seconds:.2f}" if p.train_seconds is not None else ""
         rows.append(
