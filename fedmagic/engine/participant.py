@@ -26,6 +26,7 @@ from ..errors import (
     VerificationFailed,
 )
 from ..wire.codec import Frame, Kind, StateReader
+from ..wire.messages import Failed, Finish, Round, Status, Trained, Upload, parse
 from ..wire.transport import Transport
 from .scheduler import Scheduler
 from .task import TaskPackage
@@ -105,19 +106,17 @@ class ParticipantRuntime:
             package = TaskPackage.from_header(frame.header)
             self.on_event("task", {"package": package})
             if not await asyncio.to_thread(self.consent, package):
-                await self._status("declined", detail="the data owner did not consent")
+                await self._status(Status("declined", detail="the data owner did not consent"))
                 return JoinOutcome(task_id, self.node, False, "consent refused")
             try:
                 scheduler, self.samples = await asyncio.to_thread(self._prepare, package)
             except Exception as exc:
+                failure = describe_failure(exc)
                 await self._status(
-                    "verified",
-                    ok=False,
-                    detail=describe_failure(exc),
-                    traceback=traceback.format_exc(),
+                    Status("verified", ok=False, detail=failure, traceback=traceback.format_exc())
                 )
                 return JoinOutcome(
-                    task_id, self.node, False, f"data verification failed: {describe_failure(exc)}"
+                    task_id, self.node, False, f"data verification failed: {failure}"
                 )
             self.scheduler = scheduler
             self.accepted = package.code_hash
@@ -153,41 +152,38 @@ class ParticipantRuntime:
             except _Rejoined:
                 trained = None  # the initiator runs the round it was in again
                 continue
-            if frame.kind == Kind.FINISH:
-                ok = bool(frame.header.get("ok"))
-                reason = str(frame.header.get("reason"))
-                self.on_event("finished", {"ok": ok, "reason": reason})
-                return JoinOutcome(task_id, self.node, ok, reason, self.rounds)
-            if frame.kind == Kind.ROUND:
-                # A new round also drops an update the initiator gave up on (too late).
-                trained = None
-                try:
-                    failure = await self._train(
-                        frame.header.get("round"), frame.header.get("epochs")
-                    )
-                except _Rejoined:
-                    continue
-                if failure is not None:
-                    return JoinOutcome(task_id, self.node, False, failure, self.rounds)
-                trained = frame.header.get("round")
-                if frame.header.get("upload") is True:  # room for every update: no request
-                    await self._upload(trained)
-                    trained = None
-            elif frame.kind == Kind.UPLOAD and frame.header.get("round") == trained:
-                await self._upload(trained)
-                trained = None
-            elif frame.kind == Kind.TASK:  # after a reconnect, code other than consented to
+            if frame.kind == Kind.TASK:  # after a reconnect, code other than consented to
                 detail = (
                     "the task's code changed while this node was away; join again to "
                     "review the new code"
                 )
-                await self._status("declined", detail=detail)
+                await self._status(Status("declined", detail=detail))
                 return JoinOutcome(task_id, self.node, False, detail, self.rounds)
-            else:
-                raise ProtocolError(
-                    "initiator",
-                    f"expected a round, an upload request or the end of the task, got {frame}",
-                )
+            match parse(frame):
+                case Finish(ok=ok, reason=reason):
+                    self.on_event("finished", {"ok": ok, "reason": reason})
+                    return JoinOutcome(task_id, self.node, ok, reason, self.rounds)
+                case Round(round=number, epochs=epochs, upload=upload):
+                    # A new round also drops an update the initiator gave up on (too late).
+                    trained = None
+                    try:
+                        failure = await self._train(number, epochs)
+                    except _Rejoined:
+                        continue
+                    if failure is not None:
+                        return JoinOutcome(task_id, self.node, False, failure, self.rounds)
+                    trained = number
+                    if upload:  # room for every update: no request comes
+                        await self._upload(number)
+                        trained = None
+                case Upload(round=number) if number == trained:
+                    await self._upload(number)
+                    trained = None
+                case _:
+                    raise ProtocolError(
+                        "initiator",
+                        f"expected a round, an upload request or the end of the task, got {frame}",
+                    )
 
     @property
     def _scheduler(self) -> Scheduler:
@@ -196,8 +192,7 @@ class ParticipantRuntime:
             raise RuntimeError("the task's scheduler is not built before its data is verified")
         return self.scheduler
 
-    # A round's number is echoed back as the initiator sent it (None if it sent none).
-    async def _upload(self, round: int | None) -> None:
+    async def _upload(self, round: int) -> None:
         update = await asyncio.to_thread(self._scheduler.state_dict)
         try:
             await self.link.send_state(update, round=round)
@@ -206,7 +201,7 @@ class ParticipantRuntime:
         self.rounds += 1
         self.on_event("uploaded", {"round": round})
 
-    async def _train(self, round: int | None, epochs: int | None) -> str | None:
+    async def _train(self, round: int, epochs: int | None) -> str | None:
         """Load the global weights, train, report; the failure's text if ``train()`` raised."""
         scheduler = self._scheduler
         epochs = epochs or scheduler.merge_epochs
@@ -220,32 +215,19 @@ class ParticipantRuntime:
                 self.on_event("epoch", {"round": round, "epoch": epoch + 1, "epochs": epochs})
         except Exception as exc:
             with contextlib.suppress(ConnectionLost):  # the failure is this node's to report
-                await self.link.send(
-                    Frame(
-                        {
-                            "t": Kind.FAILED,
-                            "round": round,
-                            "during": "train()",
-                            "error": describe_failure(exc),
-                            "traceback": traceback.format_exc(),
-                        }
-                    )
-                )
+                failed = Failed(round, "train()", describe_failure(exc), traceback.format_exc())
+                await self.link.send(failed.to_frame())
             return f"train() failed: {describe_failure(exc)}"
         seconds = time.perf_counter() - started
         try:
-            await self.link.send(
-                Frame(
-                    {"t": Kind.TRAINED, "round": round, "samples": self.samples, "seconds": seconds}
-                )
-            )
+            await self.link.send(Trained(round, self.samples, seconds).to_frame())
         except ConnectionLost:
             pass  # the task may have ended meanwhile: the next frame read says how
 
         self.on_event("trained", {"round": round, "seconds": seconds})
         return None
 
-    async def _receive_state(self, round: int | None) -> dict[str, Any]:
+    async def _receive_state(self, round: int) -> dict[str, Any]:
         reader = StateReader(self._scheduler.state_dict(), out=self._inbox)
         while True:
             frame = await self._next()
@@ -300,10 +282,10 @@ class ParticipantRuntime:
             pass  # lost again: the next frame read finds out
 
     async def _say_verified(self) -> None:
-        await self._status("verified", ok=True, samples=self.samples)
+        await self._status(Status("verified", ok=True, samples=self.samples))
 
-    async def _status(self, stage: str, **fields: Any) -> None:
-        await self.link.send(Frame({"t": Kind.STATUS, "stage": stage, **fields}))
+    async def _status(self, status: Status) -> None:
+        await self.link.send(status.to_frame())
 
 
 class _Rejoined(Exception):

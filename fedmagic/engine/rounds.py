@@ -25,7 +25,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, AsyncIterator, Callable, cast
+from typing import Any, AsyncIterator, Callable
 
 import torch
 
@@ -33,6 +33,7 @@ from ..errors import (
     CodecError,
     ConnectionLost,
     NotEnoughParticipants,
+    ProtocolError,
     RelayRefused,
     RemoteError,
     TaskFailed,
@@ -40,6 +41,19 @@ from ..errors import (
 )
 from ..wire.codec import Frame, Kind, StateReader
 from ..wire.link import WELCOME_TIMEOUT
+from ..wire.messages import (
+    Failed,
+    Finish,
+    Message,
+    PeerJoined,
+    PeerLeft,
+    Round,
+    Status,
+    Trained,
+    Upload,
+    parse,
+    sender,
+)
 from ..wire.transport import Transport
 from .aggregate import WeightedMean, coordinate_median, non_finite, trimmed_mean
 from .checkpoint import Checkpoint
@@ -208,7 +222,7 @@ class Aggregator:
                     reason = f"stopped by its author after round {self.scheduler.current_round}"
                     self._event(f"task {self.task_id!r} {reason}")
                     break
-            await self._tell_all({"t": Kind.FINISH, "ok": True, "reason": reason})
+            await self._tell_all(Finish(True, reason))
         except BaseException as exc:
             reason = exc.reason if isinstance(exc, TaskFailed) else str(exc) or type(exc).__name__
             if isinstance(exc, asyncio.CancelledError):
@@ -216,7 +230,7 @@ class Aggregator:
             if isinstance(exc, TaskFailed) and self.scheduler.current_round > 0:
                 exc.checkpoint = str(self.checkpoint.directory)
                 exc.saved_round = self.scheduler.current_round
-            await self._tell_all({"t": Kind.FINISH, "ok": False, "reason": reason})
+            await self._tell_all(Finish(False, reason))
             raise
         finally:
             reader.cancel()
@@ -289,15 +303,7 @@ class Aggregator:
         self._event(f"round {number}: training on {', '.join(selected)}")
         async with self._link_lost_interrupts():
             await self.link.send(
-                Frame(
-                    {
-                        "t": Kind.ROUND,
-                        "to": selected,
-                        "round": number,
-                        "epochs": scheduler.merge_epochs,
-                        "upload": current.upload_now,
-                    }
-                )
+                Round(number, scheduler.merge_epochs, current.upload_now).to_frame(to=selected)
             )
             await self.link.send_state(global_state, to=selected, round=number)
 
@@ -440,9 +446,7 @@ class Aggregator:
                 granted.append(node)
         if granted:
             async with self._link_lost_interrupts():
-                await self.link.send(
-                    Frame({"t": Kind.UPLOAD, "to": granted, "round": current.number})
-                )
+                await self.link.send(Upload(current.number).to_frame(to=granted))
 
     def _open_upload(self, current: _Round, node: str) -> None:
         # Kept updates need memory of their own; folded ones give their buffer back.
@@ -657,57 +661,60 @@ class Aggregator:
             raise _Interrupted from None
 
     async def _dispatch(self, frame: Frame) -> None:
-        # The relay stamps every frame it forwards with its sender's name.
-        node = cast(str, frame.header.get("from"))
-        kind = frame.kind
-        if kind == Kind.STATE or kind == Kind.STATE_END:
+        node = sender(frame)
+        if frame.kind == Kind.STATE or frame.kind == Kind.STATE_END:
             self._on_state(node, frame)
             return
-        if kind == Kind.PEER_JOINED:
-            known = self.participants.get(node)
-            if known is not None:
-                self._leave_round(node, "reconnected; its work in this round is lost")
-            if frame.header.get("accepted") == self.package.code_hash:
-                # It consented to this very code: it only says again that its data is verified.
-                back = self.participants[node] = known or Participant(node)
-                back.status, back.detail = NodeStatus.JOINED, ""
-                self._event(f"{node} is back, with its consent to this code")
-                return
-            self.participants[node] = Participant(node)
-            self._event(f"{node} joined; sending it the task's code")
-            with contextlib.suppress(ConnectionLost):  # the next read finds the relay gone
-                await self.link.send(Frame({**self._task_header, "to": [node]}))
+        try:
+            message = parse(frame)
+        except ProtocolError as exc:
+            log.warning("ignored a frame: %s", exc)
+            return
+        if isinstance(message, PeerJoined):
+            await self._on_joined(message)
             return
         participant = self.participants.get(node)
         if participant is None:
-            log.warning("ignored a %s frame from unknown node %r", kind, node)
+            log.warning("ignored a %s frame from unknown node %r", frame.kind, node)
             return
-        if kind == Kind.PEER_LEFT:
-            if participant.status not in (
-                NodeStatus.DECLINED,
-                NodeStatus.UNVERIFIED,
-                NodeStatus.FAILED,
-            ):
-                participant.status = NodeStatus.DROPPED
-            self._leave_round(node, "left")
-            self._event(f"{node} left", logging.WARNING)
-        elif kind == Kind.STATUS:
-            self._on_status(participant, frame.header)
-        elif kind == Kind.TRAINED:
-            self._on_trained(participant, frame.header)
-        elif kind == Kind.FAILED:
-            participant.status = NodeStatus.FAILED
-            self._leave_round(node, "failed")
-            error = RemoteError(
-                node,
-                str(frame.header.get("during", "training")),
-                str(frame.header.get("error")),
-                str(frame.header.get("traceback", "")),
-            )
-            participant.detail, participant.traceback = error.error, error.traceback
-            self._event(str(error), logging.ERROR)
-        else:
-            log.warning("ignored an unexpected %s frame from %r", kind, node)
+        match message:
+            case PeerLeft():
+                if participant.status not in (
+                    NodeStatus.DECLINED,
+                    NodeStatus.UNVERIFIED,
+                    NodeStatus.FAILED,
+                ):
+                    participant.status = NodeStatus.DROPPED
+                self._leave_round(node, "left")
+                self._event(f"{node} left", logging.WARNING)
+            case Status():
+                self._on_status(participant, message)
+            case Trained():
+                self._on_trained(participant, message)
+            case Failed():
+                participant.status = NodeStatus.FAILED
+                self._leave_round(node, "failed")
+                error = RemoteError(node, message.during, message.error, message.traceback)
+                participant.detail, participant.traceback = error.error, error.traceback
+                self._event(str(error), logging.ERROR)
+            case _:
+                log.warning("ignored an unexpected %s frame from %r", frame.kind, node)
+
+    async def _on_joined(self, message: PeerJoined) -> None:
+        node = message.node
+        known = self.participants.get(node)
+        if known is not None:
+            self._leave_round(node, "reconnected; its work in this round is lost")
+        if message.accepted == self.package.code_hash:
+            # It consented to this very code: it only says again that its data is verified.
+            back = self.participants[node] = known or Participant(node)
+            back.status, back.detail = NodeStatus.JOINED, ""
+            self._event(f"{node} is back, with its consent to this code")
+            return
+        self.participants[node] = Participant(node)
+        self._event(f"{node} joined; sending it the task's code")
+        with contextlib.suppress(ConnectionLost):  # the next read finds the relay gone
+            await self.link.send(Frame({**self._task_header, "to": [node]}))
 
     def _leave_round(self, node: str, why: str) -> None:
         current = self._current
@@ -719,18 +726,15 @@ class Aggregator:
             self._release(upload)
         log.debug("round %d: %s %s", current.number, node, why)
 
-    def _on_status(self, participant: Participant, header: dict[str, Any]) -> None:
+    def _on_status(self, participant: Participant, status: Status) -> None:
         node = participant.node
-        stage = header.get("stage")
-        detail = str(header.get("detail") or "")
-        if stage == "declined":
+        if status.stage == "declined":
             participant.status = NodeStatus.DECLINED
-            participant.detail = detail or "consent refused"
+            participant.detail = status.detail or "consent refused"
             self._event(f"{node} declined the task's code: {participant.detail}", logging.WARNING)
-        elif stage == "verified" and header.get("ok"):
-            samples = header.get("samples")
-            limit = self.policy.max_samples
-            if isinstance(samples, int) and not isinstance(samples, bool) and samples > limit:
+        elif status.stage == "verified" and status.ok:
+            samples, limit = status.samples or 0, self.policy.max_samples
+            if samples > limit:
                 participant.status = NodeStatus.UNVERIFIED
                 participant.detail = (
                     f"reported {samples} training samples, over max_samples="
@@ -739,26 +743,24 @@ class Aggregator:
                 )
                 self._event(f"{node} refused: {participant.detail}", logging.WARNING)
                 return
-            participant.samples = samples if isinstance(samples, int) and samples > 0 else 0
+            participant.samples = max(samples, 0)
             participant.status = NodeStatus.READY
             self._event(f"{node} verified its data: {participant.samples} training samples")
-        elif stage == "verified":
-            participant.status, participant.detail = NodeStatus.UNVERIFIED, detail
-            participant.traceback = trace = str(header.get("traceback") or "")
+        elif status.stage == "verified":
+            participant.status, participant.detail = NodeStatus.UNVERIFIED, status.detail
+            participant.traceback = trace = status.traceback
             self._event(
-                f"{node} failed data verification: {detail}"
+                f"{node} failed data verification: {status.detail}"
                 + (f"\n{trace.rstrip()}" if trace else ""),
                 logging.WARNING,
             )
 
-    def _on_trained(self, participant: Participant, header: dict[str, Any]) -> None:
-        seconds = header.get("seconds")
-        # Decoded from msgpack, a number is an int or a float.
-        participant.train_seconds = seconds if isinstance(seconds, (int, float)) else None
+    def _on_trained(self, participant: Participant, trained: Trained) -> None:
+        participant.train_seconds = trained.seconds
         current = self._current
         if (
             current is None
-            or header.get("round") != current.number
+            or trained.round != current.number
             or participant.status != NodeStatus.TRAINING
             or participant.node not in current.owed
         ):
@@ -814,10 +816,10 @@ class Aggregator:
             number = self._current.number if self._current else None
             raise TaskFailed(self.task_id, str(self._lost), number) from self._lost
 
-    async def _tell_all(self, header: dict[str, Any]) -> None:
+    async def _tell_all(self, message: Message) -> None:
         if self._lost is None:
             try:
-                await self.link.send(Frame({**header, "to": "*"}))
+                await self.link.send(message.to_frame(to="*"))
             except ConnectionLost:
                 pass
 

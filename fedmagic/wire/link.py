@@ -13,6 +13,7 @@ from websockets.exceptions import ConcurrencyError, ConnectionClosed, InvalidHan
 
 from ..errors import ConnectionLost, RelayRefused
 from .frames import CHUNK_BYTES, MAX_HEADER_BYTES, PROTOCOL_VERSION, Frame, Kind
+from .messages import Refusal
 
 if TYPE_CHECKING:
     import torch
@@ -25,7 +26,7 @@ MAX_RETRY_DELAY = 2.0
 #: How long to wait before asking a busy relay again.
 BUSY_RETRY_DELAY = 2.0
 #: Refusals worth asking again while ``wait`` lasts: a full relay, a task not started yet.
-RETRYABLE = frozenset({"busy", "unknown_task"})
+RETRYABLE = frozenset({Refusal.BUSY, Refusal.UNKNOWN_TASK})
 #: How long a relay may take to answer a hello, beyond the time a participant waits.
 WELCOME_TIMEOUT = 30.0
 #: Seconds between pings, without a pong before the relay counts as gone, and
@@ -142,7 +143,11 @@ class Link:
         # Asked again: a relay shutting down may close before it answers, and one
         # that has not yet noticed the initiator's old connection is gone still holds its task.
         return await self._connect(
-            self.url, hello, wait, self._options, retry=RETRYABLE | {"closed", "task_exists"}
+            self.url,
+            hello,
+            wait,
+            self._options,
+            retry=RETRYABLE | {Refusal.CLOSED, Refusal.TASK_EXISTS},
         )
 
     @classmethod
@@ -160,7 +165,7 @@ class Link:
             try:
                 link = await cls._attempt(url, hello, deadline, options)
             except RelayRefused as refusal:
-                delay = BUSY_RETRY_DELAY if refusal.code == "busy" else RETRY_DELAY
+                delay = BUSY_RETRY_DELAY if refusal.code == Refusal.BUSY else RETRY_DELAY
                 if refusal.code not in retry or time.monotonic() + delay >= deadline:
                     raise
                 await asyncio.sleep(delay)
@@ -180,12 +185,12 @@ class Link:
                 break
             except InvalidURI as exc:
                 raise RelayRefused(
-                    "bad_url", f"{exc}; use ws://HOST:PORT or wss://HOST:PORT", url
+                    Refusal.BAD_URL, f"{exc}; use ws://HOST:PORT or wss://HOST:PORT", url
                 ) from None
             except (OSError, InvalidHandshake, asyncio.TimeoutError) as exc:
                 if time.monotonic() >= deadline:
                     raise RelayRefused(
-                        "unreachable",
+                        Refusal.UNREACHABLE,
                         f"cannot connect ({exc or type(exc)}); is "
                         "the relay running at that address?",
                         url,
@@ -208,7 +213,7 @@ class Link:
                 reply = await asyncio.wait_for(link.recv(), answer_within)
             except asyncio.TimeoutError:
                 raise RelayRefused(
-                    "timeout",
+                    Refusal.TIMEOUT,
                     f"no answer to the hello within "
                     f"{answer_within:.0f} s; is that a fedmagic relay?",
                     url,
@@ -218,9 +223,9 @@ class Link:
                     str(reply.header.get("code")), str(reply.header.get("message")), url
                 )
             if reply.kind != Kind.WELCOME:
-                raise RelayRefused("protocol", f"expected a welcome, got {reply.kind!r}", url)
+                raise RelayRefused(Refusal.PROTOCOL, f"expected a welcome, got {reply.kind!r}", url)
         except ConnectionLost as exc:
-            raise RelayRefused("closed", exc.detail, url) from None
+            raise RelayRefused(Refusal.CLOSED, exc.detail, url) from None
         except BaseException:
             await link.close()
             raise

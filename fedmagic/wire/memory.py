@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 from ..errors import ConnectionLost, RelayRefused
 from .frames import PROTOCOL_VERSION, Frame, Kind
+from .messages import Refusal
 
 if TYPE_CHECKING:
     import torch
@@ -79,7 +80,7 @@ class MemoryRelay:
         while task not in self._tasks:
             if time.monotonic() >= deadline:
                 raise RelayRefused(
-                    "unknown_task",
+                    Refusal.UNKNOWN_TASK,
                     f"no task {task!r} on this relay; check the "
                     "task id, or wait for the initiator to launch it",
                     self.url,
@@ -99,7 +100,7 @@ class MemoryRelay:
         task_id = hello["task"]
         if task_id in self._tasks:
             raise RelayRefused(
-                "task_exists",
+                Refusal.TASK_EXISTS,
                 f"task {task_id!r} is already running on this "
                 "relay; stop it first or pick another task id",
                 self.url,
@@ -118,14 +119,14 @@ class MemoryRelay:
         task = self._tasks[task_id]
         if hello["token"] != task.join_token:
             raise RelayRefused(
-                "join_token",
+                Refusal.JOIN_TOKEN,
                 f"wrong join token for task {task_id!r}; copy the "
                 "join line the task's author shared",
                 self.url,
             )
         if task.allowed_nodes is not None and node not in task.allowed_nodes:
             raise RelayRefused(
-                "node_not_allowed",
+                Refusal.NODE_NOT_ALLOWED,
                 f"task {task_id!r} admits only the nodes "
                 f"its author named, and {node!r} is not one of them",
                 self.url,
@@ -133,7 +134,7 @@ class MemoryRelay:
         stale = task.participants.get(node)
         if stale is not None and hello["session"] != stale.session:
             raise RelayRefused(
-                "node_taken",
+                Refusal.NODE_TAKEN,
                 f"the name {node!r} is in use by a connected node "
                 f"of task {task_id!r}; pick another --node name",
                 self.url,
