@@ -8,10 +8,13 @@ the same runtime in the foreground.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import ssl as ssl_module
 import threading
+from concurrent.futures import Future
 from typing import Any, Callable
 
+from ..background import BackgroundLoop
 from ..log import log_sink
 from ..wire.sessions import join_relay
 from .participant import RECONNECT_WINDOW, Consent, JoinOutcome, ParticipantRuntime
@@ -33,16 +36,15 @@ class JoinRun:
         self._finished = threading.Event()
         self._outcome: JoinOutcome | None = None
         self._error: BaseException | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self._task: asyncio.Task[JoinOutcome] | None = None
+        self._background: BackgroundLoop | None = None  # the node's thread, once started
 
     def done(self) -> bool:
         return self._finished.is_set()
 
     def leave(self) -> None:
         """Stop taking part; the initiator sees this node leave."""
-        if self._loop is not None and self._task is not None and not self.done():
-            self._loop.call_soon_threadsafe(self._task.cancel)
+        if self._background is not None and not self.done():
+            self._background.cancel()
 
     def wait(self, timeout: float | None = None) -> JoinOutcome:
         """Block until this node's part ends.
@@ -105,18 +107,11 @@ def start_join(
             link, node, consent, record, reconnect_window=reconnect_window
         ).run()
 
-    async def guarded() -> JoinOutcome:
-        run._loop, run._task = asyncio.get_running_loop(), asyncio.current_task()
+    def finish(part: Future[JoinOutcome]) -> None:  # on the node's thread, its loop closed
         try:
-            return await main()
-        except asyncio.CancelledError:
-            return JoinOutcome(task, node, False, "left the task")
-
-    def target() -> None:
-        if quiet:
-            log_sink.set(lambda line: record("log", {"text": line}))
-        try:
-            run._outcome = asyncio.run(guarded())
+            run._outcome = part.result()
+        except asyncio.CancelledError:  # leave()
+            run._outcome = JoinOutcome(task, node, False, "left the task")
         except BaseException as exc:
             run._error = exc
         finally:
@@ -125,5 +120,9 @@ def start_join(
             finally:
                 run._finished.set()  # after the last event: whoever waited sees them all
 
-    threading.Thread(target=target, name=f"fedmagic-join-{node}", daemon=True).start()
+    context = contextvars.Context()  # none of the caller's, as on a thread of its own
+    if quiet:
+        context.run(log_sink.set, lambda line: record("log", {"text": line}))
+    run._background = BackgroundLoop(f"fedmagic-join-{node}")
+    run._background.run(main(), context=context, then=finish)
     return run

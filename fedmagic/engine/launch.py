@@ -10,7 +10,6 @@ event loop.
 
 from __future__ import annotations
 
-import asyncio
 import contextvars
 import logging
 import os
@@ -18,9 +17,11 @@ import shlex
 import threading
 import time
 import traceback
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Callable, Coroutine
 
+from ..background import BackgroundLoop
 from ..errors import ConfigurationError
 from ..log import log_sink
 from ..wire.link import Link
@@ -59,10 +60,9 @@ class TaskRun:
         self.events: list[tuple[float, str]] = []
         self.checkpoint: Path | None = None
         self._aggregator: Aggregator | None = None
-        self._loop = asyncio.new_event_loop()
-        self._task: asyncio.Task[TaskResult] | None = None
-        self._thread: threading.Thread | None = None
-        self._finished = threading.Event()
+        self._background: BackgroundLoop | None = None  # the task's thread, once started
+        self._ended = False  # done(): set just before the last event, so it shows the end
+        self._finished = threading.Event()  # set after the last event: wait() sees them all
         self._result: TaskResult | None = None
         self._error: BaseException | None = None
         self._listeners: list[Callable[[str], None]] = []
@@ -85,7 +85,7 @@ class TaskRun:
         return self._aggregator is not None and self._aggregator.stop_requested
 
     def done(self) -> bool:
-        return self._finished.is_set()
+        return self._ended
 
     def subscribe(self, listener: Callable[[str], None]) -> None:
         """Call ``listener(text)`` on every event, on the task's thread, until it ends."""
@@ -113,8 +113,8 @@ class TaskRun:
         """
         if self._aggregator is not None:
             self._aggregator.stop_requested = True
-        if now and self._task is not None and not self.done():
-            self._loop.call_soon_threadsafe(self._task.cancel)
+        if now and self._background is not None and not self.done():
+            self._background.cancel()
 
     def _record(self, text: str) -> None:
         self.events.append((time.time(), text))
@@ -130,33 +130,29 @@ class TaskRun:
         embedded: EmbeddedRelay | None,
         quiet: bool,
     ) -> None:
-        def target() -> None:
-            asyncio.set_event_loop(self._loop)
+        def finish(task: Future[TaskResult]) -> None:  # on the task's thread, its loop closed
             try:
-                assert self._task is not None, "the task is created before its thread starts"
-                self._result = self._loop.run_until_complete(self._task)
+                self._result = task.result()
             except BaseException as exc:
                 self._error = exc
             finally:
-                self._loop.run_until_complete(self._loop.shutdown_asyncgens())
-                self._loop.close()
                 if embedded is not None:
                     embedded.stop()
-                self._finished.set()
-                self._record(
-                    f"task {self.task_id!r} failed: {self._error}"
-                    if self._error is not None
-                    else f"task {self.task_id!r} ended"
-                )
+                self._ended = True
+                try:
+                    self._record(
+                        f"task {self.task_id!r} failed: {self._error}"
+                        if self._error is not None
+                        else f"task {self.task_id!r} ended"
+                    )
+                finally:
+                    self._finished.set()
 
         context = contextvars.copy_context()
         if quiet:  # the task's log lines become its events, and stay out of stderr
             context.run(log_sink.set, self._record)
-        self._task = self._loop.create_task(main(), context=context)
-        self._thread = threading.Thread(
-            target=target, name=f"fedmagic-task-{self.task_id}", daemon=True
-        )
-        self._thread.start()
+        self._background = BackgroundLoop(f"fedmagic-task-{self.task_id}")
+        self._background.run(main(), context=context, then=finish)
 
     def snapshot(self) -> TaskSnapshot:
         """Where the task stands now: what every display of it renders."""

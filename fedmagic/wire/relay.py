@@ -30,7 +30,6 @@ import math
 import secrets
 import ssl as ssl_module
 import string
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, cast
@@ -39,6 +38,7 @@ from websockets.asyncio.server import Server, ServerConnection, serve
 from websockets.exceptions import ConnectionClosed
 from websockets.exceptions import ProtocolError as WebSocketProtocolError
 
+from ..background import BackgroundLoop
 from ..errors import CodecError
 from .frames import CHUNK_BYTES, MAX_HEADER_BYTES, PROTOCOL_VERSION, Frame, Kind
 
@@ -975,11 +975,8 @@ class EmbeddedRelay:
         self.relay = relay or Relay()
         self.host = host
         self.port = port
-        self._loop = asyncio.new_event_loop()
         self._server: Server | None = None
-        self._thread = threading.Thread(
-            target=self._loop.run_forever, name="fedmagic-relay", daemon=True
-        )
+        self._background = BackgroundLoop("fedmagic-relay")
 
     @property
     def url(self) -> str:
@@ -987,16 +984,13 @@ class EmbeddedRelay:
 
     def start(self) -> EmbeddedRelay:
         """Listen, or raise ``OSError`` (port in use, say) before returning."""
-        self._thread.start()
-        future = asyncio.run_coroutine_threadsafe(
-            serve_relay(self.relay, self.host, self.port), self._loop
-        )
+        self._background.start()
         try:
-            self._server = future.result()
+            self._server = self._background.submit(
+                serve_relay(self.relay, self.host, self.port)
+            ).result()
         except BaseException:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join()
-            self._loop.close()
+            self._background.stop()
             raise
         self.port = self._server.sockets[0].getsockname()[1]
         return self
@@ -1012,10 +1006,8 @@ class EmbeddedRelay:
             await server.wait_closed()
             await asyncio.gather(*self.relay._background, return_exceptions=True)
 
-        asyncio.run_coroutine_threadsafe(close(), self._loop).result(timeout=30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join()
-        self._loop.close()
+        self._background.submit(close()).result(timeout=30)
+        self._background.stop()
 
     def __enter__(self) -> EmbeddedRelay:
         return self.start()
