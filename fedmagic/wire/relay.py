@@ -41,6 +41,7 @@ from websockets.exceptions import ProtocolError as WebSocketProtocolError
 from ..background import BackgroundLoop
 from ..errors import CodecError
 from .frames import CHUNK_BYTES, MAX_HEADER_BYTES, PROTOCOL_VERSION, Frame, Kind
+from .messages import Refusal
 
 try:
     import resource
@@ -180,7 +181,7 @@ def _limit(value: int) -> int:
 class _Refusal(Exception):
     """Why a connection is refused; ``flood`` names refusals that come in floods."""
 
-    def __init__(self, code: str, message: str, flood: str | None = None) -> None:
+    def __init__(self, code: Refusal, message: str, flood: str | None = None) -> None:
         super().__init__(code, message)
         self.code = code
         self.message = message
@@ -423,7 +424,7 @@ class Relay:
         try:
             if self.connections > self.max_connections:
                 raise _Refusal(
-                    "busy",
+                    Refusal.BUSY,
                     f"relay busy: it serves its limit of "
                     f"{self.max_connections} connections; try again later, or ask "
                     "its operator to raise the limit (ulimit -n, --max-connections)",
@@ -450,44 +451,48 @@ class Relay:
         try:
             data = await asyncio.wait_for(connection.recv(), self.limits.hello_timeout)
         except asyncio.TimeoutError:
-            raise _Refusal("timeout", f"no hello within {self.limits.hello_timeout:g} s") from None
+            raise _Refusal(
+                Refusal.TIMEOUT, f"no hello within {self.limits.hello_timeout:g} s"
+            ) from None
         header = Frame.parse(data).header
         if header["t"] != Kind.HELLO:
-            raise _Refusal("protocol", f"the first frame must be a hello, got {header['t']!r}")
+            raise _Refusal(
+                Refusal.PROTOCOL, f"the first frame must be a hello, got {header['t']!r}"
+            )
         version = header.get("protocol")
         if version != PROTOCOL_VERSION:
             raise _Refusal(
-                "protocol",
+                Refusal.PROTOCOL,
                 f"this relay speaks fedmagic protocol {PROTOCOL_VERSION} "
                 f"but the client speaks {version!r}; install the same fedmagic "
                 "version on every node",
             )
         if header.get("role") not in ("initiator", "participant"):
-            raise _Refusal("protocol", "role must be 'initiator' or 'participant'")
+            raise _Refusal(Refusal.PROTOCOL, "role must be 'initiator' or 'participant'")
         for key in ("task", "token"):
             if not isinstance(header.get(key), str) or not header[key]:
-                raise _Refusal("protocol", f"hello needs a non-empty string {key!r}")
+                raise _Refusal(Refusal.PROTOCOL, f"hello needs a non-empty string {key!r}")
         wait = header.get("wait")
         if wait is not None and (
             isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait)
         ):
-            raise _Refusal("protocol", "'wait' must be a finite number of seconds")
+            raise _Refusal(Refusal.PROTOCOL, "'wait' must be a finite number of seconds")
         if header["role"] == "participant":
             if not _is_node_name(header.get("node")):
                 raise _Refusal(
-                    "protocol",
+                    Refusal.PROTOCOL,
                     f"a participant needs a node name of 1 to "
                     f"{MAX_NAME_CHARS} characters, not starting with '@'",
                 )
             if not _is_hex(header.get("session", "0")):
                 raise _Refusal(
-                    "protocol",
+                    Refusal.PROTOCOL,
                     "'session' must be the hex string a relay's "
                     "welcome gave this node (Link.session)",
                 )
             if not _is_hex(header.get("accepted", "0")):
                 raise _Refusal(
-                    "protocol",
+                    Refusal.PROTOCOL,
                     "'accepted' must be the hex code hash of the task this node consented to",
                 )
         else:
@@ -498,7 +503,7 @@ class Relay:
                 and all(map(_is_node_name, allowed))
             ):
                 raise _Refusal(
-                    "protocol",
+                    Refusal.PROTOCOL,
                     f"'allowed_nodes' must be a list of at most "
                     f"{self.limits.max_participants} node names",
                 )
@@ -508,19 +513,19 @@ class Relay:
         task_id = hello["task"]
         if self.token is not None and not _same(hello.get("relay_token"), self.token):
             raise _Refusal(
-                "relay_token",
+                Refusal.RELAY_TOKEN,
                 "wrong or missing relay token: pass the token the "
                 "relay's operator gave you (FEDMAGIC_RELAY_TOKEN)",
             )
         if task_id in self.tasks:
             raise _Refusal(
-                "task_exists",
+                Refusal.TASK_EXISTS,
                 f"task {task_id!r} is already running on this "
                 "relay; stop it first or pick another task id",
             )
         if len(self.tasks) >= self.limits.max_tasks:
             raise _Refusal(
-                "busy",
+                Refusal.BUSY,
                 f"relay busy: it already runs {len(self.tasks)} tasks, its limit; try again later",
             )
         allowed = hello.get("allowed_nodes")
@@ -571,7 +576,8 @@ class Relay:
         async for data in peer.connection:
             if frames.take() > 0:  # over the frame rate: refused, not slowed
                 raise _Refusal(
-                    "rate", f"more than {self.limits.max_frames_per_second:g} frames per second"
+                    Refusal.RATE,
+                    f"more than {self.limits.max_frames_per_second:g} frames per second",
                 )
             size = len(data)
             delay = volume.take(size)
@@ -665,7 +671,7 @@ class Relay:
         """
         if self.waiting >= self.max_waiting:
             raise _Refusal(
-                "busy",
+                Refusal.BUSY,
                 f"relay busy: {self.waiting} joins already wait for tasks "
                 "that have not started, its limit; start the task first, or try "
                 "again later",
@@ -673,7 +679,7 @@ class Relay:
             )
         if self._waiting_from[address] >= self.limits.max_waiting_per_address:
             raise _Refusal(
-                "busy",
+                Refusal.BUSY,
                 f"relay busy: {self._waiting_from[address]} joins from "
                 f"{address} already wait for tasks that have not started, its limit "
                 "per address; start the task first, or ask the relay's operator to "
@@ -704,7 +710,7 @@ class Relay:
         if closed.done() and not closed.cancelled():
             return False
         raise _Refusal(
-            "unknown_task",
+            Refusal.UNKNOWN_TASK,
             f"task {task_id!r} did not start within {wait:g} s; "
             "start the task first, or join with a longer wait",
         )
@@ -724,7 +730,7 @@ class Relay:
             wait = self._join_wait(task_id, hello.get("wait"))
             if wait <= 0:
                 raise _Refusal(
-                    "unknown_task",
+                    Refusal.UNKNOWN_TASK,
                     f"no task {task_id!r} on this relay; check the "
                     "task id, or wait for the initiator to launch it",
                 )
@@ -732,16 +738,18 @@ class Relay:
                 return  # the participant hung up (or the relay is closing) while waiting
             task = self.tasks.get(task_id)
             if task is None:
-                raise _Refusal("unknown_task", f"task {task_id!r} ended before it could be joined")
+                raise _Refusal(
+                    Refusal.UNKNOWN_TASK, f"task {task_id!r} ended before it could be joined"
+                )
         if not _same(hello["token"], task.join_token):
             raise _Refusal(
-                "join_token",
+                Refusal.JOIN_TOKEN,
                 f"wrong join token for task {task_id!r}; copy the "
                 "join line the task's author shared",
             )
         if task.allowed_nodes is not None and node not in task.allowed_nodes:
             raise _Refusal(
-                "node_not_allowed",
+                Refusal.NODE_NOT_ALLOWED,
                 f"task {task_id!r} admits only the nodes its "
                 f"author named, and {node!r} is not one of them; ask the task's "
                 "author to add it, or check the --node name",
@@ -750,14 +758,14 @@ class Relay:
         stale = task.participants.get(node)
         if stale is not None and not _same(session, stale.session or ""):
             raise _Refusal(
-                "node_taken",
+                Refusal.NODE_TAKEN,
                 f"the name {node!r} is in use by a connected node of "
                 f"task {task_id!r}; pick another --node name, or, if this is that "
                 "node restarting, present its session (the one its welcome gave)",
             )
         if stale is None and len(task.participants) >= self.limits.max_participants:
             raise _Refusal(
-                "busy",
+                Refusal.BUSY,
                 f"relay busy: task {task_id!r} already has "
                 f"{len(task.participants)} participants, its limit",
             )
@@ -849,7 +857,8 @@ def _parse_forwarded(data: bytes | str) -> Frame:
     frame = Frame.parse(data)
     if frame.kind in RELAY_KINDS:
         raise _Refusal(
-            "protocol", f"{frame.kind!r} frames come from the relay only; clients may not send them"
+            Refusal.PROTOCOL,
+            f"{frame.kind!r} frames come from the relay only; clients may not send them",
         )
     return frame
 
