@@ -6,7 +6,7 @@ import asyncio
 import random
 import ssl as ssl_module
 import time
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConcurrencyError, ConnectionClosed, InvalidHandshake, InvalidURI
@@ -14,9 +14,10 @@ from websockets.exceptions import ConcurrencyError, ConnectionClosed, InvalidHan
 from ..errors import ConnectionLost, RelayRefused
 from .frames import CHUNK_BYTES, MAX_HEADER_BYTES, PROTOCOL_VERSION, Frame, Kind
 from .messages import Refusal
+from .transport import Transport
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 __all__ = ["Link"]
 
@@ -36,8 +37,8 @@ PING_TIMEOUT = 12.0
 CLOSE_TIMEOUT = 3.0
 
 
-class Link:
-    """One authenticated connection to a relay; send and receive frames."""
+class Link(Transport):
+    """One authenticated connection to a relay, over a websocket."""
 
     def __init__(self, connection: ClientConnection, url: str, welcome: Frame) -> None:
         self.connection = connection
@@ -46,15 +47,6 @@ class Link:
         # What ``reopen`` says and connects with: this link's own hello and options.
         self._hello: dict[str, Any] = {}
         self._options: dict[str, Any] = {}
-
-    @property
-    def session(self) -> str | None:
-        """The secret a participant presents to take its place back after a reconnect.
-
-        None for an initiator.
-        """
-        session = self.welcome.header.get("session")
-        return session if isinstance(session, str) else None
 
     @classmethod
     async def open(
@@ -123,24 +115,8 @@ class Link:
         }
         return await cls._connect(url, hello, wait, options)
 
-    async def reopen(self, wait: float, **hello: Any) -> Link:
-        """Connect again as the same party, after this connection was lost.
-
-        A participant presents its session, so it takes its own name back on
-        the same relay or on a restarted one.
-
-        Args:
-            wait: keep trying this long (the relay restarting, the task not
-                back yet), backing off between attempts.
-            hello: fields to add to the first hello.
-
-        Raises:
-            RelayRefused: if the relay is still unreachable after ``wait``, or says no.
-        """
-        hello = {**self._hello, **hello}
-        if self.session is not None:
-            hello["session"] = self.session
-        # Asked again: a relay shutting down may close before it answers, and one
+    async def _hello_again(self, hello: dict[str, Any], wait: float) -> Link:
+        # Asked again, backing off: a relay shutting down may close before it answers, and one
         # that has not yet noticed the initiator's old connection is gone still holds its task.
         return await self._connect(
             self.url,
@@ -237,13 +213,6 @@ class Link:
             await self.connection.send(frame.serialize())
         except ConnectionClosed as exc:
             raise ConnectionLost(self.url, _why(exc)) from None
-
-    async def send_state(self, state: Mapping[str, torch.Tensor], **fields: Any) -> None:
-        """Stream a state dict tensor by tensor, in bounded frames."""
-        from .codec import encode_state  # torch: only for the parties that hold tensors
-
-        for frame in encode_state(state, **fields):
-            await self.send(frame)
 
     async def recv(self) -> Frame:
         """The next frame; an ``error`` frame from the relay is raised.

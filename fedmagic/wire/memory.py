@@ -15,14 +15,15 @@ import asyncio
 import secrets
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import ConnectionLost, RelayRefused
 from .frames import PROTOCOL_VERSION, Frame, Kind
 from .messages import Refusal
+from .transport import Transport
 
 if TYPE_CHECKING:
-    import torch
+    pass
 
 __all__ = ["MemoryLink", "MemoryRelay"]
 
@@ -199,8 +200,8 @@ class MemoryRelay:
         link._end(why)
 
 
-class MemoryLink:
-    """One party's connection to a :class:`MemoryRelay`; a ``Transport``."""
+class MemoryLink(Transport):
+    """One party's connection to a :class:`MemoryRelay`."""
 
     def __init__(self, relay: MemoryRelay, hello: dict[str, Any], welcome: Frame) -> None:
         self.url = relay.url
@@ -210,19 +211,8 @@ class MemoryLink:
         self._inbox: asyncio.Queue[Frame | str] = asyncio.Queue()
         self._open = True
 
-    @property
-    def session(self) -> str | None:
-        session = self.welcome.header.get("session")
-        return session if isinstance(session, str) else None
-
     async def send(self, frame: Frame) -> None:
         self._relay._route(self, frame)
-
-    async def send_state(self, state: Mapping[str, torch.Tensor], **fields: Any) -> None:
-        from .codec import encode_state  # torch: only for the parties that hold tensors
-
-        for frame in encode_state(state, **fields):
-            await self.send(frame)
 
     async def recv(self) -> Frame:
         item = await self._inbox.get()
@@ -235,11 +225,8 @@ class MemoryLink:
         if self._open:
             self._relay._close(self)
 
-    async def reopen(self, wait: float, **hello: Any) -> MemoryLink:
-        options = {**self._hello, **hello}
-        if self.session is not None:
-            options["session"] = self.session
-        return await self._relay.open(wait=wait, **options)
+    async def _hello_again(self, hello: dict[str, Any], wait: float) -> MemoryLink:
+        return await self._relay.open(wait=wait, **hello)
 
     def _end(self, why: str) -> None:
         if self._open:
