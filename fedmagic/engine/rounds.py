@@ -679,11 +679,7 @@ class Aggregator:
             return
         match message:
             case PeerLeft():
-                if participant.status not in (
-                    NodeStatus.DECLINED,
-                    NodeStatus.UNVERIFIED,
-                    NodeStatus.FAILED,
-                ):
+                if not participant.status.ended:  # a refusal already said why it is out
                     participant.status = NodeStatus.DROPPED
                 self._leave_round(node, "left")
                 self._event(f"{node} left", logging.WARNING)
