@@ -18,7 +18,6 @@ from conftest import port_is_free, wait_for
 from fedmagic.errors import NotEnoughParticipants, UnsupportedTensor
 from fedmagic.examples.digits_task import DigitsScheduler
 from fedmagic.engine.launch import start_task
-from fedmagic.wire.relay import EmbeddedRelay, Relay, RelayLimits
 from faulty_digits import FaultyDigits, FlaggedDigits
 
 pytestmark = pytest.mark.slow
@@ -110,7 +109,7 @@ def test_too_few_participants_fails_clearly_and_releases_everyone(federation, mo
 
     with pytest.raises(NotEnoughParticipants) as failure:
         DigitsScheduler(min_clients=2, max_clients=3, name="demo_task",
-                        max_rounds=2).launch_task(task_id="few", join_timeout=8)
+                        max_rounds=2).launch_task(task_id="few", join_timeout=6)
 
     assert "only 1 of the 2 participants needed (min_clients)" in str(failure.value)
     assert "lower min_clients, or raise join_timeout" in str(failure.value)
@@ -141,7 +140,7 @@ def test_a_participant_that_refuses_consent_or_has_a_wrong_token_is_left_out(
 
     result = DigitsScheduler(min_clients=1, max_clients=3, name="demo_task",
                              max_rounds=1).launch_task(task_id="consent", join_timeout=60,
-                                                       join_grace=10)
+                                                       join_grace=3)
 
     assert result.history[0]["participants"] == 1
     assert result.participants["node-2"].status == "declined"
@@ -150,70 +149,6 @@ def test_a_participant_that_refuses_consent_or_has_a_wrong_token_is_left_out(
     assert "pass --yes to accept non-interactively" in federation.output("node-2")
     assert federation.wait("intruder") == 1
     assert "wrong join token for task 'consent'" in federation.output("intruder")
-
-
-def test_a_stopped_task_resumes_from_its_checkpoint(federation, monkeypatch):
-    layout = federation.write_digits(1)
-    monkeypatch.chdir(layout.initiator.workdir)
-    federation.join("node-1", "resume")
-    DigitsScheduler(min_clients=1, max_clients=1, name="demo_task",
-                    max_rounds=2).launch_task(task_id="resume", join_timeout=60)
-    assert federation.wait("node-1") == 0
-    saved = torch.load(layout.initiator.workdir / "models/demo_task/model.pt", weights_only=True)
-
-    federation.join("node-1", "resume")
-    resumed = DigitsScheduler(min_clients=1, max_clients=1, name="demo_task", max_rounds=3)
-    result = resumed.launch_task(task_id="resume", join_timeout=60, resume=True)
-
-    assert [row["round"] for row in result.history] == [1, 2, 3]
-    assert result.rounds == 3
-    assert federation.wait("node-1") == 0
-    assert "this node trained 1 round" in federation.output("node-1")
-    assert not torch.equal(resumed.state_dict()["fc2.bias"], saved["fc2.bias"])
-
-
-def test_a_participant_that_times_out_sits_out_the_next_round_then_comes_back(
-        federation, monkeypatch):
-    layout = federation.write_digits(3)
-    federation.join("node-1", "late")
-    federation.join("node-2", "late")
-    federation.join("node-3", "late", fault="late-once")
-    monkeypatch.chdir(layout.initiator.workdir)
-    events: list[str] = []
-
-    result = FaultyDigits(min_clients=2, max_clients=3, name="demo_task", max_rounds=25,
-                          calculation_timeout=2).launch_task(task_id="late", join_timeout=60,
-                                                             on_event=events.append)
-
-    assert result.history[0]["participants"] == 2
-    assert ("round 1: node-3 did not finish training within 2 s (calculation_timeout); "
-            "it sits out round 2") in events
-    assert "round 2: training on node-1, node-2" in events \
-        or "round 2: training on node-2, node-1" in events
-    assert result.history[-1]["participants"] == 3  # back once its late update was dropped
-    assert federation.wait("node-3") == 0, federation.output("node-3")
-
-
-def test_connections_stay_alive_through_training_longer_than_the_ping_timeout(
-        federation, monkeypatch):
-    layout = federation.write_digits(2)
-    relay = EmbeddedRelay("127.0.0.1", federation.port,
-                          Relay(limits=RelayLimits(ping_interval=0.1, ping_timeout=0.3))).start()
-    try:
-        for party in layout.nodes:
-            federation.join(party.name, "pings", fault="slow")  # 1.5 s per epoch
-        monkeypatch.chdir(layout.initiator.workdir)
-
-        result = FaultyDigits(min_clients=2, max_clients=2, name="demo_task", max_rounds=2,
-                              calculation_timeout=30).launch_task(
-            task_id="pings", relay=relay.url, join_timeout=60, weighted=False)
-    finally:
-        relay.stop()
-
-    assert [row["participants"] for row in result.history] == [2, 2]
-    assert result.history[0]["samples"] is None  # the plain mean: no sample weights
-    for party in layout.nodes:
-        assert federation.wait(party.name) == 0, federation.output(party.name)
 
 
 def test_a_task_started_in_the_background_stops_cleanly_after_the_current_round(

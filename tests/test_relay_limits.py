@@ -432,6 +432,7 @@ async def close_all(connections: list[ClientConnection]) -> None:
         connection.transport.abort()
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(resource is None or shutil.which("bash") is None,
                     reason="needs bash's ulimit and Python's resource module")
 def test_relay_under_ulimit_1024_runs_a_whole_task_through_a_flood_of_1100_waiting_joins(

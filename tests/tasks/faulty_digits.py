@@ -26,9 +26,6 @@ class FaultyDigits(DigitsScheduler):
             time.sleep(120)
         if FAULT == "slow":
             time.sleep(1.5)
-        if FAULT == "late-once" and not getattr(self, "_was_late", False):
-            self._was_late = True
-            time.sleep(3)
         super().train()
         self._corrupt_next_upload = FAULT in ("nan", "shape")
 

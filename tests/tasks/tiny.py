@@ -4,6 +4,8 @@
 averaged; the round loop's own work is all that runs.
 """
 
+import time
+
 import torch
 
 from fedmagic import FedAvgScheduler
@@ -17,3 +19,9 @@ class Tiny(FedAvgScheduler):
     def load_state_dict(self, state_dict): self.model.load_state_dict(state_dict)
     def train(self): pass
     def test(self): return {"w": float(self.model.weight.detach().mean())}
+
+
+class SlowTiny(Tiny):
+    """Tiny whose every epoch takes a second, like a real model's."""
+
+    def train(self): time.sleep(1.0)
