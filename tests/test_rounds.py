@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import functools
 import threading
+import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Awaitable, Callable
 
@@ -315,6 +316,15 @@ def test_too_few_updates_within_the_deadlines_ends_the_task_saying_why(tmp_path)
 
 # -- ending and continuing -----------------------------------------------------------------
 
+def wait_until(condition: Callable[[], bool], seconds: float = 10) -> bool:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.01)
+    return True
+
+
 def participants_in_the_background(url: str, behaviours: dict[str, Behaviour]) -> threading.Thread:
     connect = functools.partial(Link.open, url)
 
@@ -360,6 +370,23 @@ def test_running_the_same_code_again_continues_an_unfinished_run_from_its_checkp
     assert result.metrics["w"] == pytest.approx(2.0)
 
 
+@pytest.mark.parametrize("when", ["at once", "while it waits for participants"])
+def test_stop_ends_a_task_that_waits_for_participants_at_once(tmp_path, monkeypatch, when):
+    monkeypatch.chdir(tmp_path)
+    with EmbeddedRelay("127.0.0.1", 0, Relay()) as relay:
+        run = start_task(Tiny(min_clients=2, max_clients=2, max_rounds=3), "alone",
+                         relay=relay.url, token=TOKEN, join_timeout=300)
+        if when != "at once":
+            assert wait_until(lambda: any("waiting for 2 to 2" in t for _, t in run.events))
+        run.stop()
+        result = run.wait(5)  # not the 300 s join timeout
+
+    assert result.rounds == 0
+    assert [text for _, text in run.events][-2:] == [
+        "task 'alone' stopped by its author before round 1", "task 'alone' ended"]
+    assert run.snapshot().status == "finished"
+
+
 def test_a_finished_task_resumed_with_more_rounds_runs_only_the_new_ones(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     options = dict(token=TOKEN, join_timeout=10, join_grace=1)
@@ -398,6 +425,32 @@ def test_connections_stay_alive_through_training_longer_than_the_ping_timeout(
     assert [row["participants"] for row in result.history] == [2, 2]
     assert result.history[0]["samples"] is None  # the plain mean: no sample weights
     assert all(outcome.ok for outcome in outcomes), outcomes
+
+
+def test_the_initiator_sees_each_participants_epoch_and_when_it_last_heard_from_it(
+        tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with EmbeddedRelay("127.0.0.1", 0, Relay()) as relay:
+        node = start_join(relay.url, "epochs", TOKEN, "a", lambda package: True, wait=10,
+                          quiet=True)
+        run = start_task(SlowTiny(min_clients=1, max_clients=1, max_rounds=1, merge_epochs=3,
+                                  epoch_seconds=0.3), "epochs", relay=relay.url, token=TOKEN,
+                         join_timeout=10, join_grace=0)
+        seen = set()
+        while not run.done():
+            for p in run.snapshot().participants:
+                seen.add((p.status, p.progress))
+            time.sleep(0.02)
+        node.wait(10)
+    state = run.snapshot().participants[0]
+
+    assert {("training", "epoch 1/3"), ("training", "epoch 2/3"),
+            ("training", "epoch 3/3")} <= seen
+    assert (state.round, state.epoch, state.epochs) == (1, 3, 3)
+    assert run.started <= state.last_seen <= run.ended
+    assert run.snapshot().hyperparameters == {
+        "min_clients": 1, "max_clients": 1, "max_rounds": 1, "merge_epochs": 3,
+        "epoch_seconds": 0.3}
 
 
 # -- the rules themselves -------------------------------------------------------------------

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Callable, Coroutine
 
 from ..background import BackgroundLoop
-from ..errors import ConfigurationError
+from ..errors import ConfigurationError, TaskFailed
 from ..log import log_sink
 from ..wire.link import Link
 from ..wire.relay import DEFAULT_PORT, EmbeddedRelay, Relay, new_token
@@ -59,6 +59,12 @@ class TaskRun:
         )
         self.events: list[tuple[float, str]] = []
         self.checkpoint: Path | None = None
+        #: What the scheduler was built with.
+        self.hyperparameters: dict[str, Any] = {}
+        self.started = time.time()
+        self.ended: float | None = None
+        self._resumed_rounds = 0
+        self._stop_asked = False  # before the round loop exists
         self._aggregator: Aggregator | None = None
         self._background: BackgroundLoop | None = None  # the task's thread, once started
         self._ended = False  # done(): set just before the last event, so it shows the end
@@ -82,7 +88,7 @@ class TaskRun:
 
     @property
     def stop_requested(self) -> bool:
-        return self._aggregator is not None and self._aggregator.stop_requested
+        return self._stop_asked
 
     def done(self) -> bool:
         return self._ended
@@ -111,10 +117,13 @@ class TaskRun:
         Args:
             now: cancel at once instead; participants are told the task stopped.
         """
-        if self._aggregator is not None:
-            self._aggregator.stop_requested = True
-        if now and self._background is not None and not self.done():
+        if self.done():
+            return
+        self._stop_asked = True
+        if now and self._background is not None:
             self._background.cancel()
+        elif self._aggregator is not None and self._background is not None:
+            self._background.call(self._aggregator.request_stop)
 
     def _record(self, text: str) -> None:
         self.events.append((time.time(), text))
@@ -138,10 +147,14 @@ class TaskRun:
             finally:
                 if embedded is not None:
                     embedded.stop()
+                self.ended = time.time()
                 self._ended = True
                 try:
+                    # A TaskFailed says "task 'x' failed: ..." itself.
                     self._record(
-                        f"task {self.task_id!r} failed: {self._error}"
+                        str(self._error)
+                        if isinstance(self._error, TaskFailed)
+                        else f"task {self.task_id!r} failed: {self._error}"
                         if self._error is not None
                         else f"task {self.task_id!r} ended"
                     )
@@ -171,9 +184,15 @@ class TaskRun:
             "" if error is None else "".join(traceback.format_exception(error)),
             self.stop_requested and not done,
             self.max_rounds,
-            tuple(p.state() for p in self.participants.values()),
+            self._aggregator.states() if self._aggregator is not None else (),
             tuple(self.history),
             self.join_command,
+            dict(self.hyperparameters),
+            self.started,
+            self.ended,
+            time.time(),
+            None if self.checkpoint is None else str(self.checkpoint),
+            self._resumed_rounds,
         )
 
     def summary(self) -> str:
@@ -308,6 +327,8 @@ def start_task(
         url = embedded.url
     run = TaskRun(task_id, url or "", token, scheduler.max_rounds)
     run.checkpoint = checkpoint.directory
+    run.hyperparameters = scheduler.hyperparameters()
+    run._resumed_rounds = len(history)
 
     def record(text: str) -> None:
         run._record(text)
@@ -337,6 +358,8 @@ def start_task(
             on_event=record,
             reconnect_window=reconnect_window,
         )
+        if run.stop_requested:  # asked while the relay connection opened
+            run._aggregator.request_stop()
         return await run._aggregator.run()
 
     if url:

@@ -26,7 +26,7 @@ from ..errors import (
     VerificationFailed,
 )
 from ..wire.codec import Frame, Kind, StateReader
-from ..wire.messages import Failed, Finish, Round, Status, Trained, Upload, parse
+from ..wire.messages import Failed, Finish, Progress, Round, Status, Trained, Upload, parse
 from ..wire.transport import Transport
 from .scheduler import Scheduler
 from .task import TaskPackage
@@ -210,9 +210,12 @@ class ParticipantRuntime:
         started = time.perf_counter()
         try:
             await asyncio.to_thread(scheduler.load_state_dict, state)
-            for epoch in range(epochs):
+            for epoch in range(1, epochs + 1):
                 await asyncio.to_thread(scheduler.train)
-                self.on_event("epoch", {"round": round, "epoch": epoch + 1, "epochs": epochs})
+                self.on_event("epoch", {"round": round, "epoch": epoch, "epochs": epochs})
+                if epoch < epochs:  # the last one is said by Trained
+                    with contextlib.suppress(ConnectionLost):
+                        await self.link.send(Progress(round, epoch, epochs).to_frame())
         except Exception as exc:
             with contextlib.suppress(ConnectionLost):  # the failure is this node's to report
                 failed = Failed(round, "train()", describe_failure(exc), traceback.format_exc())

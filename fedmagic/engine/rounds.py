@@ -47,6 +47,7 @@ from ..wire.messages import (
     Message,
     PeerJoined,
     PeerLeft,
+    Progress,
     Round,
     Status,
     Trained,
@@ -59,7 +60,7 @@ from .aggregate import WeightedMean, coordinate_median, non_finite, trimmed_mean
 from .checkpoint import Checkpoint
 from .policy import RoundPolicy, over_share, sit_out_rounds
 from .scheduler import Scheduler
-from .state import NodeStatus, ParticipantState, last_metrics, metrics_text
+from .state import NodeStatus, ParticipantState, last_metrics, metrics_text, size_text
 from .task import TaskPackage
 
 __all__ = ["Aggregator", "Participant", "TaskResult"]
@@ -82,11 +83,27 @@ class Participant:
     sits_out_until: int = 0
     #: Deadlines missed in a row; each doubles the rounds sat out.
     strikes: int = 0
+    #: Epochs of this round's training done, of how many.
+    epoch: int = 0
+    epochs: int = 0
+    #: When the initiator last heard from it (``time.time()``).
+    last_seen: float | None = None
 
-    def state(self) -> ParticipantState:
+    def state(self, uploaded: int = 0, upload_size: int = 0) -> ParticipantState:
         """What displays show of this node, as it is now."""
         return ParticipantState(
-            self.node, self.status, self.samples, self.detail, self.traceback, self.train_seconds
+            self.node,
+            self.status,
+            self.samples,
+            self.detail,
+            self.traceback,
+            self.train_seconds,
+            self.round,
+            self.epoch,
+            self.epochs,
+            uploaded,
+            upload_size,
+            self.last_seen,
         )
 
 
@@ -199,6 +216,26 @@ class Aggregator:
     def task_id(self) -> str:
         return self.package.task_id
 
+    def request_stop(self) -> None:
+        """End the task after the current round, or now while it waits for participants.
+
+        Call it on the task's loop (``TaskRun.stop`` does).
+        """
+        self.stop_requested = True
+        self._changed.set()
+
+    def states(self) -> tuple[ParticipantState, ...]:
+        """Every participant as displays show it, uploads in progress included."""
+        current = self._current
+        if current is None:
+            return tuple(p.state() for p in list(self.participants.values()))
+        states = []
+        for node, participant in list(self.participants.items()):
+            upload = current.uploads.get(node)
+            received = upload.received if upload is not None else 0
+            states.append(participant.state(received, current.state_bytes if upload else 0))
+        return tuple(states)
+
     async def run(self) -> TaskResult:
         """Gather, run rounds until ``is_task_finished()``, and tell everyone.
 
@@ -207,21 +244,28 @@ class Aggregator:
         """
         reader = asyncio.create_task(self._read_frames())
         try:
-            await self._gather()
-            while True:
-                epoch = self._epoch
-                try:
-                    await self._run_round(self.scheduler.current_round + 1)
-                except _Interrupted:
-                    await self._rejoin(self.scheduler.current_round + 1, epoch)
-                    continue
-                if self.scheduler.is_task_finished():
-                    reason = "finished"
-                    break
-                if self.stop_requested:
-                    reason = f"stopped by its author after round {self.scheduler.current_round}"
-                    self._event(f"task {self.task_id!r} {reason}")
-                    break
+            try:
+                await self._gather()
+                while True:
+                    epoch = self._epoch
+                    try:
+                        await self._run_round(self.scheduler.current_round + 1)
+                    except _Interrupted:
+                        await self._rejoin(self.scheduler.current_round + 1, epoch)
+                        continue
+                    if self.scheduler.is_task_finished():
+                        reason = "finished"
+                        break
+                    if self.stop_requested:
+                        raise _Stopped
+            except _Stopped:
+                done = self.scheduler.current_round
+                reason = (
+                    f"stopped by its author after round {done}"
+                    if done
+                    else "stopped by its author before round 1"
+                )
+                self._event(f"task {self.task_id!r} {reason}")
             await self._tell_all(Finish(True, reason))
         except BaseException as exc:
             reason = exc.reason if isinstance(exc, TaskFailed) else str(exc) or type(exc).__name__
@@ -235,7 +279,10 @@ class Aggregator:
         finally:
             reader.cancel()
             await self.link.close()
-        self._event(f"task {self.task_id!r} finished after round {self.scheduler.current_round}")
+        if reason == "finished":  # a stop said so already
+            self._event(
+                f"task {self.task_id!r} finished after round {self.scheduler.current_round}"
+            )
         name = self.scheduler.name
         assert name is not None, "the scheduler was set up, which names the task"
         return TaskResult(
@@ -254,13 +301,17 @@ class Aggregator:
         self._event(f"waiting for {need} to {most} participants to join and verify their data")
         loop = asyncio.get_running_loop()
         if not await self._wait_until(
-            lambda: self._count_available() >= need, loop.time() + self.policy.join_timeout
+            lambda: self._count_available() >= need,
+            loop.time() + self.policy.join_timeout,
+            stoppable=True,
         ):
             raise NotEnoughParticipants(
                 self.task_id, self._count_available(), need, waited=self.policy.join_timeout
             )
         await self._wait_until(
-            lambda: self._count_available() >= most, loop.time() + self.policy.join_grace
+            lambda: self._count_available() >= most,
+            loop.time() + self.policy.join_grace,
+            stoppable=True,
         )
 
     def _count_available(self) -> int:
@@ -277,6 +328,7 @@ class Aggregator:
             await self._wait_until(
                 lambda: self._count_available() >= scheduler.min_clients,
                 loop.time() + self.policy.join_timeout,
+                stoppable=True,
             )
         selected = self._select(number)
         if len(selected) < scheduler.min_clients:
@@ -300,6 +352,7 @@ class Aggregator:
         for node in selected:
             participant = self.participants[node]
             participant.status, participant.round = NodeStatus.TRAINING, number
+            participant.epoch, participant.epochs = 0, scheduler.merge_epochs
         self._event(f"round {number}: training on {', '.join(selected)}")
         async with self._link_lost_interrupts():
             await self.link.send(
@@ -475,8 +528,8 @@ class Aggregator:
                 self._strike(
                     current,
                     participant,
-                    f"sent {_size(upload.received)} of its "
-                    f"{_size(current.state_bytes)} update within "
+                    f"sent {size_text(upload.received)} of its "
+                    f"{size_text(current.state_bytes)} update within "
                     f"{current.upload_seconds:g} s (upload_timeout)",
                 )
 
@@ -503,7 +556,7 @@ class Aggregator:
             if upload is not None:
                 share = upload.received / current.state_bytes if current.state_bytes else 1
                 parts.append(
-                    f"{node} (uploading: {share:.0%} of {_size(current.state_bytes)}, "
+                    f"{node} (uploading: {share:.0%} of {size_text(current.state_bytes)}, "
                     f"{max(upload.deadline - now, 0):.0f} s left)"
                 )
             elif participant.status == NodeStatus.TRAINING:
@@ -677,6 +730,7 @@ class Aggregator:
         if participant is None:
             log.warning("ignored a %s frame from unknown node %r", frame.kind, node)
             return
+        participant.last_seen = time.time()
         match message:
             case PeerLeft():
                 if not participant.status.ended:  # a refusal already said why it is out
@@ -685,6 +739,9 @@ class Aggregator:
                 self._event(f"{node} left", logging.WARNING)
             case Status():
                 self._on_status(participant, message)
+            case Progress(round=number, epoch=epoch, epochs=epochs):
+                if number == participant.round and participant.status == NodeStatus.TRAINING:
+                    participant.epoch, participant.epochs = epoch, epochs
             case Trained():
                 self._on_trained(participant, message)
             case Failed():
@@ -762,12 +819,15 @@ class Aggregator:
         ):
             return  # late: the round gave up on it, and it may be picked again
         participant.status = NodeStatus.TRAINED
+        participant.epoch = participant.epochs
         if current.upload_now:
             self._open_upload(current, participant.node)
         else:
             current.queued.append(participant.node)
 
     def _on_state(self, node: Any, frame: Frame) -> None:
+        if node in self.participants:
+            self.participants[node].last_seen = time.time()
         current = self._current
         upload = current.uploads.get(node) if current is not None else None
         if (
@@ -793,10 +853,19 @@ class Aggregator:
 
     # Helpers.
 
-    async def _wait_until(self, predicate: Callable[[], bool], deadline: float) -> bool:
+    async def _wait_until(
+        self, predicate: Callable[[], bool], deadline: float, stoppable: bool = False
+    ) -> bool:
+        """Wait for ``predicate()`` until ``deadline``; whether it came true.
+
+        Raises:
+            _Stopped: if ``stoppable`` and the author asked to stop meanwhile.
+        """
         loop = asyncio.get_running_loop()
         while not predicate():
             self._check_lost()
+            if stoppable and self.stop_requested:
+                raise _Stopped
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return False
@@ -829,6 +898,10 @@ class _Interrupted(Exception):
     """The relay connection was lost in a round; it runs again once participants are back."""
 
 
+class _Stopped(Exception):
+    """The author asked to stop while the task waited for participants."""
+
+
 def _metrics(values: Any) -> dict[str, Any]:
     if not isinstance(values, dict):
         log.warning("test() returned a %s, not a dict of metrics; ignored", type(values).__name__)
@@ -844,12 +917,3 @@ def _metrics(values: Any) -> dict[str, Any]:
                 else value
             )
     return metrics
-
-
-def _size(nbytes: float) -> str:
-    """Bytes for people: ``85.0 KiB``."""
-    for unit in ("bytes", "KiB", "MiB"):
-        if nbytes < 1024:
-            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
-        nbytes /= 1024
-    return f"{nbytes:.1f} GiB"

@@ -11,6 +11,7 @@ here, so no part of the engine imports what starts it.
 from __future__ import annotations
 
 import abc
+import inspect
 import logging
 import numbers
 from typing import Any, Dict
@@ -146,6 +147,24 @@ class Scheduler(abc.ABC):
         self.current_round = 0
         self.model = None
         self._context_validated = False
+
+    def hyperparameters(self) -> dict[str, Any]:
+        """What the scheduler was built with, defaults filled in, by parameter name."""
+        args, kwargs = self._init_call
+        try:
+            bound = inspect.signature(type(self).__init__).bind(None, *args, **kwargs)
+        except TypeError:
+            return dict(kwargs)
+        bound.apply_defaults()
+        named = list(bound.arguments.items())[1:]  # not self
+        flat: dict[str, Any] = {}
+        for name, value in named:
+            kind = inspect.signature(type(self).__init__).parameters[name].kind
+            if kind == inspect.Parameter.VAR_KEYWORD:
+                flat.update(value)
+            elif kind != inspect.Parameter.VAR_POSITIONAL:
+                flat[name] = value
+        return flat
 
     # What every task defines.
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import enum
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 __all__ = [
@@ -21,9 +21,13 @@ __all__ = [
     "ParticipantState",
     "TaskSnapshot",
     "TaskStatus",
+    "clock",
+    "is_number",
     "last_metrics",
+    "lower_is_better",
     "metrics_of",
     "metrics_text",
+    "size_text",
 ]
 
 
@@ -78,6 +82,24 @@ class ParticipantState:
     traceback: str = ""
     #: How long its last round's training took.
     train_seconds: float | None = None
+    #: The round it was last picked for, and how far its training got there.
+    round: int = 0
+    epoch: int = 0
+    epochs: int = 0
+    #: Bytes of its update in, of how many, while it uploads.
+    uploaded: int = 0
+    upload_size: int = 0
+    #: When the initiator last heard from it (``time.time()``).
+    last_seen: float | None = None
+
+    @property
+    def progress(self) -> str:
+        """How far it is in the current round, as a few words."""
+        if self.status == NodeStatus.TRAINING and self.epochs:
+            return f"epoch {min(self.epoch + 1, self.epochs)}/{self.epochs}"
+        if self.status == NodeStatus.UPLOADING and self.upload_size:
+            return f"{self.uploaded / self.upload_size:.0%} of {size_text(self.upload_size)}"
+        return ""
 
 
 @dataclass(frozen=True)
@@ -96,11 +118,66 @@ class TaskSnapshot:
     #: One row per finished round: the round's figures and what ``test()`` returned.
     history: tuple[dict[str, Any], ...]
     join_command: str
+    #: The scheduler's arguments (``max_rounds``, ``merge_epochs``, the learning rate...).
+    hyperparameters: dict[str, Any] = field(default_factory=dict)
+    #: When it started and ended (``time.time()``), and when this snapshot was taken.
+    started: float = 0.0
+    ended: float | None = None
+    taken: float = 0.0
+    #: Where the model and history are saved.
+    checkpoint: str | None = None
+    #: Rounds that came from a checkpoint, not from this run.
+    resumed_rounds: int = 0
 
     @property
     def round(self) -> int:
         """Rounds finished."""
         return len(self.history)
+
+    @property
+    def elapsed(self) -> float:
+        """Seconds since it started, until it ended."""
+        return max((self.ended or self.taken) - self.started, 0.0)
+
+    @property
+    def seconds_per_round(self) -> float | None:
+        """The mean length of this run's rounds, once one finished."""
+        rows = [row for row in self.history[self.resumed_rounds :] if "seconds" in row]
+        if not rows:
+            return None
+        return sum(row["seconds"] for row in rows) / len(rows)
+
+    @property
+    def remaining(self) -> float | None:
+        """Seconds left, guessed from the rounds so far; None while unknown or once ended."""
+        per_round = self.seconds_per_round
+        if self.status != TaskStatus.RUNNING or per_round is None or not self.max_rounds:
+            return None
+        return max(self.max_rounds - self.round, 0) * per_round
+
+    def best(self, metric: str) -> tuple[int, float] | None:
+        """The round with the best value of ``metric`` so far, and the value.
+
+        Lower is better for losses and errors, higher for everything else.
+        """
+        points = [
+            (row["round"], float(row[metric]))
+            for row in self.history
+            if row.get("tested") and is_number(row.get(metric))
+        ]
+        if not points:
+            return None
+        lower = lower_is_better(metric)
+        return min(points, key=lambda p: p[1] if lower else -p[1])
+
+    def status_line(self) -> str:
+        """One line, as a progress bar's caption: ``round 3/5 · 0:41 elapsed · ~0:27 left``."""
+        parts = [f"round {self.round}/{self.max_rounds or '?'}", f"{clock(self.elapsed)} elapsed"]
+        if self.remaining is not None:
+            parts.append(f"~{clock(self.remaining)} left")
+        if self.seconds_per_round is not None:
+            parts.append(f"{self.seconds_per_round:.1f} s/round")
+        return " · ".join(parts)
 
     @property
     def metrics(self) -> dict[str, Any]:
@@ -146,6 +223,9 @@ class TaskSnapshot:
                 if isinstance(value, (int, float, str))
             },
             "join_command": self.join_command,
+            "elapsed": round(self.elapsed, 1),
+            "remaining": None if self.remaining is None else round(self.remaining, 1),
+            "checkpoint": self.checkpoint,
         }
 
 
@@ -207,6 +287,37 @@ def last_metrics(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def metrics_text(row: dict[str, Any]) -> str:
     """A history row's metrics as ``loss=0.31, accuracy=0.91``."""
     return ", ".join(f"{key}={_short(value)}" for key, value in metrics_of(row).items())
+
+
+def is_number(value: Any) -> bool:
+    """A metric that can be charted: a finite int or float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def lower_is_better(metric: str) -> bool:
+    """Whether smaller values of ``metric`` are better (losses and errors)."""
+    name = metric.lower()
+    return any(word in name for word in ("loss", "error", "perplexity", "mse", "mae"))
+
+
+def clock(seconds: float) -> str:
+    """Seconds as ``m:ss`` or ``h:mm:ss``."""
+    whole = int(round(seconds))
+    hours, rest = divmod(whole, 3600)
+    minutes, secs = divmod(rest, 60)
+    return f"{hours}:{minutes:02d}:{secs:02d}" if hours else f"{minutes}:{secs:02d}"
+
+
+def size_text(count: float) -> str:
+    """A byte count as ``16 bytes``, ``1.5 KiB``, ``3.2 MiB``..."""
+    if count < 1024:
+        return f"{count:.0f} bytes"
+    value = float(count)
+    for unit in ("KiB", "MiB", "GiB"):
+        value /= 1024
+        if value < 1024 or unit == "GiB":
+            break
+    return f"{value:.1f} {unit}"
 
 
 def _short(value: Any) -> str:

@@ -50,6 +50,7 @@ class Kind(enum.StrEnum):
     ROUND = "round"
     STATE = "state"
     STATE_END = "state_end"
+    PROGRESS = "progress"
     TRAINED = "trained"
     UPLOAD = "upload"
     FAILED = "failed"

@@ -28,6 +28,7 @@ __all__ = [
     "Message",
     "PeerJoined",
     "PeerLeft",
+    "Progress",
     "Refusal",
     "Round",
     "Status",
@@ -93,6 +94,16 @@ class Upload(Message):
 
     KIND = Kind.UPLOAD
     round: int
+
+
+@dataclass(frozen=True)
+class Progress(Message):
+    """Participant to initiator: an epoch of this round's training is done."""
+
+    KIND = Kind.PROGRESS
+    round: int
+    epoch: int
+    epochs: int
 
 
 @dataclass(frozen=True)
@@ -168,7 +179,18 @@ class TaskClosed(Message):
 _WIRE_NAMES = {"node": "from"}
 _MESSAGES: dict[str, type[Message]] = {
     cls.KIND: cls
-    for cls in (Round, Upload, Trained, Failed, Status, Finish, PeerJoined, PeerLeft, TaskClosed)
+    for cls in (
+        Round,
+        Upload,
+        Progress,
+        Trained,
+        Failed,
+        Status,
+        Finish,
+        PeerJoined,
+        PeerLeft,
+        TaskClosed,
+    )
 }
 
 

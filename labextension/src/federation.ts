@@ -23,6 +23,12 @@ export interface ITaskState {
   participants: IParticipantRow[];
   metrics: Record<string, number | string>;
   join_command: string;
+  /** Seconds since it started, until it ended. */
+  elapsed: number;
+  /** Seconds left, guessed from the rounds so far; null while unknown or once ended. */
+  remaining: number | null;
+  /** Where the model and history are saved. */
+  checkpoint: string | null;
 }
 
 /** A task this kernel has joined as a data owner. */

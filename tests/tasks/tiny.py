@@ -22,6 +22,10 @@ class Tiny(FedAvgScheduler):
 
 
 class SlowTiny(Tiny):
-    """Tiny whose every epoch takes a second, like a real model's."""
+    """Tiny whose every epoch takes a while, like a real model's."""
 
-    def train(self): time.sleep(1.0)
+    def __init__(self, *args, epoch_seconds: float = 1.0, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.epoch_seconds = epoch_seconds
+
+    def train(self): time.sleep(self.epoch_seconds)
