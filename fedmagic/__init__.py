@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from .log import logger
+from .log import info_to_stdout, logger
 
 if TYPE_CHECKING:
     from .engine.launch import TaskRun
@@ -69,6 +69,8 @@ def load_ipython_extension(ipython) -> None:
         "fedmagic.engine.launch", "TaskRun", show_task
     )
     global _bridge
+    if getattr(ipython, "kernel", None) is not None:
+        info_to_stdout()
     if _bridge is None and getattr(ipython, "kernel", None) is not None:
         from .notebook.lab import LabBridge
 

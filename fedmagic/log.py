@@ -1,8 +1,9 @@
 """``fedmagic.logger``: the logger task code writes to, shown on every node.
 
-Lines go to stderr, except in the context of a task running in a notebook's
-background: there they go to the task's own events (its widget shows them),
-so nothing a background task logs lands in whatever cell happens to run.
+Lines go to stderr (INFO lines to stdout once ``%load_ext fedmagic`` ran in a
+kernel), except in the context of a task running in a notebook's background:
+there they go to the task's own events (its widget shows them), so nothing a
+background task logs lands in whatever cell happens to run.
 """
 
 import contextvars
@@ -10,7 +11,7 @@ import logging
 import sys
 from typing import Callable
 
-__all__ = ["log_sink", "logger"]
+__all__ = ["info_to_stdout", "log_sink", "logger"]
 
 logger = logging.getLogger("fedmagic")
 
@@ -31,8 +32,26 @@ class _SinkFilter(logging.Filter):
         return False
 
 
+class _ConsoleHandler(logging.StreamHandler):
+    """stderr, looked up at each line (a kernel swaps it); or stdout for news, in a notebook."""
+
+    info_to_stdout = False
+
+    def emit(self, record: logging.LogRecord) -> None:
+        news = self.info_to_stdout and record.levelno < logging.WARNING
+        self.stream = sys.stdout if news else sys.stderr
+        super().emit(record)
+
+
+def info_to_stdout() -> None:
+    """Print INFO lines to stdout: notebooks paint stderr red, as if each were an error."""
+    for handler in logger.handlers:
+        if isinstance(handler, _ConsoleHandler):
+            handler.info_to_stdout = True
+
+
 if not logger.handlers:
-    _handler = logging.StreamHandler(sys.stderr)
+    _handler = _ConsoleHandler(sys.stderr)
     _handler.setFormatter(
         logging.Formatter("%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S")
     )

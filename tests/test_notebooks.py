@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+import socket
 import threading
 from pathlib import Path
 
@@ -124,40 +125,61 @@ def test_an_error_in_the_background_shows_in_the_widget_with_its_traceback(
 
 
 def digits_cell(task_id: str, rounds: int, scheduler: str = "DigitsScheduler",
-                extra: str = "") -> str:
+                extra: str = "", name: str = "demo_task") -> str:
     """The digits example as a ``%%fedavg_task`` cell: its classes, then the launch."""
     source = Path(digits_task.__file__).read_text()
     return (source[:source.index('if __name__ == "__main__":')] + extra
-            + f"scheduler = {scheduler}(min_clients=2, max_clients=3, name='demo_task', "
+            + f"scheduler = {scheduler}(min_clients=2, max_clients=3, name={name!r}, "
               f"max_rounds={rounds}, merge_epochs=2)\n"
             + f"scheduler.launch_task(task_id={task_id!r})\n")
 
 
+SECOND_TRY_VERIFY = """
+class DatasetVerify(DatasetVerify):
+    ROOT = 'second_try/data'
+
+"""
+
+
 def test_local_participant_kernels_reach_90_percent_and_shut_down_when_the_task_ends(
         tmp_path, monkeypatch):
-    monkeypatch.setenv("FEDMAGIC_PORT", str(free_port()))
     monkeypatch.delenv("FEDMAGIC_TOKEN", raising=False)
+    monkeypatch.delenv("FEDMAGIC_RELAY", raising=False)
+    with socket.socket() as taken:  # another notebook's relay, say
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        monkeypatch.setenv("FEDMAGIC_PORT", str(taken.getsockname()[1]))
 
-    notebook = execute(["%load_ext fedmagic",
-                        "group = %fedavg_local 3 --task local\ngroup",
-                        "%%fedavg_task --wait --join-timeout 120\n" + digits_cell("local", 10),
-                        "import time\n"
-                        "deadline = time.monotonic() + 60\n"
-                        "while any(group.alive()) and time.monotonic() < deadline:\n"
-                        "    time.sleep(0.2)\n"
-                        "print('alive:', group.alive())"],
-                       tmp_path)
+        notebook = execute([
+            "%load_ext fedmagic",
+            "group = %fedavg_local 3 --task local\ngroup",
+            "%%fedavg_task --wait --join-timeout 120\n" + digits_cell("local", 10),
+            "print('alive:', group.alive())",
+            # Again, with the same task id and a name of its own
+            "again = %fedavg_local 2 --task local",
+            "%%fedavg_task --wait --join-timeout 60\n"
+            + digits_cell("local", 1, extra=SECOND_TRY_VERIFY, name="second_try"),
+            "import fedmagic\n"
+            "print('alive:', again.alive())\n"
+            "print(fedmagic.running_task('local').summary())"],
+            tmp_path)
 
-    assert "node-1, node-2, node-3 (3 running)" in notebook.cells[1].outputs[0]["data"][
-        "text/plain"]
+    assert "node-1, node-2, node-3 (3 running) at ws://127.0.0.1:" in \
+        notebook.cells[1].outputs[-1]["data"]["text/plain"]
+    assert "is taken (Address already in use), so the relay embedded here listens on ws://" \
+        in printed(notebook.cells[1])
     tables = [m["state"]["value"] for m in models(notebook, "HTMLModel")
               if "fedmagic-participants" in m["state"]["value"]]
     assert all(f"<td>node-{i}</td>" in tables[0] for i in (1, 2, 3))
-    assert [list(array(line, "x")) for line in models(notebook, "LinesModel")] == \
+    assert [list(array(line, "x")) for line in models(notebook, "LinesModel")][:2] == \
         [list(range(1, 11))] * 2  # loss and accuracy
     history = json.loads((tmp_path / "models" / "demo_task" / "history.json").read_text())
     assert history[-1]["accuracy"] >= 0.9, history[-1]
-    assert notebook.cells[3].outputs[-1]["text"] == "alive: [False, False, False]\n"
+    assert printed(notebook.cells[3]) == "alive: [False, False, False]\n"  # before wait returned
+    second = printed(notebook.cells[6])
+    assert "alive: [False, False]\n" in second
+    assert "task 'local' finished: round 1/1, 2 participants" in second
+    assert (tmp_path / "second_try" / "data").is_dir()  # the author's test data, by its name
 
 
 def test_owners_whose_data_fails_verification_or_who_decline_are_left_out_and_the_author_sees_why(

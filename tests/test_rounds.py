@@ -316,14 +316,6 @@ def test_too_few_updates_within_the_deadlines_ends_the_task_saying_why(tmp_path)
 
 # -- ending and continuing -----------------------------------------------------------------
 
-def wait_until(condition: Callable[[], bool], seconds: float = 10) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
-
 
 def participants_in_the_background(url: str, behaviours: dict[str, Behaviour]) -> threading.Thread:
     connect = functools.partial(Link.open, url)
@@ -368,23 +360,6 @@ def test_running_the_same_code_again_continues_an_unfinished_run_from_its_checkp
     assert any(text.startswith("continuing the unfinished run of this same code")
                for _, text in again.events)
     assert result.metrics["w"] == pytest.approx(2.0)
-
-
-@pytest.mark.parametrize("when", ["at once", "while it waits for participants"])
-def test_stop_ends_a_task_that_waits_for_participants_at_once(tmp_path, monkeypatch, when):
-    monkeypatch.chdir(tmp_path)
-    with EmbeddedRelay("127.0.0.1", 0, Relay()) as relay:
-        run = start_task(Tiny(min_clients=2, max_clients=2, max_rounds=3), "alone",
-                         relay=relay.url, token=TOKEN, join_timeout=300)
-        if when != "at once":
-            assert wait_until(lambda: any("waiting for 2 to 2" in t for _, t in run.events))
-        run.stop()
-        result = run.wait(5)  # not the 300 s join timeout
-
-    assert result.rounds == 0
-    assert [text for _, text in run.events][-2:] == [
-        "task 'alone' stopped by its author before round 1", "task 'alone' ended"]
-    assert run.snapshot().status == "finished"
 
 
 def test_a_finished_task_resumed_with_more_rounds_runs_only_the_new_ones(tmp_path, monkeypatch):

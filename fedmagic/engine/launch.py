@@ -33,7 +33,7 @@ from .scheduler import Scheduler
 from .state import TaskSnapshot, TaskStatus
 from .task import TaskPackage
 
-__all__ = ["TaskRun", "run_task", "start_task"]
+__all__ = ["TaskRun", "run_task", "start_embedded_relay", "start_task"]
 
 log = logging.getLogger("fedmagic")
 
@@ -51,6 +51,8 @@ class TaskRun:
 
     def __init__(self, task_id: str, url: str, token: str, max_rounds: int = 0) -> None:
         self.task_id = task_id
+        #: The task's name: its checkpoint's folder, and where its examples read data.
+        self.name = task_id
         self.url = url
         self.token = token
         self.max_rounds = max_rounds
@@ -323,9 +325,10 @@ def start_task(
     url = relay or os.environ.get("FEDMAGIC_RELAY")
     embedded = None
     if not url and not scheduler.is_task_finished():
-        embedded = _start_embedded(int(os.environ.get("FEDMAGIC_PORT", DEFAULT_PORT)))
+        embedded = start_embedded_relay()
         url = embedded.url
     run = TaskRun(task_id, url or "", token, scheduler.max_rounds)
+    run.name = name
     run.checkpoint = checkpoint.directory
     run.hyperparameters = scheduler.hyperparameters()
     run._resumed_rounds = len(history)
@@ -400,16 +403,24 @@ def run_task(scheduler: Scheduler, task_id: str, **options: Any) -> TaskResult:
     return run.wait()
 
 
-def _start_embedded(port: int) -> EmbeddedRelay:
+def start_embedded_relay(port: int | None = None) -> EmbeddedRelay:
+    """A relay in this process on 127.0.0.1, on ``port`` (default ``$FEDMAGIC_PORT``, else 8765).
+
+    When the port is taken (another notebook's relay, say), it listens on a
+    free port instead and says which: the join line carries the real URL.
+    """
+    if port is None:
+        port = int(os.environ.get("FEDMAGIC_PORT", DEFAULT_PORT))
     # The task's own log tells who joined and left; the relay's would say it twice.
     logging.getLogger("fedmagic.relay").setLevel(logging.WARNING)
     try:
         return EmbeddedRelay("127.0.0.1", port, Relay()).start()
-    except OSError as exc:
-        raise ConfigurationError(
-            "FEDMAGIC_PORT",
+    except OSError as taken:
+        relay = EmbeddedRelay("127.0.0.1", 0, Relay()).start()
+        log.warning(
+            "port %d is taken (%s), so the relay embedded here listens on %s instead",
             port,
-            f"cannot start the embedded relay ({exc.strerror or exc}); "
-            "another task may be using the port: set FEDMAGIC_PORT to a free port, or "
-            "FEDMAGIC_RELAY to a running relay's URL",
-        ) from None
+            taken.strerror or taken,
+            relay.url,
+        )
+        return relay

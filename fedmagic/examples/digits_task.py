@@ -131,6 +131,8 @@ class DigitsScheduler(FedAvgScheduler):
 class DatasetVerify:
     """Runs on each participant before it trains: is the data there and readable?"""
 
+    #: Where the data is: ``<name>/data`` for the scheduler's default name.
+    ROOT = os.path.join("demo_task", "data")
     FILES = [
         "train-images-idx3-ubyte",
         "train-labels-idx1-ubyte",
@@ -143,7 +145,7 @@ class DatasetVerify:
         self.current_node = current_node
 
     def run(self) -> bool:
-        root = os.path.join("demo_task", "data")
+        root = self.ROOT
         raw = os.path.join(root, "MNIST", "raw")
         missing = [name for name in self.FILES if not os.path.isfile(os.path.join(raw, name))]
         if missing:

@@ -24,7 +24,7 @@ from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from ..engine.context import running_code
-from ..wire.relay import DEFAULT_PORT, new_token
+from ..wire.relay import new_token
 from .local import LocalParticipants
 from .panel import ParticipantPanel
 from .session import KernelSession
@@ -113,8 +113,9 @@ class FedMagics(Magics):
     @argument("--task", required=True, help="the task id they join")
     @argument(
         "--relay",
-        help="the relay's URL (default: the relay a task of this kernel "
-        "embeds, on 127.0.0.1:$FEDMAGIC_PORT, 8765 by default)",
+        help="the relay's URL (default $FEDMAGIC_RELAY, else the relay this kernel's "
+        "tasks use, embedded on 127.0.0.1:$FEDMAGIC_PORT, 8765 by default, or a free "
+        "port when that one is taken)",
     )
     @argument(
         "--split",
@@ -124,9 +125,8 @@ class FedMagics(Magics):
     )
     @argument(
         "--data-dir",
-        default="demo_task/data",
         help="where each participant's data goes, in its own directory "
-        "(default demo_task/data, the reference tutorial's)",
+        "(default <name>/data, name being the task's, where the examples read it)",
     )
     @line_magic
     def fedavg_local(self, line: str) -> LocalParticipants:
@@ -134,12 +134,19 @@ class FedMagics(Magics):
         args = parse_argstring(self.fedavg_local, line)
         if args.count < 1:
             raise UsageError("start at least one participant")
-        port = int(os.environ.get("FEDMAGIC_PORT", DEFAULT_PORT))
-        url = args.relay or os.environ.get("FEDMAGIC_RELAY") or f"ws://127.0.0.1:{port}"
-        token = self.session.join_tokens.setdefault(args.task, new_token())
-        return LocalParticipants(
-            args.task, args.count, url, token, split=args.split, data_dir=args.data_dir
+        session = self.session
+        token = session.join_tokens.setdefault(args.task, new_token())
+        group = LocalParticipants(
+            args.task,
+            args.count,
+            args.relay or session.relay_url(),
+            token,
+            split=args.split,
+            data_dir=args.data_dir,
+            on_shutdown=session.release_relay,
         )
+        session.add_local(group)
+        return group
 
     @magic_arguments()
     @argument("url", help="the relay, e.g. ws://127.0.0.1:8765")

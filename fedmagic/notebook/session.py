@@ -11,13 +11,17 @@ re-run cell finds its task instead of starting a second one.
 from __future__ import annotations
 
 import logging
+import os
+import threading
 from typing import TYPE_CHECKING, Any, Callable
 
 from ..engine.context import CodeContext
-from ..engine.launch import TaskRun, start_task
+from ..engine.launch import TaskRun, start_embedded_relay, start_task
 from ..engine.scheduler import Scheduler
+from ..wire.relay import EmbeddedRelay
 
 if TYPE_CHECKING:
+    from .local import LocalParticipants
     from .panel import ParticipantPanel
 
 __all__ = ["KernelSession", "loaded_session"]
@@ -35,6 +39,7 @@ class KernelSession:
             cell registered for each task id.
         join_tokens: join tokens chosen before a task's launch (local
             participants already hold them).
+        local: the participant kernels ``%fedavg_local`` started, by task id.
     """
 
     def __init__(self) -> None:
@@ -42,7 +47,46 @@ class KernelSession:
         self.joined: dict[str, ParticipantPanel] = {}
         self.verify_classes: dict[str, type] = {}
         self.join_tokens: dict[str, str] = {}
+        self.local: dict[str, LocalParticipants] = {}
         self._watchers: list[Callable[[], None]] = []
+        self._relay: EmbeddedRelay | None = None
+        self._relay_lock = threading.Lock()
+
+    def relay_url(self) -> str:
+        """Where this kernel's tasks and local participants meet.
+
+        ``$FEDMAGIC_RELAY`` if set; else a relay embedded in this kernel,
+        started on first use and stopped once no task or local participant
+        of this kernel needs it.
+        """
+        url = os.environ.get("FEDMAGIC_RELAY")
+        if url:
+            return url
+        with self._relay_lock:
+            if self._relay is None:
+                self._relay = start_embedded_relay()
+            return self._relay.url
+
+    def release_relay(self) -> None:
+        """Stop the embedded relay if nothing of this kernel uses it any more."""
+        with self._relay_lock:
+            busy = any(not run.done() for run in self.tasks.values()) or any(
+                group.running for group in self.local.values()
+            )
+            if self._relay is not None and not busy:
+                relay, self._relay = self._relay, None
+                relay.stop()
+
+    def add_local(self, group: LocalParticipants) -> None:
+        """Keep ``group``; it takes part in the next launch of its task (or the running one)."""
+        old = self.local.get(group.task_id)
+        if old is not None and old.running:
+            log.info("shutting down the earlier participants of task %r", group.task_id)
+            old.shutdown()
+        self.local[group.task_id] = group
+        running = self.tasks.get(group.task_id)
+        if running is not None and not running.done():
+            group.follow(running, running.name)
 
     def task(self, task_id: str) -> TaskRun:
         """The task this kernel started as ``task_id``.
@@ -108,9 +152,26 @@ class KernelSession:
             in_kernel = getattr(get_ipython(), "kernel", None) is not None
             options.setdefault("dataset_verify", self.verify_classes.get(task_id))
             options.setdefault("token", self.join_tokens.get(task_id))
-            running = start_task(scheduler, task_id, **{"quiet": in_kernel and not wait, **options})
+            if not options.get("relay"):
+                options["relay"] = self.relay_url()
+            try:
+                running = start_task(
+                    scheduler, task_id, **{"quiet": in_kernel and not wait, **options}
+                )
+            except BaseException:
+                self.release_relay()
+                raise
             self.tasks[task_id] = running
-            running.subscribe(lambda _event: self.changed())
+            group = self.local.get(task_id)
+            if group is not None and group.running:
+                group.follow(running, running.name)
+
+            def on_event(_event: str, run: TaskRun = running) -> None:
+                if run.done():
+                    self.release_relay()
+                self.changed()
+
+            running.subscribe(on_event)
             self.changed()
         if not wait:
             return running
