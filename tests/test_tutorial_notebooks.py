@@ -115,7 +115,7 @@ def check_quickstart(out: Outputs, workdir: Path) -> None:
                          out.of("torch.load("))
     assert accuracy, out.of("torch.load(")
     assert float(accuracy.group(1)) >= QUICKSTART_ACCURACY
-    assert "(0 running)" in out.of("participants.alive()")
+    assert "(shut down)" in out.of("print(participants)")
 
 
 def check_data_owner(out: Outputs, workdir: Path) -> None:
@@ -152,7 +152,7 @@ def check_dataset_verify(out: Outputs, workdir: Path) -> None:
     assert "node-3: unverified DatasetVerify.run() returned False: node-3: 4 of 4 MNIST " \
            "files missing" in task
     assert "participants per round: [2, 2, 2, 2]" in task
-    assert "(0 running)" in out.of("participants.alive()")
+    assert "(shut down)" in out.of("print(participants)")
 
 
 def check_relay(out: Outputs, workdir: Path) -> None:
