@@ -10,8 +10,9 @@ from jupyter_client import KernelManager
 
 from fedmagic.examples.digits_task import DigitsScheduler
 from fedmagic.engine.launch import start_task
-
-pytestmark = pytest.mark.slow
+from fedmagic.engine.state import TaskSnapshot, TaskStatus
+from fedmagic.notebook.lab import frontend_state
+from fedmagic.notebook.session import KernelSession
 
 
 class Frontend:
@@ -83,6 +84,7 @@ def frontend(tmp_path):
         each.close()
 
 
+@pytest.mark.slow
 def test_loading_fedmagic_opens_its_comm_and_verify_says_what_to_do_first(frontend):
     lab = frontend()
     lab.run("%load_ext fedmagic")
@@ -95,6 +97,7 @@ def test_loading_fedmagic_opens_its_comm_and_verify_says_what_to_do_first(fronte
     assert "this kernel has not joined a task: run %fedavg_join" in result["detail"]
 
 
+@pytest.mark.slow
 def test_a_reloaded_page_finds_the_comm_again_with_comm_info(frontend):
     lab = frontend()
     lab.run("%load_ext fedmagic")
@@ -107,6 +110,7 @@ def test_a_reloaded_page_finds_the_comm_again_with_comm_info(frontend):
     assert lab.next("state")["tasks"] == []
 
 
+@pytest.mark.slow
 def test_verify_data_runs_the_joined_tasks_dataset_verify_in_the_kernel(
         frontend, federation, monkeypatch):
     layout = federation.write_digits(1)
@@ -119,6 +123,7 @@ def test_verify_data_runs_the_joined_tasks_dataset_verify_in_the_kernel(
             f"{federation.token} --node node-1\npanel.wait_for_code(60)")
     joined = lab.wait_for(lambda s: s["joins"] and s["joins"][0]["code_hash"])
     assert joined["joins"][0]["accepted"] is False and joined["joins"][0]["verified"] is None
+    assert joined["joins"][0]["max_rounds"] == 1  # the code offered says, before it runs
 
     lab.send({"action": "verify"})
     [result] = lab.next("verified")["results"]
@@ -131,6 +136,7 @@ def test_verify_data_runs_the_joined_tasks_dataset_verify_in_the_kernel(
     assert author.wait(60).rounds == 1
 
 
+@pytest.mark.slow
 def test_stop_from_the_panel_ends_the_authors_task_after_its_round(frontend, federation):
     layout = federation.write_digits(2)
     for party in layout.nodes:
@@ -157,3 +163,27 @@ def test_stop_from_the_panel_ends_the_authors_task_after_its_round(frontend, fed
     assert ended["tasks"][0]["round"] < 500
     for party in layout.nodes:
         assert federation.wait(party.name) == 0, federation.output(party.name)
+
+
+class Launched:
+    """A task of the session, as far as the frontend's state goes."""
+
+    def __init__(self, task_id: str, started: float, status: TaskStatus) -> None:
+        self.task_id, self.started, self.status = task_id, started, status
+
+    def snapshot(self) -> TaskSnapshot:
+        return TaskSnapshot(self.task_id, self.status, None, "", False, 5, (), (),
+                            f"fedmagic join ws://x --task {self.task_id}", started=self.started)
+
+
+def test_the_frontend_gets_the_tasks_newest_first_whatever_their_place_in_the_session():
+    session = KernelSession()
+    session.tasks = {  # "digits" was launched again under its id: it kept its first place
+        "digits": Launched("digits", 300.0, TaskStatus.RUNNING),
+        "mnist": Launched("mnist", 100.0, TaskStatus.FINISHED),
+        "cifar": Launched("cifar", 200.0, TaskStatus.RUNNING),
+    }
+
+    sent = frontend_state(session)
+
+    assert [task["task_id"] for task in sent["tasks"]] == ["digits", "cifar", "mnist"]

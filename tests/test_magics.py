@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import threading
+from typing import Any, Callable
+
 import pytest
 
 import fedmagic
@@ -13,7 +16,12 @@ from fedmagic.notebook.session import loaded_session
 from fedmagic.errors import TaskDefinitionError
 from fedmagic.examples.digits_task import DigitsScheduler
 from fedmagic.engine.launch import TaskRun, start_task
+from fedmagic.engine.participant import JoinOutcome
 from fedmagic.engine.rounds import TaskResult
+from fedmagic.engine.task import TaskPackage
+from fedmagic.errors import TaskFailed
+from fedmagic.notebook import panel as panel_module
+from fedmagic.notebook.panel import ParticipantPanel, ending_text
 from test_tutorial import as_fedmagic_script, tutorial_final_code
 
 
@@ -197,6 +205,158 @@ def test_consent_is_bound_to_the_code_hash_when_a_data_owner_joins_again(
     assert changed.code_hash != accepted.code_hash
     assert "The code changed since you accepted it" in panel.summary.value
     assert not panel.accept_button.disabled and run.history == []
+    asked = panel.snapshot()  # about this code only, not the one accepted before
+    assert (asked.accepted, asked.verified, asked.round, asked.max_rounds) == (False, None, 0, 2)
     panel.accept()
     assert run.wait(120).rounds == 2
     assert panel.accepted_hash == changed.code_hash
+
+
+# The participant panel over what the engine's start_join hands it: the code offered (to
+# consent to) and the events of the node's part, played here as a task would.
+
+def offer(max_rounds: int | None) -> TaskPackage:
+    """The code a task offers, launched with ``max_rounds`` (or without saying)."""
+    kwargs: dict[str, Any] = {"min_clients": 1, "max_clients": 1}
+    if max_rounds is not None:
+        kwargs["max_rounds"] = max_rounds
+    return TaskPackage("digits", "DigitsScheduler", "class DigitsScheduler: ...\n", "task.py",
+                       [], kwargs)
+
+
+class Join:
+    """One join as start_join runs it: the panel's consent and on_event, called by the test."""
+
+    def __init__(self, consent: Callable[[TaskPackage], bool],
+                 on_event: Callable[[str, dict[str, Any]], None]) -> None:
+        self.consent, self.on_event = consent, on_event
+        self.answer: bool | None = None
+        self._done = threading.Event()
+        self._answered: threading.Thread | None = None
+
+    def offers(self, package: TaskPackage) -> None:
+        """Send the code; the panel's owner answers later (on a thread, as the engine asks)."""
+        def ask() -> None:
+            self.answer = self.consent(package)
+        self._answered = threading.Thread(target=ask, daemon=True)
+        self._answered.start()
+
+    def answered(self) -> bool | None:
+        assert self._answered is not None
+        self._answered.join(10)
+        return self.answer
+
+    def ends(self, outcome: JoinOutcome | None = None, error: BaseException | None = None) -> None:
+        self.on_event("ended", {"outcome": outcome, "error": error})
+        self._done.set()
+
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def leave(self) -> None:
+        self.ends(JoinOutcome("digits", "hospital-a", False, "left the task"))
+
+
+@pytest.fixture
+def joins(monkeypatch) -> list[Join]:
+    """Every join a ParticipantPanel starts, newest last."""
+    started: list[Join] = []
+
+    def start_join(url, task, token, node, consent, *, on_event, **options) -> Join:
+        started.append(Join(consent, on_event))
+        return started[-1]
+
+    monkeypatch.setattr(panel_module, "start_join", start_join)
+    return started
+
+
+def test_a_declined_offer_of_changed_code_is_neither_accepted_nor_verified(joins):
+    panel = ParticipantPanel("ws://relay", "digits", "T", "hospital-a")
+    first = joins[-1]
+    first.offers(offer(max_rounds=3))
+    panel.wait_for_code(10)
+    panel.verify_data()
+    panel.accept()
+    assert first.answered() is True
+    first.on_event("verified", {"samples": 719, "max_rounds": 3})
+    for round in (1, 2, 3):
+        first.on_event("uploaded", {"round": round})
+    first.ends(JoinOutcome("digits", "hospital-a", True, "finished", rounds=3))
+    assert panel.snapshot().round == 3
+
+    panel.join()  # the author launched again with max_rounds=4: other code, asked again
+    asked_again = joins[-1]
+    asked_again.offers(offer(max_rounds=4))
+    panel.wait_for_code(10)
+    asked = panel.snapshot()
+    panel.decline()
+    declined_offer = asked_again.answered()
+    asked_again.ends(JoinOutcome("digits", "hospital-a", False, "consent refused"))
+    declined = panel.snapshot()
+
+    assert (asked.accepted, asked.declined, asked.verified) == (False, False, None)
+    assert (asked.round, asked.max_rounds) == (0, 4)
+    assert "data verified" not in panel.verification.value
+    assert declined_offer is False
+    assert (declined.accepted, declined.declined, declined.verified) == (False, True, None)
+    assert declined.detail == "declined: none of this code runs on this node"
+    assert "you declined code hash" in panel.summary.value
+
+
+def test_before_the_code_arrives_a_panel_shows_no_round_bar_and_accepts_nothing(joins):
+    panel = ParticipantPanel("ws://relay", "digits", "T", "hospital-a")
+    waiting = panel.snapshot()
+    joins[-1].offers(offer(max_rounds=None))  # the rounds are the scheduler's default
+    panel.wait_for_code(10)
+    offered, bar_shown = panel.snapshot(), panel.progress.layout.display != "none"
+    panel.accept()
+    joins[-1].answered()
+    joins[-1].on_event("verified", {"samples": 719, "max_rounds": 5})
+    joined = panel.snapshot()
+
+    assert (waiting.code_hash, waiting.accepted, waiting.max_rounds) == (None, False, None)
+    assert offered.max_rounds is None and not bar_shown
+    assert (joined.accepted, joined.max_rounds, joined.verified) == (True, 5, True)
+    assert joined.verification == "719 training samples"
+    assert panel.progress.layout.display is None and panel.progress.max == 5
+
+
+def test_joining_again_with_the_accepted_code_asks_nothing_and_says_it_is_accepted(joins):
+    panel = ParticipantPanel("ws://relay", "digits", "T", "hospital-a")
+    joins[-1].offers(offer(max_rounds=2))
+    panel.wait_for_code(10)
+    panel.accept()
+    joins[-1].answered()
+    joins[-1].ends(JoinOutcome("digits", "hospital-a", True, "finished", rounds=2))
+
+    panel.join()
+    joins[-1].offers(offer(max_rounds=2))
+
+    assert joins[-1].answered() is True
+    assert panel.snapshot().accepted and panel.snapshot().max_rounds == 2
+
+
+@pytest.mark.parametrize("outcome, error, declined, said", [
+    (JoinOutcome("t", "n", True, "finished", rounds=2), None, False,
+     "finished: took part in 2 rounds"),
+    (JoinOutcome("t", "n", True, "stopped by its author after round 1", rounds=1), None, False,
+     "finished: stopped by its author after round 1"),
+    (JoinOutcome("t", "n", False, "consent refused"), None, True,
+     "declined: none of this code runs on this node"),
+    (None, TaskFailed("t", "the initiator left the task without finishing it"), False,
+     "did not finish: the initiator left the task without finishing it"),
+], ids=["finished", "stopped", "declined", "task failed"])
+def test_a_node_says_how_its_part_ended_without_repeating_itself(outcome, error, declined, said):
+    assert ending_text(outcome, error, declined) == said
+
+
+def test_a_long_failure_shows_as_one_line_with_the_rest_behind_a_disclosure(joins):
+    panel = ParticipantPanel("ws://relay", "digits", "T", "hospital-a")
+    failure = "RuntimeError: the relay broke\n" + "".join(f"  line {n}\n" for n in range(14))
+
+    joins[-1].ends(error=RuntimeError(failure))
+
+    assert panel.snapshot().detail.startswith("error: RuntimeError: the relay broke\n")
+    assert panel.status.value.startswith(
+        "<details class='fedmagic-more'><summary>error: RuntimeError: the relay broke</summary>")
+    assert "line 13" in panel.status.value

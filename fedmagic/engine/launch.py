@@ -182,7 +182,7 @@ class TaskRun:
         return TaskSnapshot(
             self.task_id,
             status,
-            None if error is None else str(error),
+            None if error is None else str(error).removeprefix(f"task {self.task_id!r} "),
             "" if error is None else "".join(traceback.format_exception(error)),
             self.stop_requested and not done,
             self.max_rounds,

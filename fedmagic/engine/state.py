@@ -22,6 +22,7 @@ __all__ = [
     "TaskSnapshot",
     "TaskStatus",
     "clock",
+    "failure_text",
     "is_number",
     "last_metrics",
     "lower_is_better",
@@ -108,7 +109,8 @@ class TaskSnapshot:
 
     task_id: str
     status: TaskStatus
-    #: What ended a failed task, as one line, and its traceback.
+    #: What ended a failed task ("failed in round 2: ..." for a ``TaskFailed``,
+    #: else the error's own words), and its traceback.
     error: str | None
     error_traceback: str
     #: Asked to stop after the current round, and not stopped yet.
@@ -186,7 +188,7 @@ class TaskSnapshot:
 
     def summary(self) -> str:
         """The task as text: its state, each participant, and each round's metrics."""
-        state = f"{self.status}: {self.error}" if self.error is not None else str(self.status)
+        state = str(self.status) if self.error is None else failure_text(self.error)
         lines = [
             f"task {self.task_id!r} {state}: round {self.round}/{self.max_rounds or '?'}, "
             f"{len(self.participants)} participants"
@@ -231,23 +233,46 @@ class TaskSnapshot:
 
 @dataclass(frozen=True)
 class JoinSnapshot:
-    """A data owner's part in a task at one moment."""
+    """A data owner's part in a task at one moment: the code offered to it now.
+
+    Joining again may bring other code, so everything here is about the
+    current offer only: what was accepted, declined or verified for earlier
+    code, and its number of rounds, say nothing about this one.
+
+    Raises:
+        ValueError: for a snapshot that contradicts itself (accepted and
+            declined, or a decision or verification with no code to be about).
+    """
 
     task_id: str
     node: str
     #: Whether its part is over (finished, failed, declined or left).
     ended: bool
-    #: What it does now, as one line ("round 3: training", "finished: ...").
+    #: What it does now: a first line that says it ("round 3: training",
+    #: "finished: took part in 2 rounds"); any lines after it are details.
     detail: str
     #: The code offered, once it arrived.
     code_hash: str | None
-    #: Whether its data owner accepted the code offered.
+    #: Whether its data owner accepted this code (asked now, or joining again with it).
     accepted: bool
+    #: Whether its data owner declined this code.
+    declined: bool
+    #: Rounds this node took part in.
     round: int
-    max_rounds: int
-    #: The last Verify data: passed or not, and why; None before the first.
+    #: The rounds this code runs; None while unknown (before it arrives, or
+    #: until the node built the task when its arguments do not say).
+    max_rounds: int | None
+    #: Verify data for this code: passed or not, and why; None before any.
     verified: bool | None
     verification: str
+
+    def __post_init__(self) -> None:
+        if self.accepted and self.declined:
+            raise ValueError(f"{self.node!r} cannot have both accepted and declined the code")
+        if self.code_hash is None and (self.accepted or self.declined or self.verified is not None):
+            raise ValueError(
+                f"{self.node!r} has no code yet: nothing to accept, decline or verify data for"
+            )
 
     def to_json(self) -> dict[str, Any]:
         """What the JupyterLab extension shows (its ``IJoinState``)."""
@@ -258,6 +283,7 @@ class JoinSnapshot:
             "detail": self.detail,
             "code_hash": self.code_hash,
             "accepted": self.accepted,
+            "declined": self.declined,
             "round": self.round,
             "max_rounds": self.max_rounds,
             "verified": self.verified,
@@ -287,6 +313,11 @@ def last_metrics(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def metrics_text(row: dict[str, Any]) -> str:
     """A history row's metrics as ``loss=0.31, accuracy=0.91``."""
     return ", ".join(f"{key}={_short(value)}" for key, value in metrics_of(row).items())
+
+
+def failure_text(error: str) -> str:
+    """A failed task's error as the words after its name: ``failed in round 2: ...``."""
+    return error if error.startswith("failed") else f"failed: {error}"
 
 
 def is_number(value: Any) -> bool:

@@ -15,7 +15,7 @@ from typing import Any
 
 from .session import KernelSession
 
-__all__ = ["TARGET", "LabBridge"]
+__all__ = ["TARGET", "LabBridge", "frontend_state"]
 
 TARGET = "fedmagic"
 
@@ -35,11 +35,8 @@ class LabBridge:
         session.watch(self.push)
 
     def state(self) -> dict[str, Any]:
-        """What the frontend shows: every task this kernel runs or has joined."""
-        return {
-            "tasks": [run.snapshot().to_json() for run in list(self.session.tasks.values())],
-            "joins": [panel.snapshot().to_json() for panel in list(self.session.joined.values())],
-        }
+        """What the frontend shows: see :func:`frontend_state`."""
+        return frontend_state(self.session)
 
     def push(self) -> None:
         with self._lock:
@@ -101,3 +98,21 @@ class LabBridge:
                 {"passed": bool(passed), "task_id": task_id, "node": panel.node, "detail": detail}
             )
         return results
+
+
+def frontend_state(session: KernelSession) -> dict[str, Any]:
+    """What the frontend shows: every task this kernel runs or has joined.
+
+    Tasks come newest first, by when they started (a task launched again
+    under its id keeps its place in the session, not its age), so the
+    frontend's "this notebook's task" is the first running one.
+    """
+    tasks = sorted(
+        (run.snapshot() for run in list(session.tasks.values())),
+        key=lambda task: task.started,
+        reverse=True,
+    )
+    return {
+        "tasks": [task.to_json() for task in tasks],
+        "joins": [panel.snapshot().to_json() for panel in list(session.joined.values())],
+    }

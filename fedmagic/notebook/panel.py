@@ -18,14 +18,16 @@ from typing import Any, Callable
 import ipywidgets as widgets
 
 from ..engine.joining import JoinRun, start_join
-from ..engine.participant import describe_failure, verify_data
+from ..engine.participant import JoinOutcome, describe_failure, verify_data
 from ..engine.state import JoinSnapshot
 from ..engine.task import TaskPackage
-from ..errors import VerificationFailed
+from ..errors import TaskFailed, VerificationFailed
 
-__all__ = ["ParticipantPanel"]
+__all__ = ["ParticipantPanel", "ending_text", "rounds_offered"]
 
 LOG_LINES = 8
+#: Longer first lines are cut in the status line; the whole text is one click away.
+HEADLINE_CHARS = 120
 
 
 class ParticipantPanel(widgets.VBox):
@@ -42,11 +44,7 @@ class ParticipantPanel(widgets.VBox):
     ) -> None:
         self._on_change = on_change
         self.url, self.task_id, self.token, self.node, self.wait = url, task, token, node, wait
-        self.summary = widgets.HTML(
-            f"connecting to {html.escape(url)} as "
-            f"<b>{html.escape(node)}</b>, waiting for task "
-            f"<b>{html.escape(task)}</b>..."
-        )
+        self.summary = widgets.HTML()
         self.code = widgets.HTML()
         self.verify_button = widgets.Button(description="Verify data", icon="check", disabled=True)
         self.accept_button = widgets.Button(
@@ -85,13 +83,21 @@ class ParticipantPanel(widgets.VBox):
             ]
         )
         self.add_class("fedmagic-participant")
+        #: The code offered in this join, once it arrived.
         self.package: TaskPackage | None = None
-        #: The last Verify data: (passed, what it found), or None before any.
+        #: This join's Verify data: (passed, what it found), or None before any.
         self.verified: tuple[bool, str] | None = None
+        #: The data owner's answer to the code offered in this join; None while undecided.
+        self.consent: bool | None = None
+        #: The code last accepted: joining again with the same code asks nothing.
+        self.accepted_hash: str | None = None
+        #: The rounds the code offered runs; None while unknown.
+        self.max_rounds: int | None = None
+        #: Rounds this node took part in during this join.
+        self.rounds = 0
         #: Whether this node's part in the task is over (Join again starts another).
         self.ended = False
-        self.accepted_hash: str | None = None
-        #: What this node does now, as one line of text (the status line shows it).
+        #: What this node does now (the status line shows it).
         self._doing = ""
         self._code_shown = threading.Event()
         self._decision = threading.Event()
@@ -131,10 +137,8 @@ class ParticipantPanel(widgets.VBox):
             return
         self.join_button.disabled = True
         self.leave_button.disabled = False
-        self.ended = False
-        self._say("")
-        self.progress.value = 0
         self.run = self._start()
+        self._on_change()
 
     def verify_data(self) -> bool | None:
         """Run the task's ``DatasetVerify`` on this node's data and show the outcome."""
@@ -152,11 +156,9 @@ class ParticipantPanel(widgets.VBox):
         except Exception as exc:
             passed, detail = False, describe_failure(exc)
             if not isinstance(exc, VerificationFailed):  # the verifier itself broke
-                trace = f"<pre>{html.escape(traceback.format_exc())}</pre>"
+                trace = _disclosure("traceback", traceback.format_exc())
         mark = (
-            "<b style='color:#2e7d32'>data verified</b>"
-            if passed
-            else "<b style='color:#c62828'>verification failed</b>"
+            _tone("data verified", "success") if passed else _tone("verification failed", "error")
         )
         self.verification.value = f"{mark}: {html.escape(detail)}{trace}"
         self.verified = (passed, detail)
@@ -168,9 +170,45 @@ class ParticipantPanel(widgets.VBox):
         self._decide(False)
         self.run.leave()
 
+    def snapshot(self) -> JoinSnapshot:
+        """This node's part in the task now, as the JupyterLab extension shows it.
+
+        Only about the code offered in this join: with no code here yet, nothing
+        is accepted, declined or verified.
+        """
+        package = self.package
+        consent = self.consent if package is not None else None
+        verified = self.verified if package is not None else None
+        passed, verification = verified if verified is not None else (None, "")
+        return JoinSnapshot(
+            task_id=self.task_id,
+            node=self.node,
+            ended=self.ended,
+            detail=self._doing,
+            code_hash=package.code_hash if package is not None else None,
+            accepted=consent is True,
+            declined=consent is False,
+            round=self.rounds,
+            max_rounds=self.max_rounds,
+            verified=passed,
+            verification=verification,
+        )
+
     def _start(self) -> JoinRun:
+        # A new join is a new offer: nothing of the last one's code carries over.
         self._code_shown.clear()
         self._decision.clear()
+        self.package, self.verified, self.consent, self.ended = None, None, None, False
+        self.rounds = 0
+        self._set_max_rounds(None)
+        self.summary.value = (
+            f"connecting to {html.escape(self.url)} as "
+            f"<b>{html.escape(self.node)}</b>, waiting for task "
+            f"<b>{html.escape(self.task_id)}</b>..."
+        )
+        self.code.value = self.verification.value = ""
+        self.verify_button.disabled = True
+        self._say("")
         return start_join(
             self.url,
             self.task_id,
@@ -185,11 +223,14 @@ class ParticipantPanel(widgets.VBox):
     def _consent(self, package: TaskPackage) -> bool:
         # On the join's worker thread: show the code, then wait for its owner.
         self.package = package
+        self._set_max_rounds(rounds_offered(package))
+        self.verify_button.disabled = False
+        short = f"<code>{package.code_hash[:16]}</code>"
         if package.code_hash == self.accepted_hash:
+            self.consent = True
             self.summary.value = (
                 f"task <b>{html.escape(package.task_id)}</b>: the code you "
-                f"accepted before (hash <code>{package.code_hash[:16]}</code>)"
-                ", joining"
+                f"accepted before (hash {short}), joining"
             )
             self._code_shown.set()
             self._on_change()
@@ -202,8 +243,7 @@ class ParticipantPanel(widgets.VBox):
         self.summary.value = (
             f"task <b>{html.escape(package.task_id)}</b>: "
             f"{html.escape(package.class_name)}, code hash "
-            f"<code>{package.code_hash[:16]}</code>. {notice}Review the "
-            "code, verify your data, then accept to join."
+            f"{short}. {notice}Review the code, verify your data, then accept to join."
         )
         verify = (
             ""
@@ -216,15 +256,25 @@ class ParticipantPanel(widgets.VBox):
             f" lines){verify}, sha256 {package.code_hash}</summary><pre>"
             f"{html.escape(package.review())}</pre></details>"
         )
-        for button in (self.verify_button, self.accept_button, self.decline_button):
+        for button in (self.accept_button, self.decline_button):
             button.disabled = False
         self._code_shown.set()
         self._on_change()
         self._decision.wait()
         for button in (self.accept_button, self.decline_button):
             button.disabled = True
+        self.consent = self._accepted
         if self._accepted:
             self.accepted_hash = package.code_hash
+            self.summary.value = (
+                f"task <b>{html.escape(package.task_id)}</b>: you accepted code hash "
+                f"{short}, joining"
+            )
+        else:
+            self.summary.value = (
+                f"task <b>{html.escape(package.task_id)}</b>: you declined code hash "
+                f"{short}; none of it runs here. Join again to review the task's code anew."
+            )
         self._on_change()
         return self._accepted
 
@@ -237,43 +287,39 @@ class ParticipantPanel(widgets.VBox):
         self._show(kind, details)
         self._on_change()
 
-    def snapshot(self) -> JoinSnapshot:
-        """This node's part in the task now, as the JupyterLab extension shows it."""
-        passed, verification = self.verified if self.verified is not None else (None, "")
-        return JoinSnapshot(
-            self.task_id,
-            self.node,
-            self.ended,
-            self._doing,
-            self.package.code_hash if self.package is not None else None,
-            self.accepted_hash is not None,
-            self.progress.value,
-            self.progress.max,
-            passed,
-            verification,
-        )
+    def _set_max_rounds(self, rounds: int | None) -> None:
+        """Show the round bar only once the code offered says how many rounds it runs."""
+        self.max_rounds = rounds
+        self.progress.value = 0
+        self.progress.max = rounds or 1
+        self.progress.value = min(self.rounds, self.progress.max)
+        self.progress.layout.display = None if rounds else "none"
 
     def _say(self, text: str) -> None:
         self._doing = text
-        self.status.value = html.escape(text)
+        self.status.value = _headline_html(text)
 
     def _show(self, kind: str, details: dict[str, Any]) -> None:
         if kind == "log":
             self._log_lines = [*self._log_lines[-(LOG_LINES - 1) :], details["text"]]
             self.task_log.value = (
-                "<pre style='max-height:10em;overflow:auto'>"
+                "<pre class='fedmagic-log' style='max-height:10em;overflow:auto'>"
                 + html.escape("\n".join(self._log_lines))
                 + "</pre>"
             )
             return
         if kind == "verified":
-            self.progress.max = max(details["max_rounds"], 1)
-            self._say(f"joined: {details['samples']} training samples")
+            samples = f"{details['samples']} training samples"
+            self._set_max_rounds(details["max_rounds"] or None)
+            self.verified = (True, samples)
+            self.verification.value = f"{_tone('data verified', 'success')} when joining: {samples}"
+            self._say(f"joined: {samples}")
         elif kind in ("round", "epoch"):
             epoch = f", epoch {details['epoch']}/{details['epochs']}" if kind == "epoch" else ""
             self._say(f"round {details['round']}: training{epoch}")
         elif kind == "uploaded":
-            self.progress.value = min(self.progress.value + 1, self.progress.max)
+            self.rounds += 1
+            self.progress.value = min(self.rounds, self.progress.max)
             self._say(f"round {details['round']}: update sent")
         elif kind == "reconnecting":
             self._say(f"{details['why']}; reconnecting for up to {details['window']:g} s")
@@ -281,15 +327,60 @@ class ParticipantPanel(widgets.VBox):
             self._say("back in the task: this node keeps its model and its consent")
         elif kind == "ended":
             self.ended = True
-            outcome, error = details["outcome"], details["error"]
-            text = (
-                f"error: {error}"
-                if error is not None
-                else f"finished: {outcome.reason}"
-                if outcome.ok
-                else f"did not finish: {outcome.reason}"
-            )
-            self._say(text)
+            self._say(ending_text(details["outcome"], details["error"], self.consent is False))
             for button in (self.accept_button, self.decline_button, self.leave_button):
                 button.disabled = True
             self.join_button.disabled = False
+
+
+def rounds_offered(package: TaskPackage) -> int | None:
+    """The rounds the code offered runs, when its arguments say (``max_rounds=4``).
+
+    Nothing of the code runs before its owner accepts it, so a number set
+    anywhere else (a default, a positional argument) stays unknown until the
+    node builds the task.
+    """
+    rounds = package.kwargs.get("max_rounds")
+    if isinstance(rounds, int) and not isinstance(rounds, bool) and rounds > 0:
+        return rounds
+    return None
+
+
+def ending_text(outcome: JoinOutcome | None, error: BaseException | None, declined: bool) -> str:
+    """How a node's part in a task ended: a first line that says it, any details after."""
+    if isinstance(error, TaskFailed):  # the panel names the task already
+        return f"did not finish: {error.reason}"
+    if error is not None:
+        return f"error: {error}"
+    assert outcome is not None, "a part that ended without an error has an outcome"
+    if declined:
+        return "declined: none of this code runs on this node"
+    if not outcome.ok:
+        return f"did not finish: {outcome.reason}"
+    if outcome.reason == "finished":
+        rounds = outcome.rounds
+        return f"finished: took part in {rounds} round{'' if rounds == 1 else 's'}"
+    return f"finished: {outcome.reason}"
+
+
+def _tone(text: str, tone: str) -> str:
+    """``text`` in bold, in the theme's colour for ``tone`` (success, error, warn)."""
+    return f"<b class='fedmagic-{tone}' style='color: var(--jp-{tone}-color1)'>{text}</b>"
+
+
+def _disclosure(summary: str, text: str) -> str:
+    """``text`` folded away behind ``summary``: one line until its reader opens it."""
+    return (
+        f"<details class='fedmagic-more'><summary>{html.escape(summary)}</summary>"
+        f"<pre style='white-space:pre-wrap'>{html.escape(text)}</pre></details>"
+    )
+
+
+def _headline_html(text: str) -> str:
+    """``text`` as one line, its first; a longer text shows whole once opened."""
+    first = text.split("\n", 1)[0]
+    if first == text and len(first) <= HEADLINE_CHARS:
+        return html.escape(text)
+    if len(first) > HEADLINE_CHARS:
+        first = first[: HEADLINE_CHARS - 1].rstrip() + "\u2026"
+    return _disclosure(first, text)

@@ -31,16 +31,27 @@ export interface ITaskState {
   checkpoint: string | null;
 }
 
-/** A task this kernel has joined as a data owner. */
+/**
+ * A task this kernel has joined as a data owner: always about the code offered
+ * in its current join, never about code accepted or verified in an earlier one.
+ */
 export interface IJoinState {
   task_id: string;
   node: string;
   status: 'running' | 'ended';
+  /** What it does now: a first line that says it, any lines after it details. */
   detail: string;
+  /** The code offered, once it arrived. */
   code_hash: string | null;
+  /** Whether its data owner accepted this code. */
   accepted: boolean;
+  /** Whether its data owner declined this code. */
+  declined: boolean;
+  /** Rounds this node took part in. */
   round: number;
-  max_rounds: number;
+  /** The rounds this code runs; null while unknown. */
+  max_rounds: number | null;
+  /** Verify data for this code; null before any. */
   verified: boolean | null;
   verification: string;
 }
@@ -84,12 +95,18 @@ export class Federation implements IDisposable {
     return this._comm !== null;
   }
 
+  /** The tasks this kernel runs as their author, newest first. */
   get tasks(): readonly ITaskState[] {
     return this._tasks;
   }
 
   get joins(): readonly IJoinState[] {
     return this._joins;
+  }
+
+  /** When the tasks' state arrived (`Date.now()`), which their clocks count from. */
+  get receivedAt(): number {
+    return this._receivedAt;
   }
 
   /** The outcome of the last Verify data, until the next one. */
@@ -221,6 +238,7 @@ export class Federation implements IDisposable {
     if (message.type === 'state') {
       this._tasks = message.tasks ?? [];
       this._joins = message.joins ?? [];
+      this._receivedAt = Date.now();
     } else if (message.type === 'verified') {
       this._lastVerification = message.results ?? [];
       this._settleVerifying(this._lastVerification);
@@ -239,6 +257,7 @@ export class Federation implements IDisposable {
   private _comm: Kernel.IComm | null = null;
   private _tasks: ITaskState[] = [];
   private _joins: IJoinState[] = [];
+  private _receivedAt = Date.now();
   private _lastVerification: IVerifyResult[] = [];
   private _verifying: Array<(results: IVerifyResult[]) => void> = [];
   private _changed = new Signal<this, void>(this);

@@ -3,9 +3,9 @@ import {
   JupyterFrontEndPlugin
 } from '@jupyterlab/application';
 import {
+  CommandToolbarButton,
   ICommandPalette,
-  Notification,
-  ToolbarButton
+  Notification
 } from '@jupyterlab/apputils';
 import { DocumentRegistry } from '@jupyterlab/docregistry';
 import {
@@ -14,8 +14,12 @@ import {
   NotebookPanel
 } from '@jupyterlab/notebook';
 import { checkIcon } from '@jupyterlab/ui-components';
+import type { ReadonlyPartialJSONObject } from '@lumino/coreutils';
+import type { CommandRegistry } from '@lumino/commands';
 import { DisposableDelegate, IDisposable } from '@lumino/disposable';
+import { ISignal, Signal } from '@lumino/signaling';
 
+import { taskToCopy, verifyTooltip, whyVerifyIsDisabled } from './describe';
 import { Federation, IVerifyResult } from './federation';
 // The side panel is created in activate(), so it is needed at once.
 // eslint-disable-next-line jupyter/prefer-lazy-imports
@@ -30,68 +34,85 @@ namespace CommandIDs {
 
 const CATEGORY = 'Federated Learning';
 
+const NO_NOTEBOOK = 'Open a notebook whose kernel joined a task first';
+
 /** What the commands take: no arguments. */
 const NO_ARGS = { args: { type: 'object', properties: {} } };
 
+/** Verify data takes the notebook whose toolbar it is in; else the current one. */
+const NOTEBOOK_ARG = {
+  args: {
+    type: 'object',
+    properties: {
+      notebook: {
+        type: 'string',
+        description: 'The id of the notebook panel (default: the current one)'
+      }
+    }
+  }
+};
+
 /** The Federation of each open notebook, ended when the notebook closes. */
 class Federations {
+  /** Emitted when any notebook's federation changes. */
+  get changed(): ISignal<this, void> {
+    return this._changed;
+  }
+
   of(panel: NotebookPanel): Federation {
     let federation = this._byPanel.get(panel);
     if (federation === undefined) {
-      federation = new Federation(panel.sessionContext);
-      this._byPanel.set(panel, federation);
+      const created = new Federation(panel.sessionContext);
+      const relay = () => this._changed.emit();
+      created.changed.connect(relay);
       panel.disposed.connect(() => {
-        federation!.dispose();
+        created.changed.disconnect(relay);
+        created.dispose();
         this._byPanel.delete(panel);
       });
+      this._byPanel.set(panel, created);
+      federation = created;
     }
     return federation;
   }
 
   private _byPanel = new Map<NotebookPanel, Federation>();
+  private _changed = new Signal<this, void>(this);
 }
 
 /**
- * A Verify data button in the toolbar of participant notebooks: those whose
- * kernel has joined a task, or that carry fedmagic metadata.
+ * The Verify data button in a notebook's toolbar, a view of the Verify data
+ * command for that notebook: shown in participant notebooks (those whose
+ * kernel joined a task, or that carry fedmagic metadata), disabled with the
+ * reason as its tooltip while there is nothing to verify.
  */
 class VerifyDataButton implements DocumentRegistry.IWidgetExtension<
   NotebookPanel,
   INotebookModel
 > {
-  constructor(
-    federations: Federations,
-    verify: (panel: NotebookPanel) => Promise<void>
-  ) {
-    this._federations = federations;
-    this._verify = verify;
+  constructor(commands: CommandRegistry) {
+    this._commands = commands;
   }
 
   createNew(panel: NotebookPanel): IDisposable {
-    const button = new ToolbarButton({
-      className: 'fedmagic-verify-button',
-      icon: checkIcon,
-      label: 'Verify data',
-      tooltip: "Run this task's DatasetVerify on this machine's data",
-      onClick: () => void this._verify(panel)
+    const button = new CommandToolbarButton({
+      commands: this._commands,
+      id: CommandIDs.verifyData,
+      args: { notebook: panel.id },
+      label: 'Verify data'
     });
-    const federation = this._federations.of(panel);
-    const update = () => {
-      const marked = panel.model?.getMetadata('fedmagic') !== undefined;
-      button.setHidden(!marked && federation.joins.length === 0);
-    };
-    update();
-    federation.changed.connect(update);
+    button.addClass('fedmagic-verify-button');
+    const update = () =>
+      this._commands.notifyCommandChanged(CommandIDs.verifyData);
     panel.model?.metadataChanged.connect(update);
     panel.toolbar.insertAfter('cellType', 'fedmagicVerifyData', button);
     return new DisposableDelegate(() => {
-      federation.changed.disconnect(update);
+      panel.model?.metadataChanged.disconnect(update);
       button.dispose();
     });
   }
 
-  private _federations: Federations;
-  private _verify: (panel: NotebookPanel) => Promise<void>;
+  private _commands: CommandRegistry;
 }
 
 function notify(results: IVerifyResult[]): void {
@@ -125,10 +146,30 @@ const plugin: JupyterFrontEndPlugin<void> = {
   ) => {
     const federations = new Federations();
     const current = (): NotebookPanel | null => tracker.currentWidget;
+    const notebookOf = (
+      args: ReadonlyPartialJSONObject
+    ): NotebookPanel | null =>
+      typeof args.notebook === 'string'
+        ? (tracker.find(panel => panel.id === args.notebook) ?? null)
+        : current();
+    const whyNotVerify = (panel: NotebookPanel | null): string | null => {
+      if (panel === null) {
+        return NO_NOTEBOOK;
+      }
+      const federation = federations.of(panel);
+      return whyVerifyIsDisabled(federation.connected, federation.joins);
+    };
+    const isParticipantNotebook = (panel: NotebookPanel): boolean =>
+      panel.model?.getMetadata('fedmagic') !== undefined ||
+      federations.of(panel).joins.length > 0;
 
     const verify = async (panel: NotebookPanel): Promise<void> => {
-      const results = await federations.of(panel).verifyData();
-      notify(results);
+      const why = whyNotVerify(panel);
+      if (why !== null) {
+        Notification.info(why, { autoClose: 6000 });
+        return;
+      }
+      notify(await federations.of(panel).verifyData());
     };
 
     const sidePanel = new FederationPanel(async () => {
@@ -141,24 +182,43 @@ const plugin: JupyterFrontEndPlugin<void> = {
     const follow = (): void => {
       const panel = current();
       sidePanel.follow(panel, panel ? federations.of(panel) : null);
+      app.commands.notifyCommandChanged();
     };
     tracker.currentChanged.connect(follow);
     follow();
+    federations.changed.connect(() =>
+      app.commands.notifyCommandChanged(CommandIDs.verifyData)
+    );
 
     app.docRegistry.addWidgetExtension(
       'Notebook',
-      new VerifyDataButton(federations, verify)
+      new VerifyDataButton(app.commands)
     );
 
-    const hasNotebook = () => current() !== null;
     app.commands.addCommand(CommandIDs.verifyData, {
-      describedBy: NO_ARGS,
+      describedBy: NOTEBOOK_ARG,
       label: 'Verify Data of the Joined Tasks',
-      caption: "Run each joined task's DatasetVerify on this machine's data",
+      caption: args => {
+        const panel = notebookOf(args);
+        return panel === null
+          ? NO_NOTEBOOK
+          : verifyTooltip(
+              federations.of(panel).connected,
+              federations.of(panel).joins
+            );
+      },
       icon: checkIcon,
-      isEnabled: hasNotebook,
-      execute: () => {
-        const panel = current();
+      isEnabled: args => whyNotVerify(notebookOf(args)) === null,
+      // In a notebook's toolbar: only in participant notebooks.
+      isVisible: args => {
+        if (args.notebook === undefined) {
+          return true;
+        }
+        const panel = notebookOf(args);
+        return panel !== null && isParticipantNotebook(panel);
+      },
+      execute: args => {
+        const panel = notebookOf(args);
         return panel ? verify(panel) : undefined;
       }
     });
@@ -196,7 +256,9 @@ const plugin: JupyterFrontEndPlugin<void> = {
       },
       execute: () => {
         const panel = current();
-        const task = panel ? federations.of(panel).tasks[0] : undefined;
+        const task = panel
+          ? taskToCopy(federations.of(panel).tasks)
+          : undefined;
         if (task) {
           copyJoinLine(task);
         }

@@ -1,8 +1,27 @@
 import { Clipboard, Notification } from '@jupyterlab/apputils';
 import { NotebookPanel } from '@jupyterlab/notebook';
-import { LabIcon } from '@jupyterlab/ui-components';
+import {
+  caretDownIcon,
+  caretRightIcon,
+  LabIcon
+} from '@jupyterlab/ui-components';
+import type { Message } from '@lumino/messaging';
 import { Widget } from '@lumino/widgets';
 
+import {
+  codeText,
+  collapsedByDefault,
+  consentState,
+  consentText,
+  headline,
+  joinRoundText,
+  maskToken,
+  taskStatusLine,
+  taskSummary,
+  verificationText,
+  verifyTooltip,
+  whyVerifyIsDisabled
+} from './describe';
 import { Federation, IJoinState, ITaskState } from './federation';
 
 const FEDERATION_SVG =
@@ -16,10 +35,16 @@ export const federationIcon = new LabIcon({
   svgstr: FEDERATION_SVG
 });
 
+/** How often a running task's clocks move on between the kernel's updates. */
+const TICK_MS = 1000;
+
 /**
- * The Federation side panel: the tasks the current notebook's kernel runs or
- * has joined, with status, round, participants, last metrics, the join line
- * to copy, Stop, and Verify data.
+ * The Federation side panel: the tasks the current notebook's kernel runs
+ * (newest first) or has joined. A task card shows its status and clocks,
+ * participants, last metrics, the join line (token masked) to copy, and Stop
+ * while it runs or its checkpoint once it ended; ended cards start collapsed.
+ * A join card shows the code offered, its owner's decision, Verify data and
+ * the rounds.
  */
 export class FederationPanel extends Widget {
   constructor(verify: () => Promise<void>) {
@@ -41,8 +66,18 @@ export class FederationPanel extends Widget {
     this.render();
   }
 
+  dispose(): void {
+    if (this.isDisposed) {
+      return;
+    }
+    this._federation?.changed.disconnect(this.render, this);
+    this._stopTicking();
+    super.dispose();
+  }
+
   render(): void {
     const node = this.node;
+    this._clocks = [];
     node.replaceChildren(element('h2', 'Federation'));
     const federation = this._federation;
     if (this._notebook === null || federation === null) {
@@ -82,84 +117,221 @@ export class FederationPanel extends Widget {
     federation.tasks.forEach(task =>
       node.append(this._taskCard(federation, task))
     );
-    federation.joins.forEach(join => node.append(this._joinCard(join)));
+    federation.joins.forEach(join =>
+      node.append(this._joinCard(federation, join))
+    );
   }
 
   protected onBeforeShow(): void {
     this.render();
   }
 
+  protected onAfterAttach(msg: Message): void {
+    super.onAfterAttach(msg);
+    this._ticker = window.setInterval(this._tick, TICK_MS);
+  }
+
+  protected onBeforeDetach(msg: Message): void {
+    this._stopTicking();
+    super.onBeforeDetach(msg);
+  }
+
   private _taskCard(federation: Federation, task: ITaskState): HTMLElement {
+    const key = `task:${task.task_id}`;
+    const collapsed = this._collapsed.get(key) ?? collapsedByDefault(task);
     const card = element(
       'section',
       '',
-      `fedmagic-TaskCard fedmagic-status-${task.status}`
+      `fedmagic-TaskCard fedmagic-status-${task.status}` +
+        (collapsed ? ' fedmagic-mod-collapsed' : '')
     );
     card.dataset.taskId = task.task_id;
-    const state = task.stopping ? 'stopping after this round' : task.status;
-    card.append(
-      element('h3', `${task.task_id}`),
-      row('status', task.error ? `${state}: ${task.error}` : state),
-      row('round', `${task.round} / ${task.max_rounds || '?'}`),
+    card.dataset.status = task.status;
+    card.dataset.collapsed = String(collapsed);
+
+    const toggle = element('button', '', 'fedmagic-card-toggle');
+    toggle.dataset.key = key;
+    toggle.setAttribute('aria-expanded', String(!collapsed));
+    toggle.append(
+      (collapsed ? caretRightIcon : caretDownIcon).element({
+        className: 'fedmagic-chevron',
+        tag: 'span'
+      }),
+      element('span', task.task_id, 'fedmagic-card-title')
+    );
+    const title = element('h3', '');
+    title.append(toggle);
+    const header = element('header', '', 'fedmagic-card-header');
+    header.append(
+      title,
+      element('span', taskSummary(task), 'fedmagic-card-summary')
+    );
+    header.addEventListener('click', () => {
+      this._collapsed.set(key, !collapsed);
+      this.render();
+      this.node
+        .querySelector<HTMLElement>(
+          `.fedmagic-card-toggle[data-key="${CSS.escape(key)}"]`
+        )
+        ?.focus();
+    });
+    card.append(header);
+
+    const body = element('div', '', 'fedmagic-card-body');
+    body.hidden = collapsed;
+    let status: HTMLElement;
+    if (task.status === 'running') {
+      status = element(
+        'span',
+        this._statusLine(task),
+        'fedmagic-value fedmagic-status-line'
+      );
+      this._clocks.push({ node: status, task });
+    } else {
+      status = this._folded(`${key}:status`, taskStatusLine(task));
+    }
+    body.append(
+      row('status', status),
       row('participants', participantsText(task)),
       row('last metrics', metricsText(task.metrics) || 'none yet')
     );
-    const join = element('code', task.join_command, 'fedmagic-join-line');
-    const copy = button('Copy join line', () => copyJoinLine(task));
-    const stop = button('Stop after this round', () =>
-      federation.stop(task.task_id)
+    if (task.status !== 'running') {
+      const path = element(
+        'code',
+        task.checkpoint ?? 'none saved',
+        'fedmagic-value fedmagic-checkpoint'
+      );
+      body.append(row('checkpoint', path));
+    }
+    const joinLine = element(
+      'code',
+      maskToken(task.join_command),
+      'fedmagic-join-line'
     );
-    stop.disabled = task.status !== 'running' || task.stopping;
-    card.append(join, element('div', '', 'fedmagic-actions'));
-    card.lastElementChild!.append(copy, stop);
+    joinLine.dataset.masked = String(
+      joinLine.textContent !== task.join_command
+    );
+    const actions = element('div', '', 'fedmagic-actions');
+    actions.append(
+      button('Copy join line', 'fedmagic-copy-join-line', () =>
+        copyJoinLine(task)
+      )
+    );
+    if (task.status === 'running') {
+      const stop = button('Stop after this round', 'fedmagic-stop-task', () =>
+        federation.stop(task.task_id)
+      );
+      stop.disabled = task.stopping;
+      actions.append(stop);
+    }
+    body.append(joinLine, actions);
+    card.append(body);
     return card;
   }
 
-  private _joinCard(join: IJoinState): HTMLElement {
+  private _joinCard(federation: Federation, join: IJoinState): HTMLElement {
+    const key = `join:${join.task_id}`;
     const card = element(
       'section',
       '',
       `fedmagic-JoinCard fedmagic-status-${join.status}`
     );
     card.dataset.taskId = join.task_id;
-    const verification =
-      join.verified === null
-        ? 'not verified yet'
-        : `${join.verified ? 'passed' : 'failed'}: ${join.verification}`;
+    card.dataset.node = join.node;
+    card.dataset.consent = consentState(join);
+    card.dataset.verified =
+      join.verified === null ? 'none' : join.verified ? 'passed' : 'failed';
+    const data = row(
+      'data',
+      this._folded(`${key}:data`, verificationText(join)),
+      join.verified === false ? 'fedmagic-failed' : ''
+    );
+    const consent = row(
+      'consent',
+      consentText(join),
+      join.declined ? 'fedmagic-declined' : ''
+    );
     card.append(
       element('h3', `${join.task_id} (as ${join.node})`),
-      row('status', join.detail || join.status),
-      row('round', `${join.round} / ${join.max_rounds}`),
-      row(
-        'code',
-        join.code_hash
-          ? `${join.code_hash.slice(0, 16)}, ` +
-              (join.accepted ? 'accepted' : 'not accepted yet')
-          : 'not received yet'
-      ),
-      row(
-        'data',
-        verification,
-        join.verified === false ? 'fedmagic-failed' : ''
-      )
+      row('status', this._folded(`${key}:status`, join.detail || join.status)),
+      row('code', codeText(join)),
+      consent,
+      data,
+      row('round', joinRoundText(join))
     );
-    const verify = button('Verify data', () => void this._verify());
-    card.append(element('div', '', 'fedmagic-actions'));
-    card.lastElementChild!.append(verify);
+    const verify = button('Verify data', 'fedmagic-verify-data', () => {
+      void this._verify();
+    });
+    verify.disabled =
+      whyVerifyIsDisabled(federation.connected, [join]) !== null;
+    verify.title = verifyTooltip(federation.connected, [join]);
+    const actions = element('div', '', 'fedmagic-actions');
+    actions.append(verify);
+    card.append(actions);
     return card;
+  }
+
+  /** `text` as one line; the rest behind a disclosure that stays open across updates. */
+  private _folded(key: string, text: string): HTMLElement {
+    const { line, more } = headline(text);
+    if (!more) {
+      return element('span', text, 'fedmagic-value');
+    }
+    const details = element('details', '', 'fedmagic-value fedmagic-more');
+    (details as HTMLDetailsElement).open = this._open.has(key);
+    details.append(element('summary', line), element('pre', text));
+    details.addEventListener('toggle', () => {
+      if ((details as HTMLDetailsElement).open) {
+        this._open.add(key);
+      } else {
+        this._open.delete(key);
+      }
+    });
+    return details;
+  }
+
+  private _statusLine(task: ITaskState): string {
+    const since = this._federation
+      ? (Date.now() - this._federation.receivedAt) / 1000
+      : 0;
+    return taskStatusLine(task, since);
+  }
+
+  private _tick = (): void => {
+    if (this.isVisible) {
+      this._clocks.forEach(({ node, task }) => {
+        node.textContent = this._statusLine(task);
+      });
+    }
+  };
+
+  private _stopTicking(): void {
+    if (this._ticker !== null) {
+      window.clearInterval(this._ticker);
+      this._ticker = null;
+    }
   }
 
   private _verify: () => Promise<void>;
   private _notebook: NotebookPanel | null = null;
   private _federation: Federation | null = null;
+  /** Cards whose owner folded or unfolded them, by key; the rest follow their default. */
+  private _collapsed = new Map<string, boolean>();
+  /** The disclosures their reader opened, by key. */
+  private _open = new Set<string>();
+  /** The status lines of running tasks, whose clocks tick. */
+  private _clocks: Array<{ node: HTMLElement; task: ITaskState }> = [];
+  private _ticker: number | null = null;
 }
 
 /** Put a task's join line on the clipboard, for its author to send to data owners. */
 export function copyJoinLine(task: ITaskState): void {
   Clipboard.copyToSystem(task.join_command);
-  Notification.info(`Join line of task ${task.task_id} copied`, {
-    autoClose: 3000
-  });
+  Notification.info(
+    `Join line of task ${task.task_id} copied (it holds the task's token: ` +
+      'send it to data owners only)',
+    { autoClose: 4000 }
+  );
 }
 
 function participantsText(task: ITaskState): string {
@@ -195,17 +367,30 @@ function element(tag: string, text: string, className = ''): HTMLElement {
   return node;
 }
 
-function row(label: string, value: string, className = ''): HTMLElement {
+/** A labelled row; its `data-row` names it for tests and styles. */
+function row(
+  label: string,
+  value: string | HTMLElement,
+  className = ''
+): HTMLElement {
   const line = element('div', '', `fedmagic-row ${className}`.trim());
-  line.append(element('span', label, 'fedmagic-label'), element('span', value));
+  line.dataset.row = label.replace(/ /g, '-');
+  line.append(
+    element('span', label, 'fedmagic-label'),
+    typeof value === 'string' ? element('span', value, 'fedmagic-value') : value
+  );
   return line;
 }
 
-function button(label: string, onClick: () => void): HTMLButtonElement {
+function button(
+  label: string,
+  className: string,
+  onClick: () => void
+): HTMLButtonElement {
   const node = element(
     'button',
     label,
-    'jp-Button jp-mod-styled jp-mod-reject'
+    `jp-Button jp-mod-styled jp-mod-reject ${className}`
   ) as HTMLButtonElement;
   node.addEventListener('click', onClick);
   return node;
