@@ -108,11 +108,12 @@ def test_a_node_status_says_whether_it_may_be_picked_and_whether_it_is_gone(
 
 
 def test_displays_take_their_colours_from_the_jupyterlab_theme():
-    for display in (LABEXTENSION / "style" / "index.css", REPO / "fedmagic/notebook/panel.py"):
-        source = display.read_text()
+    stylesheet = (LABEXTENSION / "style" / "index.css").read_text()
+    panel = (REPO / "fedmagic/notebook/panel.py").read_text()  # styled by the stylesheet
 
-        assert re.findall(r"#[0-9a-fA-F]{3,8}\b|rgba?\(", source) == [], display
-        assert "var(--jp-" in source, display
+    for source in (stylesheet, panel):
+        assert re.findall(r"#[0-9a-fA-F]{3,8}\b|rgba?\(", source) == []
+    assert "var(--jp-" in stylesheet
 
 
 # What the Federation panel and the commands say, run in Node from labextension/src/describe.ts
@@ -230,9 +231,9 @@ def join(**fields: Any) -> dict[str, Any]:
      ["not received yet", "no code to decide on yet", "no code to verify yet", "not started"]),
     (join(code_hash="cd34" * 8, accepted=False, round=0, max_rounds=4, verified=None),
      ["hash cd34cd34cd34cd34", "waiting for your decision", "not verified yet", "0/4"]),
-    (join(code_hash="cd34" * 8, accepted=False, declined=True, round=0, max_rounds=None,
+    (join(code_hash="cd34" * 8, accepted=False, declined=True, round=0, max_rounds=4,
           verified=None, ended=True),
-     ["hash cd34cd34cd34cd34", "declined", "not verified yet", "not started"]),
+     ["hash cd34cd34cd34cd34", "declined", "not verified yet", "none: declined"]),
     (join(round=2, max_rounds=4, verified=True, verification="719 training samples"),
      ["hash ab12", "accepted", "passed: 719 training samples", "2/4"]),
 ], ids=["waiting for code", "asked", "declined", "taking part"])

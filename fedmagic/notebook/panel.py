@@ -365,7 +365,7 @@ def ending_text(outcome: JoinOutcome | None, error: BaseException | None, declin
 
 def _tone(text: str, tone: str) -> str:
     """``text`` in bold, in the theme's colour for ``tone`` (success, error, warn)."""
-    return f"<b class='fedmagic-{tone}' style='color: var(--jp-{tone}-color1)'>{text}</b>"
+    return f"<b class='fedmagic-{tone}'>{text}</b>"  # coloured by the extension's stylesheet
 
 
 def _disclosure(summary: str, text: str) -> str:

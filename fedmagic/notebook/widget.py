@@ -1,47 +1,40 @@
 """The live progress widget of a task, in its author's notebook.
 
-Everything it shows lives in plain widget traits (HTML strings, a progress
-bar, bqplot lines), so a saved notebook replays it without a kernel. It only
-reads a ``TaskRun``; the run works the same with no widget at all.
+From the top: a status header (task id, badge, ``round 3/5 · 0:41 elapsed
+· ~0:27 left``, a bar with the round count, best values so far); Stop after
+this round, which the final summary replaces once the task ended; the join
+line, token masked, with a Copy button; the participants; a chart per
+metric; the hyperparameters, collapsed; the event log, newest in sight.
+
+Everything it shows lives in plain widget traits (HTML strings, bqplot
+marks), so a saved notebook replays it without a kernel. It only reads a
+``TaskRun``; the run works the same with no widget at all.
 """
 
 from __future__ import annotations
 
-import html
-import time
-from typing import TYPE_CHECKING, Any, Sequence
+import logging
+import threading
+import weakref
+from typing import TYPE_CHECKING, Any, Callable
 
-import bqplot
 import ipywidgets as widgets
 
-from ..engine.state import NodeStatus, ParticipantState, TaskSnapshot, TaskStatus, metrics_of
+from ..engine.state import TaskStatus
+from .charts import MetricCharts
+from .task_html import STYLE, TaskMarkup
 
 if TYPE_CHECKING:
     from ..engine.launch import TaskRun
 
 __all__ = ["TaskWidget", "show_task"]
 
-LOG_LINES = 12
-_BAR_STYLES = {
-    TaskStatus.RUNNING: "info",
-    TaskStatus.FINISHED: "success",
-    TaskStatus.FAILED: "danger",
-}
-_GOOD, _BUSY, _BAD, _AWAY = "#2e7d32", "#1565c0", "#c62828", "#ef6c00"
-_STATUS_COLOURS = {
-    NodeStatus.READY: _GOOD,
-    NodeStatus.UPLOADED: _GOOD,
-    NodeStatus.TRAINING: _BUSY,
-    NodeStatus.TRAINED: _BUSY,
-    NodeStatus.UPLOADING: _BUSY,
-    NodeStatus.REFUSED: _BAD,
-    NodeStatus.FAILED: _BAD,
-    NodeStatus.UNVERIFIED: _BAD,
-    NodeStatus.DECLINED: _BAD,
-    NodeStatus.DROPPED: _AWAY,
-    NodeStatus.TIMED_OUT: _AWAY,
-    NodeStatus.RECONNECTING: _AWAY,
-}
+log = logging.getLogger("fedmagic")
+
+#: How often the clock and the participants' progress refresh between events.
+TICK_SECONDS = 1.0
+STOP = "Stop after this round"
+STOPPING = "Stopping after this round…"
 
 
 def show_task(run: TaskRun) -> None:
@@ -56,135 +49,131 @@ def show_task(run: TaskRun) -> None:
 
 
 class TaskWidget(widgets.VBox):
-    """Participants, round progress, a chart per metric, the event log and Stop."""
+    """Status, Stop or the final summary, join line, participants, charts, log."""
 
     def __init__(self, run: TaskRun) -> None:
         self.run = run
+        self.markup = TaskMarkup(run.token)
         self.header = widgets.HTML()
-        self.progress = widgets.IntProgress(
-            min=0, max=max(run.max_rounds, 1), description="round", bar_style="info"
-        )
-        self.table = widgets.HTML()
-        self.charts = widgets.HBox(layout=widgets.Layout(flex_flow="row wrap"))
-        self.event_log = widgets.HTML()
         self.stop_button = widgets.Button(
-            description="Stop after this round",
+            description=STOP,
             icon="stop",
             button_style="warning",
-            layout=widgets.Layout(width="auto"),
+            tooltip="End the task once the current round is in; its checkpoint is kept",
+            layout=widgets.Layout(width="auto", align_self="flex-start"),
         )
         self.stop_button.on_click(self._stop)
-        self._lines: dict[str, bqplot.Lines] = {}
-        super().__init__(
-            [self.header, self.progress, self.table, self.charts, self.event_log, self.stop_button]
-        )
+        self.summary = widgets.HTML()  # replaces the Stop button once the task ended
+        self.join_line = widgets.HTML()  # rewritten only when the task ends: Copy stays put
+        self.table = widgets.HTML()
+        self.tracebacks = widgets.HTML()
+        self.charts = MetricCharts(run.max_rounds)
+        self.hyperparameters = widgets.HTML()
+        self.event_log = widgets.HTML()
+        self.style_sheet = widgets.HTML(STYLE, layout=widgets.Layout(display="none"))
+        self._lock = threading.Lock()  # events and the clock refresh from two threads
+        self._logged = -1  # how many events the log shows
+        self._ended = threading.Event()
+        self._ticker: threading.Thread | None = None
+        self._shown = self._parts(ended=False)
+        super().__init__(self._shown)
         self.add_class("fedmagic-task")
+        refresh = _weak_refresh(self)
+
+        def on_event(text: str) -> None:
+            refresh()
+
+        run.subscribe(on_event)  # before the first refresh: no end goes unseen
         self.refresh()
-        run.subscribe(self._on_event)
+        if not self._ended.is_set():
+            self._ticker = threading.Thread(
+                target=_tick,
+                args=(refresh, self._ended),
+                name=f"fedmagic-widget-{run.task_id}",
+                daemon=True,  # never holds up the kernel's exit
+            )
+            self._ticker.start()
 
     def refresh(self) -> None:
-        """Show the run as it is now."""
-        task = self.run.snapshot()
-        with self.hold_sync():
-            self.header.value = _header(task)
-            self.progress.value = min(task.round, self.progress.max)
-            self.progress.bar_style = _BAR_STYLES[task.status]
-            self.table.value = _table(task.participants)
-            self.event_log.value = _log(self.run.events)
-            self.stop_button.disabled = task.status != TaskStatus.RUNNING or task.stopping
-            self._plot(task.history)
+        """Show the run as it is now; cheap when little changed."""
+        with self._lock:
+            task = self.run.snapshot()
+            ended = task.status != TaskStatus.RUNNING
+            self.header.value = self.markup.header(task)
+            _show(self.join_line, "" if ended else self.markup.join_line(task.join_command))
+            self.table.value = self.markup.participants(task)
+            _show(self.tracebacks, self.markup.tracebacks(task))
+            self.charts.show(task.history)
+            _show(self.hyperparameters, self.markup.hyperparameters(task))
+            events = self.run.events
+            if len(events) != self._logged:
+                self._logged = len(events)
+                self.event_log.value = self.markup.event_log(
+                    events, failed=task.status == TaskStatus.FAILED
+                )
+            if ended:
+                self.summary.value = self.markup.summary(task, self.run.stop_requested)
+            else:
+                self.stop_button.disabled = task.stopping
+                self.stop_button.description = STOPPING if task.stopping else STOP
+            if self._parts(ended) != self._shown:
+                self._shown = self.children = self._parts(ended)
+        if ended:
+            self._ended.set()  # the clock stops
 
-    def _plot(self, history: Sequence[dict[str, Any]]) -> None:
-        tested = [row for row in history if row.get("tested")]
-        names = [
-            key
-            for row in tested
-            for key, value in metrics_of(row).items()
-            if isinstance(value, (int, float)) and not isinstance(value, bool)
-        ]
-        for name in dict.fromkeys(names):
-            points = [(row["round"], row[name]) for row in tested if name in row]
-            if name not in self._lines:
-                self._lines[name] = self._chart(name)
-            line = self._lines[name]
-            line.x = [x for x, _ in points]
-            line.y = [y for _, y in points]
+    def close(self) -> None:
+        self._ended.set()
+        super().close()
 
-    def _chart(self, name: str) -> bqplot.Lines:
-        x_scale, y_scale = bqplot.LinearScale(), bqplot.LinearScale()
-        line = bqplot.Lines(x=[], y=[], scales={"x": x_scale, "y": y_scale}, marker="circle")
-        figure = bqplot.Figure(
-            marks=[line],
-            title=name,
-            fig_margin={"top": 40, "bottom": 40, "left": 50, "right": 20},
-            axes=[
-                bqplot.Axis(scale=x_scale, label="round", tick_format="d"),
-                bqplot.Axis(scale=y_scale, orientation="vertical"),
-            ],
-            layout=widgets.Layout(width="320px", height="220px"),
+    def _parts(self, ended: bool) -> tuple[widgets.Widget, ...]:
+        return (
+            self.header,
+            self.summary if ended else self.stop_button,
+            self.join_line,
+            self.table,
+            self.tracebacks,
+            self.charts,
+            self.hyperparameters,
+            self.event_log,
+            self.style_sheet,  # last: the header is the widget's first text
         )
-        self.charts.children = (*self.charts.children, figure)
-        return line
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         # Where widgets do not render (nbconvert, a terminal client), the task as text.
         bundle = super()._repr_mimebundle_(**kwargs)
         return {**bundle, "text/plain": self.run.summary()}
 
-    def _on_event(self, text: str) -> None:
-        self.refresh()
-
     def _stop(self, button: widgets.Button) -> None:
         self.run.stop()
         self.refresh()
 
 
-def _header(task: TaskSnapshot) -> str:
-    state = str(task.status)
-    if task.error is not None:
-        state += f": {html.escape(task.error)}{_traceback(task.error_traceback)}"
-    return (
-        f"<b>task {html.escape(task.task_id)}</b> &middot; {state}<br>"
-        f"data owners join with: <code>{html.escape(task.join_command)}</code>"
-    )
+def _show(part: widgets.HTML, value: str) -> None:
+    """Set an HTML part, hidden while empty (an empty one still takes a line)."""
+    part.value = value
+    part.layout.display = None if value else "none"
 
 
-def _traceback(text: str) -> str:
-    return (
-        f"<details><summary>traceback</summary><pre>{html.escape(text)}</pre></details>"
-        if text
-        else ""
-    )
+def _weak_refresh(widget: TaskWidget) -> Callable[[], bool]:
+    """``widget.refresh``, without keeping the widget alive: the run and the clock hold this.
+
+    Returns whether the widget is still there.
+    """
+    ref = weakref.ref(widget)
+
+    def refresh() -> bool:
+        alive = ref()
+        if alive is not None:
+            alive.refresh()
+        return alive is not None
+
+    return refresh
 
 
-def _table(participants: Sequence[ParticipantState]) -> str:
-    if not participants:
-        return "<i>no participant has joined yet</i>"
-    rows = []
-    for p in participants:
-        colour = _STATUS_COLOURS.get(p.status, "inherit")
-        seconds = f"{p.train_seconds:.2f}" if p.train_seconds is not None else ""
-        rows.append(
-            f"<tr><td>{html.escape(p.node)}</td>"
-            f"<td style='color:{colour}'>{html.escape(p.status)}</td>"
-            f"<td>{p.samples or ''}</td><td>{seconds}</td>"
-            f"<td>{html.escape(p.detail)}{_traceback(p.traceback)}</td></tr>"
-        )
-    return (
-        "<style>.fedmagic-participants td, .fedmagic-participants th"
-        "{padding:2px 12px 2px 0;text-align:left}</style>"
-        "<table class='fedmagic-participants'><tr><th>node</th><th>status</th>"
-        "<th>samples</th><th>s per round</th><th>detail</th></tr>" + "".join(rows) + "</table>"
-    )
-
-
-def _log(events: list[tuple[float, str]]) -> str:
-    lines = [
-        f"{time.strftime('%H:%M:%S', time.localtime(stamp))} {text.splitlines()[0]}"
-        for stamp, text in events[-LOG_LINES:]
-    ]
-    return (
-        "<pre class='fedmagic-log' style='max-height:12em;overflow:auto'>"
-        + html.escape("\n".join(lines))
-        + "</pre>"
-    )
+def _tick(refresh: Callable[[], bool], ended: threading.Event) -> None:
+    """The clock: refresh every second between events, until the task ended."""
+    try:
+        while not ended.wait(TICK_SECONDS) and refresh():
+            pass
+    except Exception:  # a broken display is logged; the task goes on without its clock
+        log.exception("the task widget's clock stopped")

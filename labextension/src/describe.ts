@@ -148,6 +148,9 @@ export function verificationText(join: IJoinState): string {
 
 /** The round row of a join card; `not started` while the code's rounds are unknown. */
 export function joinRoundText(join: IJoinState): string {
+  if (join.declined) {
+    return 'none: declined';
+  }
   return join.max_rounds === null
     ? 'not started'
     : `${join.round}/${join.max_rounds}`;

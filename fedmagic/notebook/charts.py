@@ -1,0 +1,149 @@
+"""The task widget's charts: one bqplot figure per numeric metric, by round.
+
+The round axis is fixed to ``1..max_rounds`` from the first point, with
+integer ticks, so it does not rescale as rounds come; each point has a
+marker (round 1 alone shows) and a tooltip with its round and value.
+Everything is a bqplot trait, so a saved notebook replays the charts.
+"""
+
+from __future__ import annotations
+
+import math
+from itertools import count
+from typing import Any, Sequence
+
+import bqplot
+import ipywidgets as widgets
+
+from .task_html import is_percent_metric, metric_series
+
+__all__ = ["MetricChart", "MetricCharts", "round_ticks", "value_domain", "value_ticks"]
+
+#: The line and its markers; JupyterLab's brand colour reads in the light and dark themes.
+COLOUR = "var(--jp-brand-color1, #1976d2)"
+WIDTH, HEIGHT = "420px", "260px"
+#: At most this many labelled values on the value axis.
+VALUE_TICKS = 5
+#: At most this many labelled rounds on the round axis.
+ROUND_TICKS = 8
+
+
+def round_ticks(last: int, most: int = ROUND_TICKS) -> list[int]:
+    """Whole rounds to label on an axis from 1 to ``last``: all of them, or every 2, 5, 10..."""
+    if last <= most:
+        return list(range(1, last + 1))
+    step = next(
+        step
+        for power in count()
+        for step in (2 * 10**power, 5 * 10**power, 10 ** (power + 1))
+        if last // step < most
+    )
+    return [1, *range(step, last + 1, step)]
+
+
+def value_domain(values: Sequence[float], percent: bool) -> tuple[float, float]:
+    """The value axis's range: the values with a margin; never empty, shares kept in [0, 1]."""
+    low, high = min(values), max(values)
+    margin = (high - low) * 0.08 or max(abs(high) * 0.1, 0.01 if percent else 1e-6)
+    low, high = low - margin, high + margin
+    if percent:
+        low, high = max(low, 0.0), min(high, 1.0)
+    return low, high
+
+
+def value_ticks(low: float, high: float, most: int = VALUE_TICKS) -> list[float]:
+    """Round values from ``low`` to ``high`` to label: at most ``most``, 1, 2, 2.5 or 5 apart."""
+    power = math.floor(math.log10((high - low) / most))
+    for step in (m * 10.0**p for p in range(power, power + 3) for m in (1, 2, 2.5, 5)):
+        first, last = math.ceil(low / step), math.floor(high / step)
+        if last - first + 1 <= most:
+            break
+    return [round(i * step, 12) for i in range(first, last + 1)]
+
+
+def percent_format(ticks: Sequence[float]) -> str:
+    """A d3 format for shares with as many decimals as the ticks need: ``.0%``, ``.1%``..."""
+    for decimals in range(4):
+        if all(abs(round(t * 100, decimals) - t * 100) < 1e-9 for t in ticks):
+            return f".{decimals}%"
+    return ".4%"
+
+
+class MetricChart:
+    """One metric's chart: a line through its tested rounds, a marker and tooltip on each."""
+
+    def __init__(self, name: str, max_rounds: int) -> None:
+        self.name = name
+        if max_rounds > 1:
+            self.x_scale = bqplot.LinearScale(min=1.0, max=float(max_rounds))
+        elif max_rounds == 1:  # one round: in the middle, not on the axis
+            self.x_scale = bqplot.LinearScale(min=0.5, max=1.5)
+        else:  # rounds not known in advance: the axis grows with them
+            self.x_scale = bqplot.LinearScale(min=1.0)
+        self.y_scale = bqplot.LinearScale()
+        scales = {"x": self.x_scale, "y": self.y_scale}
+        self.tooltip = bqplot.Tooltip(fields=["x", "y"], labels=["round", name])
+        self.tooltip.add_class("fm-tooltip")
+        self.line = bqplot.Lines(x=[], y=[], scales=scales, colors=[COLOUR], stroke_width=2)
+        self.dots = bqplot.Scatter(
+            x=[], y=[], scales=scales, colors=[COLOUR], default_size=36, tooltip=self.tooltip
+        )
+        self.x_axis = bqplot.Axis(
+            scale=self.x_scale,
+            label="round",
+            tick_format="d",
+            tick_values=round_ticks(max_rounds) if max_rounds else None,
+        )
+        self.y_axis = bqplot.Axis(scale=self.y_scale, side="left", label=name, label_offset="45px")
+        self.figure = bqplot.Figure(
+            marks=[self.line, self.dots],
+            axes=[self.x_axis, self.y_axis],
+            title=name,
+            title_style={"font-size": "14px"},
+            fig_margin={"top": 36, "bottom": 46, "left": 64, "right": 24},
+            padding_x=0.04,
+            padding_y=0.04,
+            layout=widgets.Layout(width=WIDTH, height=HEIGHT),
+        )
+        self._max_rounds = max_rounds
+        self._points: list[tuple[int, float]] = []
+
+    def show(self, points: list[tuple[int, float]]) -> None:
+        """Plot these ``(round, value)`` points, if they changed."""
+        if points == self._points:
+            return
+        self._points = points
+        rounds = [x for x, _ in points]
+        values = [y for _, y in points]
+        percent = is_percent_metric(self.name, values)
+        low, high = value_domain(values, percent)
+        ticks = value_ticks(low, high)
+        # The format first: bqplot redraws an axis with a transition that writes its labels
+        # in the format current when the transition began.
+        self.y_axis.tick_format = percent_format(ticks) if percent else "~g"
+        self.tooltip.formats = ["d", ".1%" if percent else ".4~g"]
+        self.y_axis.tick_values = ticks
+        self.y_scale.min, self.y_scale.max = low, high
+        if not self._max_rounds:
+            self.x_axis.tick_values = round_ticks(max(rounds))
+        for mark in (self.line, self.dots):
+            mark.x, mark.y = rounds, values
+
+
+class MetricCharts(widgets.Box):
+    """A chart per numeric metric ``test()`` returned, side by side, wrapping."""
+
+    def __init__(self, max_rounds: int, **kwargs: Any) -> None:
+        super().__init__(layout=widgets.Layout(flex_flow="row wrap", display="none"), **kwargs)
+        self.max_rounds = max_rounds
+        self.charts: dict[str, MetricChart] = {}
+
+    def show(self, history: Sequence[dict[str, Any]]) -> None:
+        """Plot the tested rounds of ``history``; a new metric gets a new chart."""
+        for name, points in metric_series(history).items():
+            chart = self.charts.get(name)
+            if chart is None:
+                chart = self.charts[name] = MetricChart(name, self.max_rounds)
+                self.children = tuple(each.figure for each in self.charts.values())
+                self.layout.display = None
+            chart.show(points)
