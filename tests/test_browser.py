@@ -1,4 +1,5 @@
-"""The notebook experience in a real browser: JupyterLab 4 in headless Chromium."""
+"""The notebook experience in a real browser: JupyterLab 4 and Notebook 7, light and dark,
+in headless Chromium. The screenshots the README shows come from here."""
 
 from __future__ import annotations
 
@@ -21,7 +22,6 @@ import pytest
 from conftest import free_port
 from fedmagic.examples.digits_task import DigitsScheduler
 from fedmagic.engine.launch import start_task
-from test_tutorial import as_fedmagic_script, tutorial_final_code
 
 pytestmark = pytest.mark.slow
 
@@ -30,6 +30,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--no-first-run", "--disable-background-networking",
                   "--disable-component-update", "--disable-sync"]
 ERROR_OUTPUT = ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
+THEMES = {"light": "JupyterLab Light", "dark": "JupyterLab Dark"}
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 NOTEBOOKS = DOCS.parent / "notebooks"
 
@@ -53,7 +54,7 @@ class Server(NamedTuple):
 
 
 @contextlib.contextmanager
-def serve(app: str, tmp_path: Path) -> Iterator[Server]:
+def serve(app: str, tmp_path: Path, theme: str = "light") -> Iterator[Server]:
     """A JupyterLab 4 or Notebook 7 server on 127.0.0.1 with a fresh home and work directory."""
     browser_is_here()
     port, token = free_port(), secrets.token_hex(16)
@@ -62,6 +63,7 @@ def serve(app: str, tmp_path: Path) -> Iterator[Server]:
     settings.mkdir(parents=True)
     (settings / "notification.jupyterlab-settings").write_text(
         json.dumps({"fetchNews": "false", "checkForUpdates": False}))
+    (settings / "themes.jupyterlab-settings").write_text(json.dumps({"theme": THEMES[theme]}))
     workdir = tmp_path / "work"
     workdir.mkdir()
     env = {**os.environ, "JUPYTER_CONFIG_DIR": str(home / "config"),
@@ -178,31 +180,159 @@ def wait_for_widget(page, participants: int):
     return widget
 
 
-def test_the_tutorials_code_shows_the_live_widget_in_jupyterlab(jupyterlab, page):
-    cell = as_fedmagic_script(tutorial_final_code(), "browser")
-    notebook = nbformat.v4.new_notebook(cells=[
-        nbformat.v4.new_code_cell("%load_ext fedmagic"),
-        nbformat.v4.new_code_cell("%fedavg_local 3 --task browser"),
-        nbformat.v4.new_code_cell("%%fedavg_task\n" + cell)])
-    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                       "language": "python"}
-    nbformat.write(notebook, jupyterlab.workdir / "author.ipynb")
+# WCAG's contrast ratio of an element's text against the first opaque background behind it.
+CONTRAST = """element => {
+    const channels = colour => colour.match(/[\\d.]+/g).map(Number);
+    const luminance = colour => {
+        const [r, g, b] = channels(colour).slice(0, 3).map(v => {
+            v /= 255;
+            return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+        });
+        return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+    };
+    let node = element, background = 'rgb(255, 255, 255)';
+    while (node) {
+        const colour = getComputedStyle(node).backgroundColor;
+        const alpha = channels(colour)[3];
+        if (alpha === undefined || alpha > 0.5) { background = colour; break; }
+        node = node.parentElement;
+    }
+    const [light, dark] = [luminance(getComputedStyle(element).color), luminance(background)]
+        .sort((a, b) => b - a);
+    return (light + 0.05) / (dark + 0.05);
+}"""
+# Every element that shows text of its own, outside charts (SVG) and native controls.
+TEXT_ELEMENTS = """root => [...root.querySelectorAll('*')].filter(e =>
+    !(e instanceof SVGElement) && e.offsetParent !== null &&
+    [...e.childNodes].some(n => n.nodeType === 3 && n.textContent.trim()))"""
 
-    open_notebook(page, jupyterlab.open("author.ipynb"))
-    run_all_cells(page)
-    widget = wait_for_widget(page, participants=3)
-    page.wait_for_function(
-        "() => (document.querySelector('.fedmagic-task .widget-html-content') || {})"
-        ".textContent?.includes('finished')", timeout=180_000)
 
-    rows = page.inner_text(".fedmagic-participants")
-    assert all(f"node-{i}" in rows for i in (1, 2, 3))
-    assert page.locator(".fedmagic-task .bqplot").count() == 3
-    assert page.console_errors == []
-    widget.scroll_into_view_if_needed()
-    page.mouse.move(0, 0)  # no chart toolbar over the titles
-    page.wait_for_timeout(500)
-    widget.screenshot(path=str(DOCS / "widget.png"))
+def poor_contrast(page, root: str, least: float = 4.5) -> list[str]:
+    """The texts under ``root`` that read at less than ``least``:1 against their background."""
+    found = page.evaluate(f"""root => {{
+        const contrast = {CONTRAST};
+        return ({TEXT_ELEMENTS})(document.querySelector(root))
+            .map(e => [e.textContent.trim().slice(0, 40), contrast(e)])
+            .filter(([, ratio]) => ratio < {least})
+            .map(([text, ratio]) => `${{text}}: ${{ratio.toFixed(2)}}`);
+    }}""", root)
+    return found
+
+
+def x_ticks(page) -> list[list[str]]:
+    """Each chart's round-axis tick labels."""
+    return page.evaluate("""() => [...document.querySelectorAll('.fedmagic-task .bqplot')]
+        .map(chart => [...chart.querySelector('.axis').querySelectorAll('.tick text')]
+        .map(t => t.textContent))""")
+
+
+def newest_log_line_is_in_view(page) -> bool:
+    return page.evaluate("""() => {
+        const log = document.querySelector('.fedmagic-task .fm-log');
+        const lines = [...log.querySelectorAll('.fm-line')];
+        const newest = lines.reduce((a, b) =>
+            a.getBoundingClientRect().top > b.getBoundingClientRect().top ? a : b);
+        const box = log.getBoundingClientRect(), line = newest.getBoundingClientRect();
+        return line.top >= box.top - 1 && line.bottom <= box.bottom + 1 &&
+            newest.textContent.includes("ended");
+    }""")
+
+
+@pytest.mark.parametrize("theme", THEMES)
+def test_the_quickstart_in_jupyterlab_with_its_widget_and_the_federation_panel(
+        tmp_path, page, theme):
+    with serve("lab", tmp_path, theme) as lab:
+        shutil.copy(NOTEBOOKS / "en" / "quickstart.ipynb", lab.workdir)
+        page.context.grant_permissions(["clipboard-read", "clipboard-write"], origin=lab.url)
+
+        open_notebook(page, lab.open("quickstart.ipynb"))
+        page.click("li.lm-TabBar-tab[data-id='fedmagic-federation']")
+        page.wait_for_selector(".fedmagic-FederationPanel:has-text('has not loaded fedmagic')")
+        run_all_cells(page)
+        wait_for_widget(page, participants=3)
+        running = page.wait_for_selector(
+            "section.fedmagic-TaskCard[data-task-id='quickstart'][data-status='running'] "
+            ".fedmagic-status-line:has-text('elapsed')", timeout=120_000).inner_text()
+        header = page.inner_text(".fedmagic-task .fm-status")
+        page.click(".fedmagic-task .fm-copy")
+        copied = page.evaluate("() => navigator.clipboard.readText()")
+        shown = page.inner_text("body")
+        page.locator(".fedmagic-task").scroll_into_view_if_needed()
+        page.screenshot(path=str(DOCS / f"federation-panel-{theme}.png"))
+        page.wait_for_selector(".fedmagic-task .fm-summary", timeout=180_000)
+        card = page.wait_for_selector(
+            "section.fedmagic-TaskCard[data-task-id='quickstart'][data-status='finished']")
+        folded = card.get_attribute("data-collapsed")
+        card.query_selector(".fedmagic-card-toggle").click()
+        checkpoint = card.query_selector("code.fedmagic-checkpoint").inner_text()
+        ticks = x_ticks(page)
+        page.hover(".fedmagic-task .bqplot .dot >> nth=0")
+        tooltip = page.wait_for_selector(".bqplot_mark_tooltip:visible").inner_text()
+        summary = page.inner_text(".fedmagic-task .fm-summary")
+        widget = page.locator(".fedmagic-task")
+        widget.scroll_into_view_if_needed()
+        page.mouse.move(0, 0)  # no tooltip or chart toolbar in the picture
+        page.wait_for_timeout(500)
+        widget.screenshot(path=str(DOCS / f"widget-{theme}.png"))
+        unreadable = (poor_contrast(page, ".fedmagic-task")
+                      + poor_contrast(page, ".fedmagic-FederationPanel"))
+        log_in_view = newest_log_line_is_in_view(page)
+        stop_buttons = page.locator(".fedmagic-task button:has-text('Stop')").count()
+        verify = page.locator(".fedmagic-verify-button")
+        verify_hidden = verify.count() == 0 or "lm-mod-hidden" in (
+            verify.first.get_attribute("class") or "")
+        errors = list(page.console_errors)
+
+    # While it ran: where it stood and how long it would take; the join line to share
+    assert re.search(r"round \d/5 · \d:\d\d elapsed", header), header
+    assert re.search(r"round \d/5 · \d:\d\d elapsed", running), running
+    token = re.search(r"--token (\S+)", copied).group(1)
+    assert copied.startswith("fedmagic join ws://127.0.0.1:") and "•" not in token
+    assert token not in shown  # masked on the page
+    # Once it ended: a summary instead of Stop, integer rounds, values on hover
+    assert "Finished all 5 rounds" in summary and "models/demo_task" in summary
+    assert re.search(r"best accuracy\s+\d+\.\d%", summary), summary
+    assert stop_buttons == 0
+    assert ticks == [["1", "2", "3", "4", "5"]] * 2
+    assert "round" in tooltip and "1" in tooltip
+    assert log_in_view  # the newest line shows without scrolling
+    # The Federation panel: the ended card folded, its checkpoint one click away
+    assert folded == "true" and checkpoint.endswith("models/demo_task")
+    assert verify_hidden  # an author's notebook has nothing to verify
+    assert unreadable == [], f"text below 4.5:1 contrast in the {theme} theme"
+    assert errors == []
+
+
+def test_stop_in_the_federation_panel_ends_a_task_still_waiting_for_participants(
+        tmp_path, page):
+    with serve("lab", tmp_path) as lab:
+        notebook = nbformat.v4.new_notebook(cells=[
+            nbformat.v4.new_code_cell("%load_ext fedmagic"),
+            nbformat.v4.new_code_cell(
+                "%%fedavg_task\n"
+                "from fedmagic.examples.digits_task import DigitsScheduler\n"
+                "DigitsScheduler(min_clients=2, max_clients=2, max_rounds=3)"
+                ".launch_task(task_id='alone')")])
+        notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                           "language": "python"}
+        nbformat.write(notebook, lab.workdir / "alone.ipynb")
+
+        open_notebook(page, lab.open("alone.ipynb"))
+        page.click("li.lm-TabBar-tab[data-id='fedmagic-federation']")
+        run_all_cells(page)
+        wait_without_tracebacks(page, ".fedmagic-task .fm-log:has-text('waiting for 2')")
+        page.click("section.fedmagic-TaskCard[data-task-id='alone'] button.fedmagic-stop-task")
+        started = time.monotonic()
+        page.wait_for_selector(
+            "section.fedmagic-TaskCard[data-task-id='alone'][data-status='finished']",
+            timeout=30_000)
+        stopped_after = time.monotonic() - started
+        summary = page.wait_for_selector(".fedmagic-task .fm-summary").inner_text()
+        errors = list(page.console_errors)
+
+    assert stopped_after < 10  # not the 300 s join timeout
+    assert "before round 1" in summary, summary
+    assert errors == []
 
 
 # The status bar leaves "| Idle" while the kernel restarts and comes back to it after.
@@ -215,38 +345,6 @@ WATCH_RESTART = """() => {
         else if (window.fedmagicRestart === 'restarting') window.fedmagicRestart = 'done';
     }).observe(bar, {subtree: true, childList: true, characterData: true});
 }"""
-CHART_POINTS = ("document.querySelector('.fedmagic-task .bqplot')"
-                "?.querySelectorAll('.dot').length ?? 0")
-
-
-def test_the_quickstart_runs_with_the_federation_panel_following_its_task(jupyterlab, page):
-    shutil.copy(NOTEBOOKS / "en" / "quickstart.ipynb", jupyterlab.workdir)
-
-    open_notebook(page, jupyterlab.open("quickstart.ipynb"))
-    page.click("li.lm-TabBar-tab[data-id='fedmagic-federation']")
-    page.wait_for_selector(".fedmagic-FederationPanel:has-text('has not loaded fedmagic')")
-    run_all_cells(page)
-    wait_for_widget(page, participants=3)
-    page.wait_for_function(f"() => ({CHART_POINTS}) >= 1", timeout=120_000)
-    first = page.evaluate(f"() => {CHART_POINTS}")
-    page.wait_for_function(f"() => ({CHART_POINTS}) > {first}", timeout=120_000)
-    card = page.wait_for_selector(
-        ".fedmagic-FederationPanel section[data-task-id='quickstart']")
-    running = card.inner_text()
-    page.locator(".fedmagic-task").scroll_into_view_if_needed()
-    page.screenshot(path=str(DOCS / "federation-panel.png"))
-    page.click(".fedmagic-FederationPanel button:has-text('Stop after this round')")
-    page.wait_for_selector(".fedmagic-FederationPanel section.fedmagic-status-finished",
-                           timeout=180_000)
-    finished = card.inner_text()
-
-    assert "participants" in running and "fedmagic join ws://127.0.0.1:" in running
-    assert "3 (3 " in finished and "accuracy" in finished
-    rounds = int(re.search(r"round\s*(\d+) / 5", finished).group(1))
-    assert 2 <= rounds < 5  # stopped after the round it was in, checkpoint kept
-    assert page.console_errors == []
-
-
 def test_verify_data_in_a_participant_notebooks_toolbar(jupyterlab, page, federation,
                                                         monkeypatch):
     layout = federation.write_digits(1)
@@ -284,6 +382,20 @@ def test_verify_data_in_a_participant_notebooks_toolbar(jupyterlab, page, federa
     card = page.wait_for_selector(
         ".fedmagic-FederationPanel section.fedmagic-JoinCard.fedmagic-status-ended")
     ended = card.inner_text()
+    # The author launches again with one argument changed; the owner looks, and declines
+    changed = start_task(DigitsScheduler(min_clients=1, max_clients=1, name="demo_task",
+                                         max_rounds=4), "toolbar", join_timeout=120)
+    try:
+        page.click(".fedmagic-participant button:has-text('Join again')")
+        page.click(".fedmagic-participant button:not([disabled]):has-text('Decline')")
+        declined = page.wait_for_selector(
+            ".fedmagic-FederationPanel section.fedmagic-JoinCard[data-consent='declined']"
+            ".fedmagic-status-ended")
+        declined_card = {name: declined.get_attribute(f"data-{name}")
+                         for name in ("consent", "verified")}
+        declined_text = declined.inner_text()
+    finally:
+        changed.stop()
     page.click(".lm-MenuBar-itemLabel:text-is('Kernel')")
     page.click(".lm-Menu-itemLabel:text-is('Restart Kernel…')")
     page.evaluate(WATCH_RESTART)
@@ -296,19 +408,31 @@ def test_verify_data_in_a_participant_notebooks_toolbar(jupyterlab, page, federa
     assert "Verify Data of the Joined Tasks" in commands
     assert "Stop This Notebook's Federated Tasks" not in commands  # it authors no task
     assert "passed" in ended and "accepted" in ended  # then forgotten with the kernel
+    # What the owner declined is what the card says: nothing of the earlier code's state
+    assert declined_card == {"consent": "declined", "verified": "none"}, declined_card
+    assert "accepted" not in declined_text.replace("not accepted", ""), declined_text
+    assert "none: declined" in declined_text, declined_text  # no round bar of a task it left
     assert page.console_errors == []
 
 
-def test_the_quickstart_renders_its_live_widget_in_notebook_7(tmp_path, page):
-    with serve("notebook", tmp_path) as notebook7:
+@pytest.mark.parametrize("theme", THEMES)
+def test_the_quickstart_in_notebook_7(tmp_path, page, theme):
+    with serve("notebook", tmp_path, theme) as notebook7:
         shutil.copy(NOTEBOOKS / "en" / "quickstart.ipynb", notebook7.workdir)
 
         open_notebook(page, notebook7.open("quickstart.ipynb"))
         run_all_cells(page)
         wait_for_widget(page, participants=3)
-        page.wait_for_function(f"() => ({CHART_POINTS}) >= 2", timeout=180_000)
-        charts = page.locator(".fedmagic-task .bqplot").count()
+        page.wait_for_selector(".fedmagic-task .fm-summary", timeout=180_000)
+        ticks = x_ticks(page)
+        widget = page.locator(".fedmagic-task")
+        widget.scroll_into_view_if_needed()
+        page.mouse.move(0, 0)
+        page.wait_for_timeout(500)
+        widget.screenshot(path=str(DOCS / f"notebook7-{theme}.png"))
+        unreadable = poor_contrast(page, ".fedmagic-task")
         errors = list(page.console_errors)  # before the server stops under the page
 
-    assert charts == 2  # loss and accuracy
+    assert ticks == [["1", "2", "3", "4", "5"]] * 2  # loss and accuracy
+    assert unreadable == [], f"text below 4.5:1 contrast in the {theme} theme"
     assert errors == []
