@@ -168,7 +168,7 @@ def test_local_participant_kernels_reach_90_percent_and_shut_down_when_the_task_
 
     assert "node-1, node-2, node-3 (3 running) at ws://127.0.0.1:" in \
         notebook.cells[1].outputs[-1]["data"]["text/plain"]
-    assert "is taken (Address already in use), so the relay embedded here listens on ws://" \
+    assert "is taken (another notebook's relay?), so the relay embedded here listens on ws://" \
         in printed(notebook.cells[1])
     tables = [m["state"]["value"] for m in models(notebook, "HTMLModel")
               if "fedmagic-participants" in m["state"]["value"]]
@@ -178,6 +178,11 @@ def test_local_participant_kernels_reach_90_percent_and_shut_down_when_the_task_
     history = json.loads((tmp_path / "models" / "demo_task" / "history.json").read_text())
     assert history[-1]["accuracy"] >= 0.9, history[-1]
     assert printed(notebook.cells[3]) == "alive: [False, False, False]\n"  # before wait returned
+    streams = [(o["name"], o["text"]) for o in notebook.cells[2].outputs
+               if o["output_type"] == "stream"]
+    assert any(name == "stdout" and "hold their digits in demo_task/data" in text
+               for name, text in streams), streams
+    assert not [text for name, text in streams if name == "stderr" and " INFO " in text]
     second = printed(notebook.cells[6])
     assert "alive: [False, False]\n" in second
     assert "task 'local' finished: round 1/1, 2 participants" in second

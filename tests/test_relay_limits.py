@@ -44,6 +44,8 @@ except ImportError:  # Windows
     resource = None
 
 pytestmark = pytest.mark.timeout(60)
+#: Tests that wait out the relay's own timers or rate limits, seconds by design: slow.
+SECONDS_BY_DESIGN = pytest.mark.slow
 
 MIB = 1 << 20
 
@@ -178,6 +180,7 @@ def test_connection_over_max_connections_is_refused_busy_not_unreachable():
         run(scenario(embedded.url))
 
 
+@SECONDS_BY_DESIGN
 def test_link_with_wait_asks_a_busy_relay_again_until_it_has_room():
     async def scenario(url):
         async with Clients(url) as clients:
@@ -244,6 +247,7 @@ def test_wait_for_a_task_that_ran_before_is_not_capped_like_an_unknown_one():
 
 # -- bytes and slow readers ----------------------------------------------------------------
 
+@SECONDS_BY_DESIGN
 def test_participant_flooding_junk_is_read_slower_and_anothers_frames_still_arrive_promptly():
     async def scenario(url):
         async with Clients(url) as clients:
@@ -293,6 +297,7 @@ def test_participant_flooding_junk_is_read_slower_and_anothers_frames_still_arri
     assert "'alice'" in throttled[0] and "8 MiB per second" in throttled[0]
 
 
+@SECONDS_BY_DESIGN
 def test_participant_that_never_reads_does_not_stop_two_others_receiving_a_large_state():
     # Prepare
     state = {"big": torch.randn(16 * MIB // 4 * 4)}  # 64 MiB: more than any buffer holds
@@ -325,6 +330,7 @@ def test_participant_that_never_reads_does_not_stop_two_others_receiving_a_large
     assert len(dropped) == 1 and "too slow: it took nothing for 1 s" in dropped[0]
 
 
+@SECONDS_BY_DESIGN
 def test_initiator_that_never_reads_is_dropped_and_its_participants_told_the_task_closed():
     async def scenario(url):
         async with Clients(url) as clients:
@@ -354,6 +360,7 @@ def test_initiator_that_never_reads_is_dropped_and_its_participants_told_the_tas
                and "too slow: it took nothing for 1 s" in line for line in lines)
 
 
+@SECONDS_BY_DESIGN
 def test_participant_that_reads_slowly_but_steadily_keeps_its_place():
     # Prepare
     state = {"big": torch.randn(6 * MIB // 4)}  # 6 MiB: 6 frames

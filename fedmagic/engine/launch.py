@@ -11,6 +11,7 @@ event loop.
 from __future__ import annotations
 
 import contextvars
+import errno
 import logging
 import os
 import shlex
@@ -415,12 +416,19 @@ def start_embedded_relay(port: int | None = None) -> EmbeddedRelay:
     logging.getLogger("fedmagic.relay").setLevel(logging.WARNING)
     try:
         return EmbeddedRelay("127.0.0.1", port, Relay()).start()
-    except OSError as taken:
-        relay = EmbeddedRelay("127.0.0.1", 0, Relay()).start()
-        log.warning(
-            "port %d is taken (%s), so the relay embedded here listens on %s instead",
-            port,
-            taken.strerror or taken,
-            relay.url,
-        )
-        return relay
+    except OSError as exc:
+        if exc.errno != errno.EADDRINUSE:
+            raise ConfigurationError(
+                "FEDMAGIC_PORT",
+                port,
+                f"cannot start the embedded relay ({exc.strerror or exc}): set FEDMAGIC_PORT "
+                "to another port, or FEDMAGIC_RELAY to a running relay's URL",
+            ) from None
+    relay = EmbeddedRelay("127.0.0.1", 0, Relay()).start()
+    log.warning(
+        "port %d is taken (another notebook's relay?), so the relay embedded here listens "
+        "on %s instead",
+        port,
+        relay.url,
+    )
+    return relay
