@@ -49,8 +49,10 @@ class Server(NamedTuple):
     workdir: Path
 
     def open(self, notebook: str) -> str:
-        path = "lab/tree" if self.app == "lab" else "notebooks"
-        return f"{self.url}/{path}/{notebook}?token={self.token}"
+        """The notebook's URL; in JupyterLab, with no earlier test's tabs restored."""
+        if self.app == "lab":
+            return f"{self.url}/lab/tree/{notebook}?token={self.token}&reset"
+        return f"{self.url}/notebooks/{notebook}?token={self.token}"
 
 
 @contextlib.contextmanager
@@ -102,9 +104,10 @@ def serve(app: str, tmp_path: Path) -> Iterator[Server]:
         log.close()
 
 
-@pytest.fixture
-def jupyterlab(tmp_path):
-    with serve("lab", tmp_path) as server:
+@pytest.fixture(scope="module")
+def jupyterlab(tmp_path_factory):
+    """One JupyterLab for the tests that each open a notebook of their own in it."""
+    with serve("lab", tmp_path_factory.mktemp("jupyterlab")) as server:
         yield server
 
 
@@ -248,6 +251,22 @@ def switch_theme(page, theme: str) -> None:
     page.wait_for_timeout(500)  # the stylesheets swap
 
 
+def in_each_theme(page, picture: str, *parts: str) -> dict[str, list[str]]:
+    """Light, then dark: the widget's picture as ``docs/<picture>-<theme>.png``, and the
+    texts under ``parts`` that read below 4.5:1 contrast, by theme."""
+    unreadable = {}
+    for theme in THEMES:
+        if theme != "light":
+            switch_theme(page, theme)
+        widget = page.locator(".fedmagic-task")
+        widget.scroll_into_view_if_needed()
+        page.mouse.move(0, 0)  # no tooltip or chart toolbar in the picture
+        page.wait_for_timeout(500)
+        widget.screenshot(path=str(DOCS / f"{picture}-{theme}.png"))
+        unreadable[theme] = [text for part in parts for text in poor_contrast(page, part)]
+    return unreadable
+
+
 def test_the_quickstart_in_jupyterlab_with_its_widget_and_the_federation_panel(tmp_path, page):
     with serve("lab", tmp_path) as lab:
         shutil.copy(NOTEBOOKS / "en" / "quickstart.ipynb", lab.workdir)
@@ -282,17 +301,7 @@ def test_the_quickstart_in_jupyterlab_with_its_widget_and_the_federation_panel(t
         verify = page.locator(".fedmagic-verify-button")
         verify_hidden = verify.count() == 0 or "lm-mod-hidden" in (
             verify.first.get_attribute("class") or "")
-        unreadable = {}
-        for theme in THEMES:
-            if theme != "light":
-                switch_theme(page, theme)
-            widget = page.locator(".fedmagic-task")
-            widget.scroll_into_view_if_needed()
-            page.mouse.move(0, 0)  # no tooltip or chart toolbar in the picture
-            page.wait_for_timeout(500)
-            widget.screenshot(path=str(DOCS / f"widget-{theme}.png"))
-            unreadable[theme] = (poor_contrast(page, ".fedmagic-task")
-                                 + poor_contrast(page, ".fedmagic-FederationPanel"))
+        unreadable = in_each_theme(page, "widget", ".fedmagic-task", ".fedmagic-FederationPanel")
         page.screenshot(path=str(DOCS / "federation-panel-dark.png"))
         errors = list(page.console_errors)
 
@@ -318,35 +327,33 @@ def test_the_quickstart_in_jupyterlab_with_its_widget_and_the_federation_panel(t
 
 
 def test_stop_in_the_federation_panel_ends_a_task_still_waiting_for_participants(
-        tmp_path, page):
-    with serve("lab", tmp_path) as lab:
-        notebook = nbformat.v4.new_notebook(cells=[
-            nbformat.v4.new_code_cell("%load_ext fedmagic"),
-            nbformat.v4.new_code_cell(
-                "%%fedavg_task\n"
-                "from fedmagic.examples.digits_task import DigitsScheduler\n"
-                "DigitsScheduler(min_clients=2, max_clients=2, max_rounds=3)"
-                ".launch_task(task_id='alone')")])
-        notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
-                                           "language": "python"}
-        nbformat.write(notebook, lab.workdir / "alone.ipynb")
+        jupyterlab, page):
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("%load_ext fedmagic"),
+        nbformat.v4.new_code_cell(
+            "%%fedavg_task\n"
+            "from fedmagic.examples.digits_task import DigitsScheduler\n"
+            "DigitsScheduler(min_clients=2, max_clients=2, max_rounds=3)"
+            ".launch_task(task_id='alone')")])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                       "language": "python"}
+    nbformat.write(notebook, jupyterlab.workdir / "alone.ipynb")
 
-        open_notebook(page, lab.open("alone.ipynb"))
-        page.click("li.lm-TabBar-tab[data-id='fedmagic-federation']")
-        run_all_cells(page)
-        wait_without_tracebacks(page, ".fedmagic-task .fm-log:has-text('waiting for 2')")
-        page.click("section.fedmagic-TaskCard[data-task-id='alone'] button.fedmagic-stop-task")
-        started = time.monotonic()
-        page.wait_for_selector(
-            "section.fedmagic-TaskCard[data-task-id='alone'][data-status='finished']",
-            timeout=30_000)
-        stopped_after = time.monotonic() - started
-        summary = page.wait_for_selector(".fedmagic-task .fm-summary").inner_text()
-        errors = list(page.console_errors)
+    open_notebook(page, jupyterlab.open("alone.ipynb"))
+    page.click("li.lm-TabBar-tab[data-id='fedmagic-federation']")
+    run_all_cells(page)
+    wait_without_tracebacks(page, ".fedmagic-task .fm-log:has-text('waiting for 2')")
+    page.click("section.fedmagic-TaskCard[data-task-id='alone'] button.fedmagic-stop-task")
+    started = time.monotonic()
+    page.wait_for_selector(
+        "section.fedmagic-TaskCard[data-task-id='alone'][data-status='finished']",
+        timeout=30_000)
+    stopped_after = time.monotonic() - started
+    summary = page.wait_for_selector(".fedmagic-task .fm-summary").inner_text()
 
     assert stopped_after < 10  # not the 300 s join timeout
     assert "before round 1" in summary, summary
-    assert errors == []
+    assert page.console_errors == []
 
 
 # The status bar leaves "| Idle" while the kernel restarts and comes back to it after.
@@ -438,16 +445,7 @@ def test_the_quickstart_in_notebook_7(tmp_path, page):
         wait_for_widget(page, participants=3)
         page.wait_for_selector(".fedmagic-task .fm-summary", timeout=180_000)
         ticks = x_ticks(page)
-        unreadable = {}
-        for theme in THEMES:
-            if theme != "light":
-                switch_theme(page, theme)
-            widget = page.locator(".fedmagic-task")
-            widget.scroll_into_view_if_needed()
-            page.mouse.move(0, 0)
-            page.wait_for_timeout(500)
-            widget.screenshot(path=str(DOCS / f"notebook7-{theme}.png"))
-            unreadable[theme] = poor_contrast(page, ".fedmagic-task")
+        unreadable = in_each_theme(page, "notebook7", ".fedmagic-task")
         errors = list(page.console_errors)  # before the server stops under the page
 
     assert ticks == [["1", "2", "3", "4", "5"]] * 2  # loss and accuracy
