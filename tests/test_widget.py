@@ -83,6 +83,17 @@ def widget_of_finished(scheduler, task_id: str, **options) -> TaskWidget:
     return widget
 
 
+@contextlib.contextmanager
+def widget_in_training(task_id: str) -> Iterator[TaskWidget]:
+    """The widget of a five-round task whose one node trains round 1 now."""
+    with relay(task_id) as url:
+        run = launch(SlowTiny(min_clients=1, max_clients=1, max_rounds=5, epoch_seconds=0.2),
+                     task_id, url)
+        widget = TaskWidget(run)
+        wait_until_training(run)
+        yield widget
+
+
 def wait_until_training(run: TaskRun) -> None:
     deadline = time.monotonic() + 10
     while not any(p.status == NodeStatus.TRAINING for p in run.snapshot().participants):
@@ -155,11 +166,8 @@ def test_while_running_the_header_shows_the_best_value_of_each_metric_so_far():
 
 
 def test_stop_says_it_is_stopping_then_gives_way_to_the_summary():
-    with relay("stop") as url:
-        run = launch(SlowTiny(min_clients=1, max_clients=1, max_rounds=5, epoch_seconds=0.2),
-                     "stop", url)
-        widget = TaskWidget(run)
-        wait_until_training(run)
+    with widget_in_training("stop") as widget:
+        run = widget.run
         assert widget.stop_button.description == "Stop after this round"
         assert not widget.stop_button.disabled
 
@@ -242,13 +250,9 @@ def test_one_chart_per_metric_with_a_point_and_a_tooltip_per_tested_round():
 
 
 def test_the_round_axis_spans_every_round_from_the_first_point_with_whole_round_ticks():
-    with relay("axis") as url:
-        run = launch(SlowTiny(min_clients=1, max_clients=1, max_rounds=5, epoch_seconds=0.2),
-                     "axis", url)
-        widget = TaskWidget(run)
-        wait_until_training(run)
+    with widget_in_training("axis") as widget:
         widget.stop_button.click()  # the task ends after round 1: one point
-        run.wait(30)
+        widget.run.wait(30)
 
     (chart,) = widget.charts.charts.values()
     assert list(chart.line.x) == list(chart.dots.x) == [1]  # a marker, where a line has none
