@@ -3,26 +3,16 @@
 from __future__ import annotations
 
 import socket
-import time
-from typing import Callable
 
 import pytest
 
+from conftest import wait_for
 from fedmagic.engine.launch import start_task
 from fedmagic.wire.relay import EmbeddedRelay, Relay
 from tiny import Tiny
 
 TOKEN = "join-token"
 pytestmark = pytest.mark.timeout(60)
-
-
-def wait_until(condition: Callable[[], bool], seconds: float = 10) -> bool:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.01)
-    return True
 
 
 def test_an_embedded_relay_whose_port_is_taken_listens_on_a_free_one_and_says_which(
@@ -56,7 +46,8 @@ def test_stop_ends_a_task_that_waits_for_participants_at_once(tmp_path, monkeypa
         run = start_task(Tiny(min_clients=2, max_clients=2, max_rounds=3), "alone",
                          relay=relay.url, token=TOKEN, join_timeout=300)
         if when != "at once":
-            assert wait_until(lambda: any("waiting for 2 to 2" in t for _, t in run.events))
+            assert wait_for(lambda: any("waiting for 2 to 2" in t for _, t in run.events), 10,
+                            interval=0.01)
         run.stop()
         result = run.wait(5)  # not the 300 s join timeout
 
