@@ -27,6 +27,7 @@ __all__ = [
     "last_metrics",
     "lower_is_better",
     "metrics_of",
+    "metric_series",
     "metrics_text",
     "size_text",
 ]
@@ -162,11 +163,7 @@ class TaskSnapshot:
 
         Lower is better for losses and errors, higher for everything else.
         """
-        points = [
-            (row["round"], float(row[metric]))
-            for row in self.history
-            if row.get("tested") and is_number(row.get(metric))
-        ]
+        points = metric_series(self.history).get(metric)
         if not points:
             return None
         lower = lower_is_better(metric)
@@ -308,6 +305,17 @@ def last_metrics(history: Sequence[dict[str, Any]]) -> dict[str, Any]:
         if row.get("tested"):
             return metrics_of(row)
     return {}
+
+
+def metric_series(history: Sequence[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
+    """Each numeric metric's ``(round, value)`` points, over the tested rounds, in order."""
+    series: dict[str, list[tuple[int, float]]] = {}
+    for row in history:
+        if row.get("tested"):
+            for name, value in metrics_of(row).items():
+                if is_number(value):
+                    series.setdefault(name, []).append((int(row["round"]), float(value)))
+    return series
 
 
 def metrics_text(row: dict[str, Any]) -> str:

@@ -15,7 +15,8 @@ from typing import Any, Sequence
 import bqplot
 import ipywidgets as widgets
 
-from .task_html import is_percent_metric, metric_series
+from ..engine.state import metric_series
+from .task_html import is_percent_metric
 
 __all__ = ["MetricChart", "MetricCharts", "round_ticks", "value_domain", "value_ticks"]
 

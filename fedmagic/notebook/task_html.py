@@ -23,8 +23,7 @@ from ..engine.state import (
     TaskStatus,
     clock,
     failure_text,
-    is_number,
-    metrics_of,
+    metric_series,
 )
 
 __all__ = [
@@ -33,7 +32,6 @@ __all__ = [
     "STYLE",
     "TaskMarkup",
     "is_percent_metric",
-    "metric_series",
     "value_text",
 ]
 
@@ -171,17 +169,6 @@ def is_percent_metric(name: str, values: Sequence[float]) -> bool:
 def value_text(value: float, percent: bool) -> str:
     """A metric's value as people read it: ``94.2%`` for a share, else 4 significant digits."""
     return f"{value:.1%}" if percent else f"{value:.4g}"
-
-
-def metric_series(history: Sequence[dict[str, Any]]) -> dict[str, list[tuple[int, float]]]:
-    """Each numeric metric's ``(round, value)`` points, over the tested rounds, in order."""
-    series: dict[str, list[tuple[int, float]]] = {}
-    for row in history:
-        if row.get("tested"):
-            for name, value in metrics_of(row).items():
-                if is_number(value):
-                    series.setdefault(name, []).append((int(row["round"]), float(value)))
-    return series
 
 
 def _state_of(task: TaskSnapshot) -> str:
