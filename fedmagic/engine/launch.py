@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, Callable, Coroutine
 
 from ..background import BackgroundLoop
-from ..errors import ConfigurationError, TaskFailed
+from ..errors import ConfigurationError
 from ..log import log_sink
 from ..wire.link import Link
 from ..wire.relay import DEFAULT_PORT, EmbeddedRelay, Relay, new_token
@@ -31,7 +31,7 @@ from .checkpoint import Checkpoint
 from .policy import RoundPolicy
 from .rounds import Aggregator, Participant, TaskResult
 from .scheduler import Scheduler
-from .state import TaskSnapshot, TaskStatus
+from .state import TaskSnapshot, TaskStatus, failure_text
 from .task import TaskPackage
 
 __all__ = ["TaskRun", "run_task", "start_embedded_relay", "start_task"]
@@ -153,13 +153,11 @@ class TaskRun:
                 self.ended = time.time()
                 self._ended = True
                 try:
-                    # A TaskFailed says "task 'x' failed: ..." itself.
+                    failure = self._failure()
                     self._record(
-                        str(self._error)
-                        if isinstance(self._error, TaskFailed)
-                        else f"task {self.task_id!r} failed: {self._error}"
-                        if self._error is not None
-                        else f"task {self.task_id!r} ended"
+                        f"task {self.task_id!r} ended"
+                        if failure is None
+                        else f"task {self.task_id!r} {failure_text(failure)}"
                     )
                 finally:
                     self._finished.set()
@@ -183,7 +181,7 @@ class TaskRun:
         return TaskSnapshot(
             self.task_id,
             status,
-            None if error is None else str(error).removeprefix(f"task {self.task_id!r} "),
+            self._failure(),
             "" if error is None else "".join(traceback.format_exception(error)),
             self.stop_requested and not done,
             self.max_rounds,
@@ -201,6 +199,12 @@ class TaskRun:
     def summary(self) -> str:
         """The task as text: its state, each participant, and each round's metrics."""
         return self.snapshot().summary()
+
+    def _failure(self) -> str | None:
+        """What ended the task, in words that follow its name (a ``TaskFailed`` names it)."""
+        if self._error is None:
+            return None
+        return str(self._error).removeprefix(f"task {self.task_id!r} ")
 
     def __repr__(self) -> str:
         state = "finished" if self.done() else "running"
