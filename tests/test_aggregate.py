@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from fedmagic.engine.aggregate import WeightedMean, check_state, non_finite, weighted_mean
+from fedmagic.strategies.aggregate import WeightedMean, check_state, non_finite, weighted_mean
 from fedmagic.errors import AggregationError, UnsupportedTensor
 
 UNIT_ROUNDOFF32 = 2.0 ** -24  # float32's unit roundoff u: half an ulp of 1.0
@@ -379,7 +379,7 @@ def test_mean_computed_in_place_equals_the_pure_mean_and_reuses_the_accumulators
         mean.add(state, weight)
     expected = mean.result()
 
-    in_place = mean.result_in_place()
+    in_place = mean.combine()
 
     assert torch.equal(in_place["w"], expected["w"])
     assert torch.equal(in_place["steps"], expected["steps"])
@@ -390,12 +390,12 @@ def test_mean_computed_in_place_equals_the_pure_mean_and_reuses_the_accumulators
 def test_reset_starts_a_new_mean_in_the_same_memory():
     mean = WeightedMean({"w": torch.zeros(3)})
     mean.add({"w": torch.ones(3)}, 1.0)
-    first = mean.result_in_place()
+    first = mean.combine()
     pointer = first["w"].data_ptr()
 
     mean.reset()
     mean.add({"w": torch.full((3,), 5.0)}, 2.0)
-    second = mean.result_in_place()
+    second = mean.combine()
 
     assert second["w"].data_ptr() == pointer
     assert torch.equal(second["w"], torch.full((3,), 5.0))
@@ -403,4 +403,4 @@ def test_reset_starts_a_new_mean_in_the_same_memory():
 
 def test_in_place_mean_of_nothing_is_refused():
     with pytest.raises(AggregationError, match="no update was added in this round"):
-        WeightedMean({"w": torch.zeros(1)}).result_in_place()
+        WeightedMean({"w": torch.zeros(1)}).combine()

@@ -31,6 +31,7 @@ from fedmagic.errors import RelayRefused
 from fedmagic.wire.link import Link
 from fedmagic.engine.participant import ParticipantRuntime
 from fedmagic.engine.policy import RoundPolicy
+from fedmagic.strategies import FedAvg
 from fedmagic.wire.relay import Relay, RelayLimits, connection_cap
 from fedmagic.engine.rounds import Aggregator
 from fedmagic.engine.task import TaskPackage
@@ -478,8 +479,8 @@ def test_relay_under_ulimit_1024_runs_a_whole_task_through_a_flood_of_1100_waiti
             scheduler._setup("real")
             aggregator = Aggregator(scheduler, TaskPackage.from_scheduler(scheduler, "real"),
                                     initiator, checkpoint=Checkpoint(tmp_path / "models"),
-                                    policy=RoundPolicy(join_timeout=20, join_grace=0,
-                                                       weighted=False))
+                                    policy=RoundPolicy(join_timeout=20, join_grace=0),
+                                    strategy=FedAvg(weighted=False))
             alice = await bounded(Link.open(url, role="participant", task="real",
                                             token="join", node="alice"))
             links.append(alice)

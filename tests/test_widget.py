@@ -22,6 +22,7 @@ from fedmagic.engine.state import NodeStatus
 from fedmagic.notebook.charts import round_ticks, value_ticks
 from fedmagic.notebook.task_html import MASK, STYLE, is_percent_metric, value_text
 from fedmagic.notebook.widget import TaskWidget
+from fedmagic.strategies import FedAvg
 from fedmagic.wire.relay import EmbeddedRelay, Relay
 from tiny import SlowTiny, Tiny
 
@@ -71,7 +72,7 @@ def relay(task_id: str, nodes: tuple[str, ...] = ("a",)) -> Iterator[str]:
 
 def launch(scheduler, task_id: str, url: str, **options) -> TaskRun:
     return start_task(scheduler, task_id, relay=url, token=TOKEN, join_timeout=10,
-                      join_grace=0, quiet=True, **{"weighted": False, **options})
+                      join_grace=0, quiet=True, **{"strategy": FedAvg(weighted=False), **options})
 
 
 def widget_of_finished(scheduler, task_id: str, **options) -> TaskWidget:
@@ -197,7 +198,7 @@ def test_a_failed_task_says_why_once_with_its_traceback():
 def test_a_task_failed_error_is_not_prefixed_with_its_task_twice():
     # Tiny reports no samples: weighted averaging refuses every update, and the task fails.
     widget = widget_of_finished(Tiny(min_clients=1, max_clients=1, max_rounds=3), "twice",
-                                weighted=True)
+                                strategy=FedAvg())
 
     outcome = text(re.search(r"<div class='fm-outcome[^']*'>.*?</div>",
                              widget.summary.value).group())

@@ -1,8 +1,10 @@
 """What a task leaves on the initiator's disk: ``models/<name>/``.
 
 ``model.pt`` (the global state dict, loadable with ``weights_only=True``),
-``history.json`` and ``history.csv`` (one row per round) and
-``checkpoint.json`` (which round the files belong to, to resume from).
+``history.json`` and ``history.csv`` (one row per round),
+``strategy.pt`` (what the strategy learned across rounds, such as FedAdam's
+moments, when it learns anything) and ``checkpoint.json`` (which round the
+files belong to, to resume from).
 Every file is written to a temporary name and renamed, so a task stopped
 mid-write leaves the previous round's files intact.
 """
@@ -19,6 +21,7 @@ from typing import Any
 import torch
 
 from ..errors import ConfigurationError
+from ..strategies import Strategy
 
 __all__ = ["Checkpoint", "check_folder_name"]
 
@@ -60,19 +63,45 @@ class Checkpoint:
         task_id: str,
         code_hash: str = "",
         finished: bool = False,
+        strategy: Strategy | None = None,
     ) -> None:
         self.directory.mkdir(parents=True, exist_ok=True)
-        temporary = self.directory / ".model.pt.tmp"
-        torch.save({name: tensor.detach().cpu() for name, tensor in state.items()}, temporary)
-        os.replace(temporary, self.model_path)
+        self._save_tensors("model.pt", state)
+        learned = strategy.state_dict() if strategy is not None else {}
+        if learned:
+            self._save_tensors("strategy.pt", learned)
+        else:
+            (self.directory / "strategy.pt").unlink(missing_ok=True)
         self._write("history.json", json.dumps(history, indent=1).encode())
         self._write("history.csv", _csv(history).encode())
         self._write(
             "checkpoint.json",
             json.dumps(
-                {"task_id": task_id, "round": round, "code_hash": code_hash, "finished": finished}
+                {
+                    "task_id": task_id,
+                    "round": round,
+                    "code_hash": code_hash,
+                    "finished": finished,
+                    "strategy": strategy.describe() if strategy is not None else None,
+                }
             ).encode(),
         )
+
+    def restore_strategy(self, strategy: Strategy) -> bool:
+        """Give ``strategy`` what it had learned by the saved round (FedAdam's moments, say).
+
+        Only a strategy with the saved one's very name and parameters takes
+        it; another starts afresh. Returns whether it took saved state.
+        """
+        path = self.directory / "strategy.pt"
+        try:
+            meta = json.loads((self.directory / "checkpoint.json").read_text())
+        except (OSError, ValueError):
+            return False
+        if not path.is_file() or meta.get("strategy") != strategy.describe():
+            return False
+        strategy.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        return True
 
     def exists(self) -> bool:
         return (self.directory / "checkpoint.json").is_file() and self.model_path.is_file()
@@ -103,6 +132,11 @@ class Checkpoint:
         history_path = self.directory / "history.json"
         history = json.loads(history_path.read_text()) if history_path.is_file() else []
         return state, int(meta["round"]), history
+
+    def _save_tensors(self, name: str, state: dict[str, torch.Tensor]) -> None:
+        temporary = self.directory / f".{name}.tmp"
+        torch.save({key: tensor.detach().cpu() for key, tensor in state.items()}, temporary)
+        os.replace(temporary, self.directory / name)
 
     def _write(self, name: str, data: bytes) -> None:
         path = self.directory / name

@@ -25,6 +25,7 @@ from typing import Any, Callable, Coroutine
 from ..background import BackgroundLoop
 from ..errors import ConfigurationError
 from ..log import log_sink
+from ..strategies import Strategy, resolve
 from ..wire.link import Link
 from ..wire.relay import DEFAULT_PORT, EmbeddedRelay, Relay, new_token
 from .checkpoint import Checkpoint
@@ -222,10 +223,7 @@ def start_task(
     join_timeout: float = 300.0,
     join_grace: float = 3.0,
     resume: bool | None = None,
-    weighted: bool = True,
-    aggregation: str = "mean",
-    trim: float = 0.1,
-    max_weight_share: float | None = None,
+    strategy: Strategy | str | None = None,
     max_samples: int = 10**9,
     upload_timeout: float | None = None,
     upload_memory: int = 256 << 20,
@@ -234,6 +232,7 @@ def start_task(
     checkpoint_dir: str | os.PathLike[str] | None = None,
     on_event: Callable[[str], None] | None = None,
     quiet: bool = False,
+    **unknown: Any,
 ) -> TaskRun:
     """Start a task as its initiator and return its ``TaskRun`` at once.
 
@@ -246,9 +245,12 @@ def start_task(
         relay_token: the relay operator's token; default ``$FEDMAGIC_RELAY_TOKEN``.
         dataset_verify: a ``DatasetVerify`` class or file to send with the task
             (in a notebook, the class a ``%%dataset_verify`` cell registered for it).
-        join_timeout, join_grace, weighted, aggregation, trim, max_weight_share,
-            max_samples, upload_timeout, upload_memory: how rounds run; see
-            :class:`fedmagic.engine.policy.RoundPolicy`.
+        strategy: how a round's updates combine: a strategy from
+            :mod:`fedmagic.strategies` (``FedAdam(eta=1e-2)``), or its short
+            name (``"fedprox"``); default FedAvg. Its parameters are part of
+            the code hash, so data owners consent to them.
+        join_timeout, join_grace, max_samples, upload_timeout, upload_memory:
+            how rounds run; see :class:`fedmagic.engine.policy.RoundPolicy`.
         allowed_nodes: the only node names that may join (None: anyone with
             the join token), so a token holder cannot take another's name.
         reconnect_window: seconds to keep trying to get the relay back when
@@ -274,18 +276,16 @@ def start_task(
             task_id,
             "pass the id participants will join, e.g. launch_task(task_id='digits')",
         )
+    _refuse_unknown(unknown)
+    chosen = resolve(strategy)
     policy = RoundPolicy(
         join_timeout=join_timeout,
         join_grace=join_grace,
-        weighted=weighted,
-        aggregation=aggregation,
-        trim=trim,
-        max_weight_share=max_weight_share,
         max_samples=max_samples,
         upload_timeout=upload_timeout,
         upload_memory=upload_memory,
     )
-    policy.check_clients(scheduler.min_clients)
+    chosen.check(scheduler.min_clients, scheduler.max_clients)
     if allowed_nodes is not None and (
         isinstance(allowed_nodes, str)
         or not all(isinstance(node, str) and node for node in allowed_nodes)
@@ -309,10 +309,14 @@ def start_task(
     scheduler._setup(task_id)
     name = scheduler.name
     assert name is not None, "_setup() names the task"
-    package = TaskPackage.from_scheduler(scheduler, task_id, dataset_verify)
+    state_bytes = sum(t.numel() * t.element_size() for t in scheduler.state_dict().values())
+    policy.check_memory(chosen, scheduler.min_clients, state_bytes)
+    package = TaskPackage.from_scheduler(scheduler, task_id, dataset_verify, chosen.describe())
     checkpoint = Checkpoint(Path(checkpoint_dir or Path("models") / name).absolute())
     history: list[dict[str, Any]] = []
-    announce = [f"task {task_id!r}: code hash {package.code_hash[:16]}"]
+    announce = [
+        f"task {task_id!r}: code hash {package.code_hash[:16]}, strategy {package.strategy_text}"
+    ]
     if resume is None:
         resume = checkpoint.holds_unfinished_run_of(package.code_hash)
         if resume:
@@ -325,6 +329,8 @@ def start_task(
         scheduler.load_state_dict(state)
         scheduler.current_round = done
         log.info("resuming task %r after round %d from %s", task_id, done, checkpoint.directory)
+        if checkpoint.restore_strategy(chosen):
+            log.info("%s continues from what it had learned by round %d", chosen, done)
     token = token or os.environ.get("FEDMAGIC_TOKEN") or new_token()
     relay_token = relay_token or os.environ.get("FEDMAGIC_RELAY_TOKEN")
     url = relay or os.environ.get("FEDMAGIC_RELAY")
@@ -362,6 +368,7 @@ def start_task(
             link,
             checkpoint=checkpoint,
             policy=policy,
+            strategy=chosen,
             history=history,
             on_event=record,
             reconnect_window=reconnect_window,
@@ -378,6 +385,34 @@ def start_task(
             log.info("%s", line)
     run._start(main, embedded, quiet)
     return run
+
+
+#: Options that became strategies, and how to say them now.
+_BECAME_STRATEGIES = {
+    "aggregation": "strategy=FedMedian() or strategy=FedTrimmedAvg(beta=...) "
+    "(aggregation='mean' is the default, FedAvg())",
+    "trim": "strategy=FedTrimmedAvg(beta=...)",
+    "weighted": "strategy=FedAvg(weighted=False)",
+    "max_weight_share": "strategy=FedAvg(max_weight_share=...)",
+}
+
+
+def _refuse_unknown(options: dict[str, Any]) -> None:
+    """Refuse options launch_task does not take, saying the new spelling of old ones.
+
+    Raises:
+        ConfigurationError: for an option that became a strategy.
+        TypeError: for any other unknown option.
+    """
+    for name, value in options.items():
+        if name in _BECAME_STRATEGIES:
+            raise ConfigurationError(
+                name,
+                value,
+                f"how updates combine is now the task's strategy: pass "
+                f"{_BECAME_STRATEGIES[name]}, from fedmagic.strategies",
+            )
+        raise TypeError(f"launch_task() got an unexpected keyword argument {name!r}")
 
 
 def run_task(scheduler: Scheduler, task_id: str, **options: Any) -> TaskResult:

@@ -163,11 +163,11 @@ class ParticipantRuntime:
                 case Finish(ok=ok, reason=reason):
                     self.on_event("finished", {"ok": ok, "reason": reason})
                     return JoinOutcome(task_id, self.node, ok, reason, self.rounds)
-                case Round(round=number, epochs=epochs, upload=upload):
+                case Round(round=number, epochs=epochs, upload=upload, config=config):
                     # A new round also drops an update the initiator gave up on (too late).
                     trained = None
                     try:
-                        failure = await self._train(number, epochs)
+                        failure = await self._train(number, epochs, config or {})
                     except _Rejoined:
                         continue
                     if failure is not None:
@@ -201,12 +201,18 @@ class ParticipantRuntime:
         self.rounds += 1
         self.on_event("uploaded", {"round": round})
 
-    async def _train(self, round: int, epochs: int | None) -> str | None:
-        """Load the global weights, train, report; the failure's text if ``train()`` raised."""
+    async def _train(self, round: int, epochs: int | None, config: dict[str, Any]) -> str | None:
+        """Load the global weights, train, report; the failure's text if ``train()`` raised.
+
+        ``config`` is what the task's strategy tells this node for the round:
+        the scheduler's ``round_config`` while it trains, beside the global
+        state as received (``global_state``, which FedProx's term compares with).
+        """
         scheduler = self._scheduler
         epochs = epochs or scheduler.merge_epochs
         self.on_event("round", {"round": round, "epochs": epochs})
         state = await self._receive_state(round)
+        scheduler.round_config, scheduler.global_state = config, state
         started = time.perf_counter()
         try:
             await asyncio.to_thread(scheduler.load_state_dict, state)

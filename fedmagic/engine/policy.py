@@ -1,9 +1,10 @@
-"""The rules a task's rounds follow, chosen by its author at launch.
+"""The rules of time and memory a task's rounds follow, chosen by its author at launch.
 
-Who may be picked, how much weight each update carries, how long a node may
-take, and how updates are combined. Checked when the task is launched, so a
-rule that cannot work fails before anything starts. Everything here is pure:
-the round loop asks, these answer.
+How long the task waits for participants, how long a node may take, how
+many samples are plausible, and how much memory uploads may take at once.
+How updates combine is the task's strategy (:mod:`fedmagic.strategies`).
+Checked when the task is launched, so a rule that cannot work fails before
+anything starts. Everything here is pure: the round loop asks, these answer.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from ..errors import ConfigurationError
+from ..strategies import Strategy
+from .state import size_text
 
-__all__ = ["AGGREGATIONS", "RoundPolicy", "over_share", "sit_out_rounds"]
+__all__ = ["RoundPolicy", "sit_out_rounds"]
 
-#: How updates are combined: FedAvg's (weighted) mean, or a robust statistic.
-AGGREGATIONS = ("mean", "median", "trimmed_mean")
 #: A node that timed out or stalled sits out 1, 2, 4 ... rounds, at most this many.
 MAX_SIT_OUT = 8
 #: The upload deadline: this long, plus a second per ``UPLOAD_RATE`` bytes of state.
@@ -33,13 +34,6 @@ class RoundPolicy:
     Args:
         join_timeout: seconds to wait for ``min_clients`` verified participants.
         join_grace: once ``min_clients`` are in, seconds to wait for more.
-        weighted: weight updates by sample counts (FedAvg); False: plain mean.
-        aggregation: ``"mean"``, or the robust ``"median"`` or ``"trimmed_mean"``
-            (coordinate-wise and unweighted; they hold every update of a round
-            in memory, where the mean holds one running sum).
-        trim: for ``"trimmed_mean"``, the share of values cut from each end.
-        max_weight_share: the largest share of a round's total weight one node
-            may carry; a node over it is left out of that round. None: no cap.
         max_samples: a node reporting more training samples than this is
             refused as implausible.
         upload_timeout: seconds a node has to deliver its whole update once it
@@ -52,10 +46,6 @@ class RoundPolicy:
 
     join_timeout: float = 300.0
     join_grace: float = 3.0
-    weighted: bool = True
-    aggregation: str = "mean"
-    trim: float = 0.1
-    max_weight_share: float | None = None
     max_samples: int = 10**9
     upload_timeout: float | None = None
     upload_memory: int = 256 << 20
@@ -66,53 +56,10 @@ class RoundPolicy:
             _seconds(name, getattr(self, name), allow_zero=name == "join_grace")
         if self.upload_timeout is not None:
             _seconds("upload_timeout", self.upload_timeout)
-        if self.aggregation not in AGGREGATIONS:
-            raise ConfigurationError(
-                "aggregation",
-                self.aggregation,
-                f"choose one of {', '.join(map(repr, AGGREGATIONS))}",
-            )
-        if not (_number(self.trim) and 0 <= self.trim < 0.5):
-            raise ConfigurationError(
-                "trim", self.trim, "the share cut from each end must be at least 0 and below 0.5"
-            )
-        if self.max_weight_share is not None and not (
-            _number(self.max_weight_share) and 0 < self.max_weight_share <= 1
-        ):
-            raise ConfigurationError(
-                "max_weight_share",
-                self.max_weight_share,
-                "must be a share above 0 and at most 1 (0.5: no node "
-                "carries more than half a round's weight), or None",
-            )
         for name in ("max_samples", "upload_memory"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ConfigurationError(name, value, "must be a whole number, at least 1")
-        if not isinstance(self.weighted, bool):
-            raise ConfigurationError("weighted", self.weighted, "must be True or False")
-
-    @property
-    def keeps_updates(self) -> bool:
-        """Whether a round holds every update whole (the robust aggregations) rather than
-        folding each into a running mean."""
-        return self.aggregation != "mean"
-
-    def check_clients(self, min_clients: int) -> None:
-        """Refuse a share cap no round of ``min_clients`` nodes could meet.
-
-        Raises:
-            ConfigurationError: if ``max_weight_share * min_clients < 1``.
-        """
-        share = self.max_weight_share
-        if share is not None and self.weighted and share * min_clients < 1:
-            raise ConfigurationError(
-                "max_weight_share",
-                share,
-                f"cannot be met by a round of min_clients="
-                f"{min_clients}: some node always carries at least 1/{min_clients} of the "
-                f"weight; raise it to {1 / min_clients:.3g} or more",
-            )
 
     def upload_seconds(self, state_bytes: int) -> float:
         """The whole-upload deadline for a state of ``state_bytes``."""
@@ -124,21 +71,33 @@ class RoundPolicy:
         """How many updates may be received at once within ``upload_memory``."""
         return max(1, self.upload_memory // max(state_bytes, 1))
 
+    def keepable(self, strategy: Strategy, count: int, state_bytes: int) -> int:
+        """How many of ``count`` updates a round may hold within ``upload_memory``.
 
-def over_share(samples: dict[str, int], share: float) -> dict[str, float]:
-    """The nodes whose weight exceeds ``share`` of the total, with their shares.
+        All of them for a strategy that folds updates into a running sum; for
+        one that keeps them whole (median, Krum), as many as fit.
+        """
+        while count > 0 and strategy.round_memory(count, state_bytes) > self.upload_memory:
+            count -= 1
+        return count
 
-    The heaviest offender goes first and the shares are taken again without
-    it, so one inflated count does not also push honest nodes over the cap.
-    """
-    left, out = dict(samples), {}
-    while left:
-        total = sum(left.values())
-        node = max(left, key=left.__getitem__)
-        if total <= 0 or left[node] / total <= share:
-            break
-        out[node] = left.pop(node) / total
-    return out
+    def check_memory(self, strategy: Strategy, min_clients: int, state_bytes: int) -> None:
+        """Refuse a strategy that could not keep a round of ``min_clients`` updates.
+
+        Raises:
+            ConfigurationError: naming ``upload_memory``, what a round needs and the fix.
+        """
+        if self.keepable(strategy, min_clients, state_bytes) < min_clients:
+            need = strategy.round_memory(min_clients, state_bytes)
+            raise ConfigurationError(
+                "upload_memory",
+                self.upload_memory,
+                f"{type(strategy).__name__} holds every update of a round at once: "
+                f"min_clients={min_clients} updates of {size_text(state_bytes)} need "
+                f"{size_text(need)}; "
+                f"raise upload_memory to {need} or more, or choose a strategy that folds "
+                "updates as they arrive, such as FedAvg",
+            )
 
 
 def sit_out_rounds(strikes: int) -> int:

@@ -4,9 +4,12 @@ Each round the global weights fan out once through the relay to the
 selected participants. Each trains, says so, and uploads its update, several
 at once within a memory budget (with room for every update, they send it
 straight after training, with no request in between). The aggregator checks
-each update (names, dtypes, shapes, finite values) and folds it into a
-running weighted mean as it completes, so memory stays at a few copies of
-the model however many participants there are.
+each update (names, dtypes, shapes, finite values) and hands it to the
+task's strategy (:mod:`fedmagic.strategies`) as it completes: FedAvg folds it
+into a running weighted mean, so memory stays at a few copies of the model
+however many participants there are. Who takes part, what each is told with
+the round and what the round's updates become are the strategy's answers;
+this loop asks nothing else about aggregation.
 
 No party can stretch a round: training has ``calculation_timeout``, each
 upload a whole-upload deadline, and a node that misses either sits out the
@@ -39,6 +42,8 @@ from ..errors import (
     TaskFailed,
     UpdateRejected,
 )
+from ..strategies import FedAvg, Strategy
+from ..strategies.aggregate import Fold, non_finite
 from ..wire.codec import Frame, Kind, StateReader
 from ..wire.link import WELCOME_TIMEOUT
 from ..wire.messages import (
@@ -56,9 +61,8 @@ from ..wire.messages import (
     sender,
 )
 from ..wire.transport import Transport
-from .aggregate import WeightedMean, coordinate_median, non_finite, trimmed_mean
 from .checkpoint import Checkpoint
-from .policy import RoundPolicy, over_share, sit_out_rounds
+from .policy import RoundPolicy, sit_out_rounds
 from .scheduler import Scheduler
 from .state import NodeStatus, ParticipantState, last_metrics, metrics_text, size_text
 from .task import TaskPackage
@@ -158,8 +162,8 @@ class _Round:
     uploads: dict[str, _Upload] = field(default_factory=dict)
     #: Uploads complete (or broken), to fold in or refuse, in arrival order.
     arrived: collections.deque[_Upload] = field(default_factory=collections.deque)
-    #: Updates kept whole for a robust aggregation.
-    kept: list[dict[str, torch.Tensor]] = field(default_factory=list)
+    #: Samples behind the updates folded in.
+    samples: int = 0
 
 
 class Aggregator:
@@ -170,7 +174,8 @@ class Aggregator:
         package: the task's code, sent to each participant that joins.
         link: an initiator's connection to the task (a websocket ``Link``, or a
             ``MemoryLink`` of the in-memory relay).
-        policy: selection, weighting, deadlines and aggregation.
+        policy: deadlines, plausible sample counts and the upload memory budget.
+        strategy: who takes part and how their updates combine; FedAvg by default.
         on_event: called with every event line, for displays.
         reconnect_window: when the relay connection drops, keep trying this
             many seconds to get it back, then run the round it was in again
@@ -186,6 +191,7 @@ class Aggregator:
         *,
         checkpoint: Checkpoint,
         policy: RoundPolicy | None = None,
+        strategy: Strategy | None = None,
         history: list[dict[str, Any]] | None = None,
         on_event: Callable[[str], None] | None = None,
         reconnect_window: float = 0.0,
@@ -195,15 +201,16 @@ class Aggregator:
         self.link = link
         self.checkpoint = checkpoint
         self.policy = policy or RoundPolicy()
+        self.strategy = strategy or FedAvg()
         self.history = history or []
         self.on_event = on_event
         self.reconnect_window = reconnect_window
         self.participants: dict[str, Participant] = {}
         self._task_header = package.to_header()
         self._current: _Round | None = None
-        # Reused from round to round: buffers for incoming updates, and the running mean.
+        # Reused from round to round: buffers for incoming updates, and the strategy's fold.
         self._buffers: list[dict[str, torch.Tensor]] = []
-        self._mean: WeightedMean | None = None
+        self._fold: Fold | None = None
         self._changed = asyncio.Event()
         self._lost: BaseException | None = None
         # Counts relay connections lost; ``_connected`` once the newest is back.
@@ -337,7 +344,9 @@ class Aggregator:
             )
         global_state = scheduler.state_dict()
         state_bytes = sum(t.numel() * t.element_size() for t in global_state.values())
-        keep = self.policy.keeps_updates
+        keep = self.strategy.keeps_updates
+        if keep:
+            selected = self._within_memory(number, selected, state_bytes)
         slots = len(selected) if keep else self.policy.upload_slots(state_bytes)
         current = self._current = _Round(
             number,
@@ -355,17 +364,15 @@ class Aggregator:
             participant.epoch, participant.epochs = 0, scheduler.merge_epochs
         self._event(f"round {number}: training on {', '.join(selected)}")
         async with self._link_lost_interrupts():
-            await self.link.send(
-                Round(number, scheduler.merge_epochs, current.upload_now).to_frame(to=selected)
-            )
+            for config, nodes in self._configs(number, selected):
+                round_message = Round(number, scheduler.merge_epochs, current.upload_now, config)
+                await self.link.send(round_message.to_frame(to=nodes))
             await self.link.send_state(global_state, to=selected, round=number)
 
-        mean: WeightedMean | None = None  # the running mean, unless updates are kept whole
-        if not keep:
-            if self._mean is None:
-                self._mean = WeightedMean(global_state)
-            mean = self._mean
-            mean.reset()
+        if self._fold is None:
+            self._fold = self.strategy.fold(global_state)
+        fold = self._fold
+        fold.reset()
         try:
             await self._collect(current, slots)
         finally:
@@ -373,26 +380,23 @@ class Aggregator:
             for upload in current.uploads.values():
                 self._release(upload)
 
-        if mean is None:
-            contributions, samples = len(current.kept), None
-        else:
-            contributions, samples = mean.count, int(mean.total_weight)
+        contributions = fold.count
         if contributions < scheduler.min_clients:
+            fold.reset()
             raise NotEnoughParticipants(
                 self.task_id, contributions, scheduler.min_clients, round=number
             )
-        averaged = await asyncio.to_thread(self._combine, current)
-        await asyncio.to_thread(scheduler.load_state_dict, averaged)
-        if self._mean is not None and self._mean.shares_memory_with(scheduler.state_dict()):
-            self._mean = None  # the scheduler kept our tensors: next round gets new ones
-        del averaged
-        current.kept.clear()
+        new_state = await asyncio.to_thread(self._next_state, number, global_state, fold)
+        await asyncio.to_thread(scheduler.load_state_dict, new_state)
+        if fold.shares_memory_with(scheduler.state_dict()):
+            self._fold = None  # the scheduler kept the fold's tensors: next round gets new ones
+        del new_state
         scheduler.current_round = number
         finished = scheduler.is_task_finished()
         row: dict[str, Any] = {
             "round": number,
             "participants": contributions,
-            "samples": samples if self.policy.weighted else None,
+            "samples": current.samples,
         }
         log_rounds = scheduler.log_rounds
         tested = number == 1 or finished or (log_rounds > 0 and number % log_rounds == 0)
@@ -418,6 +422,7 @@ class Aggregator:
             self.task_id,
             self.package.code_hash,
             finished,
+            self.strategy,
         )
         shown = metrics_text(row)
         self._event(
@@ -426,31 +431,18 @@ class Aggregator:
         )
 
     def _select(self, number: int) -> list[str]:
-        """This round's participants: rested nodes first, nobody over the weight cap."""
-        scheduler, policy = self.scheduler, self.policy
+        """This round's participants: rested nodes first, none the strategy leaves out."""
+        scheduler = self.scheduler
         available = [p for p in self.participants.values() if p.status.available]
-        if policy.max_weight_share is not None and policy.weighted:
-            capped = over_share({p.node: p.samples for p in available}, policy.max_weight_share)
-            for node, share in capped.items():
-                participant = self.participants[node]
-                participant.status = NodeStatus.REFUSED
-                participant.detail = (
-                    f"its {participant.samples} samples would be {share:.0%} "
-                    f"of round {number}'s weight, over max_weight_share="
-                    f"{policy.max_weight_share:g}"
-                )
-                self._event(
-                    f"round {number}: {node} left out: {participant.detail}", logging.WARNING
-                )
-            available = [p for p in available if p.node not in capped]
+        excluded = self.strategy.exclude(number, {p.node: p.samples for p in available})
+        for node, why in excluded.items():
+            participant = self.participants[node]
+            participant.status, participant.detail = NodeStatus.REFUSED, why
+            self._event(f"round {number}: {node} left out: {why}", logging.WARNING)
+        available = [p for p in available if p.node not in excluded]
         rested = [p.node for p in available if p.sits_out_until < number]
         resting = [p.node for p in available if p.sits_out_until >= number]
-        # As in FedAvg, a random subset when more are available than a round uses.
-        selected = (
-            random.sample(rested, scheduler.max_clients)
-            if len(rested) > scheduler.max_clients
-            else rested
-        )
+        selected = self.strategy.sample(number, rested, scheduler.max_clients)
         if len(selected) < scheduler.min_clients and resting:
             back = random.sample(resting, min(len(resting), scheduler.min_clients - len(selected)))
             self._event(
@@ -460,6 +452,29 @@ class Aggregator:
             )
             selected += back
         return selected
+
+    def _within_memory(self, number: int, selected: list[str], state_bytes: int) -> list[str]:
+        """As many of ``selected`` as a strategy that keeps every update can hold in memory."""
+        fit = self.policy.keepable(self.strategy, len(selected), state_bytes)
+        if fit >= len(selected):
+            return selected
+        need = self.strategy.round_memory(len(selected), state_bytes)
+        self._event(
+            f"round {number}: {type(self.strategy).__name__} holds every update at once, and "
+            f"{len(selected)} updates of {size_text(state_bytes)} need {size_text(need)}, over "
+            f"upload_memory={self.policy.upload_memory}: this round takes {fit} of them",
+            logging.WARNING,
+        )
+        return selected[:fit]
+
+    def _configs(self, number: int, selected: list[str]) -> list[tuple[dict | None, list[str]]]:
+        """The strategy's config for each node, as few groups of nodes as configs differ."""
+        groups: dict[str, tuple[dict | None, list[str]]] = {}
+        for node in selected:
+            config = self.strategy.config(number, node) or None
+            key = repr(sorted(config.items())) if config else ""
+            groups.setdefault(key, (config, []))[1].append(node)
+        return list(groups.values())
 
     async def _collect(self, current: _Round, slots: int) -> None:
         """Wait for every selected node's update, its deadlines, or its departure."""
@@ -472,7 +487,7 @@ class Aggregator:
             if self._epoch != current.epoch:
                 raise _Interrupted
             while current.arrived:
-                await self._fold(current, current.arrived.popleft())
+                await self._check_and_fold(current, current.arrived.popleft())
             await self._grant_uploads(current, slots)
             now = loop.time()
             self._expire(current, now)
@@ -503,7 +518,7 @@ class Aggregator:
 
     def _open_upload(self, current: _Round, node: str) -> None:
         # Kept updates need memory of their own; folded ones give their buffer back.
-        buffer = {} if self.policy.keeps_updates or not self._buffers else self._buffers.pop()
+        buffer = {} if self.strategy.keeps_updates or not self._buffers else self._buffers.pop()
         deadline = asyncio.get_running_loop().time() + current.upload_seconds
         current.uploads[node] = _Upload(
             node, current.number, StateReader(current.global_state, out=buffer), deadline, buffer
@@ -567,14 +582,14 @@ class Aggregator:
                 parts.append(f"{node} ({participant.status})")
         return "waiting for " + ", ".join(parts) if parts else "folding in the last updates"
 
-    async def _fold(self, current: _Round, upload: _Upload) -> None:
+    async def _check_and_fold(self, current: _Round, upload: _Upload) -> None:
         """Check a complete update and fold it in, or refuse it and say why."""
         participant = self.participants[upload.node]
         current.uploads.pop(upload.node, None)
         current.owed.discard(upload.node)
         try:
             if upload.error is None:
-                weight = participant.samples if self.policy.weighted else 1
+                weight = self.strategy.weight(participant.samples)
                 if weight <= 0:
                     upload.error = "it reported no training samples, so it has no weight"
                 else:
@@ -588,6 +603,7 @@ class Aggregator:
             )
             return
         participant.status, participant.strikes = NodeStatus.UPLOADED, 0
+        current.samples += participant.samples
 
     def _add(self, current: _Round, upload: _Upload, weight: float) -> str | None:
         """Fold one update in (on a worker thread); why it was refused, or None."""
@@ -596,26 +612,20 @@ class Aggregator:
         bad = non_finite(state)
         if bad:
             return f"non-finite values (NaN or infinity) in {', '.join(bad)}"
-        if self.policy.keeps_updates:
-            current.kept.append(state)
-        else:
-            mean = self._mean
-            assert mean is not None, "a round that folds updates in has a running mean"
-            mean.add(state, weight)
+        fold = self._fold
+        assert fold is not None, "a round that takes updates has its strategy's fold"
+        fold.add(state, weight)
         return None
 
-    def _combine(self, current: _Round) -> dict[str, torch.Tensor]:
-        if self.policy.aggregation == "median":
-            return coordinate_median(current.kept)
-        if self.policy.aggregation == "trimmed_mean":
-            return trimmed_mean(current.kept, self.policy.trim)
-        mean = self._mean
-        assert mean is not None, "a round that folds updates in has a running mean"
-        return mean.result_in_place()
+    def _next_state(
+        self, number: int, current: dict[str, torch.Tensor], fold: Fold
+    ) -> dict[str, torch.Tensor]:
+        """The round's updates combined, then the strategy's step to the next global state."""
+        return self.strategy.next_state(number, current, fold.combine())
 
     def _release(self, upload: _Upload) -> None:
         """Give an upload's buffer back, for the next upload to fill."""
-        if not self.policy.keeps_updates and upload.buffer is not None:
+        if not self.strategy.keeps_updates and upload.buffer is not None:
             self._buffers.append(upload.buffer)
             upload.buffer = None
 

@@ -21,7 +21,8 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from ..errors import ConfigurationError, TaskDefinitionError
-from .aggregate import check_state
+from ..strategies import proximal_term
+from ..strategies.aggregate import check_state
 from .checkpoint import check_folder_name
 
 __all__ = ["Scheduler"]
@@ -72,6 +73,10 @@ class Scheduler(abc.ABC):
     task_id: str | None
     current_round: int
     model: nn.Module | None
+    #: What the task's strategy told this node for the current round (on a participant).
+    round_config: dict[str, Any]
+    #: The global state this round started from, as received (on a participant).
+    global_state: Dict[str, torch.Tensor] | None
     _context_validated: bool
 
     def __new__(cls, *args: Any, **kwargs: Any) -> Scheduler:
@@ -146,6 +151,8 @@ class Scheduler(abc.ABC):
         self.task_id = None
         self.current_round = 0
         self.model = None
+        self.round_config = {}
+        self.global_state = None
         self._context_validated = False
 
     def hyperparameters(self) -> dict[str, Any]:
@@ -195,6 +202,27 @@ class Scheduler(abc.ABC):
     @abc.abstractmethod
     def test(self) -> Dict[str, Any]:
         """Evaluate ``self.model``; the numbers returned are the task's metrics."""
+
+    # What a task's train() may call.
+
+    def proximal_term(self) -> torch.Tensor:
+        """FedProx's ``mu / 2 * ||w - w_global||^2``: add it to the loss in ``train()``.
+
+        ``mu`` comes with each round from a ``FedProx`` strategy; under any
+        other strategy the term is 0, so one ``train()`` serves them all::
+
+            loss = F.nll_loss(self.model(images), labels) + self.proximal_term()
+
+        Raises:
+            TaskDefinitionError: if ``state_dict()`` does not name the model's
+                parameters as ``self.model.state_dict()`` does.
+        """
+        mu = float(self.round_config.get("mu") or 0.0)
+        model = self.model
+        if not mu or self.global_state is None or model is None:
+            device = next((p.device for p in model.parameters()), None) if model else None
+            return torch.zeros((), device=device)
+        return proximal_term(model, self.global_state, mu)
 
     # What a task may override.
 

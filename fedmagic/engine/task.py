@@ -22,6 +22,8 @@ from typing import Any
 import msgpack
 
 from ..errors import ConfigurationError, ProtocolError, TaskDefinitionError
+from ..strategies import FedAvg
+from ..strategies.base import described_text
 from ..wire.codec import PROTOCOL_VERSION, Kind
 from .context import CodeContext, current_context, running_code
 from .scheduler import Scheduler
@@ -54,10 +56,16 @@ class TaskPackage:
     args: list[Any]
     kwargs: dict[str, Any]
     verify_source: str | None = None
+    #: The strategy's name and parameters (``Strategy.describe()``); None: FedAvg's defaults.
+    strategy: dict[str, Any] | None = None
 
     @classmethod
     def from_scheduler(
-        cls, scheduler: Scheduler, task_id: str, dataset_verify: Any = None
+        cls,
+        scheduler: Scheduler,
+        task_id: str,
+        dataset_verify: Any = None,
+        strategy: dict[str, Any] | None = None,
     ) -> TaskPackage:
         """Pack a scheduler built by the author's code.
 
@@ -65,6 +73,8 @@ class TaskPackage:
             dataset_verify: a ``DatasetVerify`` class, or the path of a file
                 defining one. By default, a ``DatasetVerify`` defined next
                 to the scheduler is used.
+            strategy: the task's strategy, described: part of what data
+                owners consent to.
 
         Raises:
             TaskDefinitionError: if the scheduler's source cannot be found.
@@ -83,6 +93,7 @@ class TaskPackage:
             args=list(args),
             kwargs=dict(kwargs),
             verify_source=_verify_source(dataset_verify),
+            strategy=strategy,
         )
 
     @property
@@ -96,6 +107,7 @@ class TaskPackage:
                 self.verify_source or "",
                 self.args,
                 self.kwargs,
+                self.strategy or {},
             ]
         )
         return hashlib.sha256(material).hexdigest()
@@ -107,11 +119,17 @@ class TaskPackage:
         arguments += [f"{key}={value!r}" for key, value in self.kwargs.items()]
         return f"{self.class_name}({', '.join(arguments)})"
 
+    @property
+    def strategy_text(self) -> str:
+        """The strategy as its data owner reads it, e.g. ``FedProx(mu=0.01, weighted=True)``."""
+        return described_text(self.strategy or FedAvg().describe())
+
     def review(self) -> str:
         """Everything the code hash covers, as its data owner reads it before consenting."""
         parts = [
             f"# task {self.task_id!r}, code hash {self.code_hash}",
             f"# runs: {self.call}",
+            f"# strategy: {self.strategy_text}",
             f"# ---- {self.filename} ----",
             self.source.rstrip(),
         ]
@@ -132,6 +150,7 @@ class TaskPackage:
             "args": self.args,
             "kwargs": self.kwargs,
             "verify_source": self.verify_source,
+            "strategy": self.strategy,
             "hash": self.code_hash,
         }
 
@@ -157,6 +176,11 @@ class TaskPackage:
         verify = header.get("verify_source")
         if verify is not None and not isinstance(verify, str):
             raise ProtocolError("initiator", "task frame has an invalid 'verify_source'")
+        strategy = header.get("strategy")
+        if strategy is not None and not (
+            isinstance(strategy, dict) and isinstance(strategy.get("name"), str)
+        ):
+            raise ProtocolError("initiator", "task frame has an invalid 'strategy'")
         package = cls(
             task_id=header["task"],
             class_name=header["class_name"],
@@ -165,6 +189,7 @@ class TaskPackage:
             args=header["args"],
             kwargs=header["kwargs"],
             verify_source=verify,
+            strategy=strategy,
         )
         if header.get("hash") != package.code_hash:
             raise ProtocolError("initiator", "the task's code hash does not match its code")

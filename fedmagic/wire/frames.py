@@ -25,7 +25,7 @@ from ..errors import CodecError
 
 __all__ = ["CHUNK_BYTES", "Frame", "Kind", "MAX_HEADER_BYTES", "MAX_LOG_SIZE", "PROTOCOL_VERSION"]
 
-PROTOCOL_VERSION = 2
+PROTOCOL_VERSION = 3
 MAX_HEADER_BYTES = 1 << 20
 CHUNK_BYTES = 1 << 20
 MAX_LOG_SIZE = 60

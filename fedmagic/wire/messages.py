@@ -86,6 +86,8 @@ class Round(Message):
     epochs: int | None = None
     #: There is room for every update: upload straight after training, unasked.
     upload: bool = False
+    #: What the task's strategy tells this node for the round (FedProx's ``mu``, say).
+    config: dict | None = None
 
 
 @dataclass(frozen=True)

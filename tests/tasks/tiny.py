@@ -29,3 +29,27 @@ class SlowTiny(Tiny):
         self.epoch_seconds = epoch_seconds
 
     def train(self): time.sleep(self.epoch_seconds)
+
+
+class ZeroTiny(Tiny):
+    """Tiny starting from zero weights, so a test can compute its rounds by hand."""
+
+    def make_model(self):
+        model = super().make_model()
+        torch.nn.init.zeros_(model.weight)
+        return model
+
+
+class ProxTiny(ZeroTiny):
+    """Two steps of SGD (lr 0.1) on ``||w - 1||²`` plus FedProx's term, from the global weights."""
+
+    def make_train_dataloader(self):  # one sample, so updates carry a weight
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(1)))
+
+    def train(self):
+        optimizer = torch.optim.SGD(self.model.parameters(), lr=0.1)
+        for _ in range(2):
+            optimizer.zero_grad()
+            loss = (self.model.weight - 1).pow(2).sum() + self.proximal_term()
+            loss.backward()
+            optimizer.step()

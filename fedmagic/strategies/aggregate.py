@@ -1,4 +1,4 @@
-"""FedAvg's arithmetic, as pure functions over state dicts.
+"""How updates combine, as pure functions over state dicts.
 
 McMahan et al., "Communication-Efficient Learning of Deep Networks from
 Decentralized Data" (2017): the new global model is the mean of the
@@ -14,7 +14,7 @@ flag.
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable, Mapping, Sequence
+from typing import Callable, ClassVar, Iterable, Mapping, Protocol, Sequence
 
 import torch
 
@@ -22,9 +22,14 @@ from ..errors import AggregationError, UnsupportedTensor
 from ..wire.codec import DTYPES
 
 __all__ = [
+    "Fold",
+    "KeptUpdates",
     "WeightedMean",
+    "accumulator_dtype",
     "check_state",
     "coordinate_median",
+    "krum_scores",
+    "multi_krum",
     "non_finite",
     "trimmed_mean",
     "weighted_mean",
@@ -101,12 +106,39 @@ def _checkable(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.float() if tensor.is_floating_point() and tensor.element_size() == 1 else tensor
 
 
-def _accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype a tensor of ``dtype`` is summed in: float32 or better, float64 for integers."""
     if dtype in (torch.float64, torch.complex128, torch.complex64):
         return dtype
     if dtype.is_floating_point:
         return torch.float32
     return torch.float64
+
+
+class Fold(Protocol):
+    """A round's updates on their way to one state: what the round loop folds each into.
+
+    A fold is made once per task and reset each round, so its memory is
+    reused from round to round.
+    """
+
+    #: Whether it holds the updates' own tensors (so their buffers cannot be reused).
+    keeps: ClassVar[bool]
+
+    @property
+    def count(self) -> int:
+        """Updates added this round."""
+        ...
+
+    def add(self, state: State, weight: float) -> None: ...
+
+    def combine(self) -> dict[str, torch.Tensor]:
+        """The round's result; the fold is empty afterwards."""
+        ...
+
+    def reset(self) -> None: ...
+
+    def shares_memory_with(self, state: State) -> bool: ...
 
 
 class WeightedMean:
@@ -117,10 +149,12 @@ class WeightedMean:
     are never modified.
     """
 
+    keeps: ClassVar[bool] = False
+
     def __init__(self, reference: State) -> None:
         self._dtypes = {name: tensor.dtype for name, tensor in reference.items()}
         self._sums = {
-            name: torch.zeros(tensor.shape, dtype=_accumulator_dtype(tensor.dtype))
+            name: torch.zeros(tensor.shape, dtype=accumulator_dtype(tensor.dtype))
             for name, tensor in reference.items()
         }
         self.total_weight = 0.0
@@ -167,7 +201,7 @@ class WeightedMean:
             name: self._cast(name, total / self.total_weight) for name, total in self._sums.items()
         }
 
-    def result_in_place(self) -> dict[str, torch.Tensor]:
+    def combine(self) -> dict[str, torch.Tensor]:
         """The mean, computed inside the accumulators: no new memory where dtypes match.
 
         The returned tensors are the accumulators themselves wherever the
@@ -276,6 +310,122 @@ def _coordinate_wise(
     """Reduce each tensor over the updates, one tensor at a time to bound the memory used."""
     if not states:
         raise AggregationError("no update was given")
+    _check_alike(states)
+    reference = states[0]
+    result = {}
+    for name, tensor in reference.items():
+        accumulator = accumulator_dtype(tensor.dtype)
+        stacked = torch.stack(
+            [state[name].detach().to(device="cpu", dtype=accumulator) for state in states]
+        )
+        if stacked.is_complex():  # real and imaginary parts each on their own
+            value = torch.view_as_complex(reduce(torch.view_as_real(stacked)).contiguous())
+        else:
+            value = reduce(stacked)
+        result[name] = _cast_back(value, tensor.dtype)
+    return result
+
+
+class KeptUpdates:
+    """A round's updates held whole, for rules that need them all at once (median, Krum).
+
+    Memory grows with the round: one copy of the model per update, which is
+    why strategies that keep updates state what a round needs and the round
+    loop holds them to the upload memory budget.
+    """
+
+    keeps: ClassVar[bool] = True
+
+    def __init__(
+        self, reduce: Callable[[Sequence[State], Sequence[float]], dict[str, torch.Tensor]]
+    ):
+        self._reduce = reduce
+        self._states: list[State] = []
+        self._weights: list[float] = []
+
+    @property
+    def count(self) -> int:
+        return len(self._states)
+
+    def add(self, state: State, weight: float) -> None:
+        self._states.append(state)
+        self._weights.append(weight)
+
+    def combine(self) -> dict[str, torch.Tensor]:
+        """The reduced round, in new tensors; the updates are let go.
+
+        Raises:
+            AggregationError: if nothing has been added.
+        """
+        if not self._states:
+            raise AggregationError("no update was added in this round")
+        try:
+            return self._reduce(self._states, self._weights)
+        finally:
+            self.reset()
+
+    def reset(self) -> None:
+        self._states, self._weights = [], []
+
+    def shares_memory_with(self, state: State) -> bool:
+        return False  # each round's updates are new tensors, let go once combined
+
+
+def krum_scores(states: Sequence[State], f: int) -> list[float]:
+    """Each update's Krum score: the sum of squared distances to its ``n - f - 2`` nearest.
+
+    Blanchard et al., "Machine Learning with Adversaries: Byzantine Tolerant
+    Gradient Descent" (2017): an update among honest ones sits close to many
+    others, so a low score marks it as trustworthy with up to ``f`` arbitrary
+    updates in the round. Distances are summed tensor by tensor in float64,
+    so no flattened copy of a whole model is made.
+
+    Raises:
+        AggregationError: if there are not more than ``2 f + 2`` updates.
+    """
+    count = len(states)
+    if count <= 2 * f + 2:
+        raise AggregationError(
+            f"Krum with f={f} needs more than 2f+2={2 * f + 2} updates, got {count}"
+        )
+    _check_alike(states)
+    distances = torch.zeros(count, count, dtype=torch.float64)
+    for name in states[0]:
+        stacked = torch.stack(
+            [
+                state[name].detach().to(device="cpu", dtype=torch.float64).reshape(-1)
+                for state in states
+            ]
+        )
+        distances += torch.cdist(stacked, stacked, compute_mode="donot_use_mm_for_euclid_dist") ** 2
+    nearest = count - f - 2
+    scores = []
+    for index in range(count):
+        others = torch.cat([distances[index, :index], distances[index, index + 1 :]])
+        scores.append(float(others.sort().values[:nearest].sum()))
+    return scores
+
+
+def multi_krum(states: Sequence[State], f: int, keep: int) -> dict[str, torch.Tensor]:
+    """The plain mean of the ``keep`` updates with the lowest Krum scores (Krum: ``keep=1``).
+
+    El Mhamdi et al., "The Hidden Vulnerability of Distributed Learning in
+    Byzantium" (2018), average the ``m`` best-scored updates; ties go to the
+    earlier update.
+
+    Raises:
+        AggregationError: as :func:`krum_scores`, or for ``keep`` outside 1..n.
+    """
+    scores = krum_scores(states, f)
+    if not 1 <= keep <= len(states):
+        raise AggregationError(f"Multi-Krum keeps 1 to {len(states)} updates, not {keep}")
+    chosen = sorted(range(len(states)), key=lambda index: (scores[index], index))[:keep]
+    if keep == 1:
+        return {name: tensor.detach().clone() for name, tensor in states[chosen[0]].items()}
+    return weighted_mean((states[index], 1.0) for index in chosen)
+
+
+def _check_alike(states: Sequence[State]) -> None:
     reference = states[0]
     for state in states[1:]:
         if set(state) != set(reference):
@@ -288,15 +438,3 @@ def _coordinate_wise(
                     f"tensor {name!r} has shape {tuple(state[name].shape)} "
                     f"in one update and {tuple(tensor.shape)} in another"
                 )
-    result = {}
-    for name, tensor in reference.items():
-        accumulator = _accumulator_dtype(tensor.dtype)
-        stacked = torch.stack(
-            [state[name].detach().to(device="cpu", dtype=accumulator) for state in states]
-        )
-        if stacked.is_complex():  # real and imaginary parts each on their own
-            value = torch.view_as_complex(reduce(torch.view_as_real(stacked)).contiguous())
-        else:
-            value = reduce(stacked)
-        result[name] = _cast_back(value, tensor.dtype)
-    return result

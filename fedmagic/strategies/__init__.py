@@ -1,0 +1,93 @@
+"""How a round combines its updates: FedAvg and the strategies researchers compare it with.
+
+Pass one to ``launch_task``::
+
+    from fedmagic.strategies import FedAdam
+    scheduler.launch_task(task_id="digits", strategy=FedAdam(eta=1e-2))
+
+=================  ======================================================
+``FedAvg``         the sample-weighted mean (the default)
+``FedProx``        FedAvg, with a proximal term in each participant's loss
+``FedAvgM``        FedAvg with server momentum
+``FedAdagrad``,    FedAvg's mean as a pseudo-gradient for an adaptive
+``FedAdam``,       server optimiser
+``FedYogi``
+``FedMedian``,     robust rules: each coordinate's median or trimmed mean,
+``FedTrimmedAvg``
+``Krum``,          or the updates closest to their neighbours
+``MultiKrum``
+=================  ======================================================
+
+:class:`Strategy` is the seam the round loop asks; subclass it for a rule
+of your own.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from ..errors import ConfigurationError
+from .base import Strategy
+from .fedavg import FedAvg, FedAvgM, FedProx, proximal_term
+from .fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
+from .robust import FedMedian, FedTrimmedAvg, Krum, MultiKrum
+
+__all__ = [
+    "BY_NAME",
+    "FedAdagrad",
+    "FedAdam",
+    "FedAvg",
+    "FedAvgM",
+    "FedMedian",
+    "FedOpt",
+    "FedProx",
+    "FedTrimmedAvg",
+    "FedYogi",
+    "Krum",
+    "MultiKrum",
+    "Strategy",
+    "proximal_term",
+    "resolve",
+]
+
+#: The built-in strategies by the short names the command line and ``strategy="..."`` take.
+BY_NAME: dict[str, type[Strategy]] = {
+    "fedavg": FedAvg,
+    "fedprox": FedProx,
+    "fedavgm": FedAvgM,
+    "fedadagrad": FedAdagrad,
+    "fedadam": FedAdam,
+    "fedyogi": FedYogi,
+    "median": FedMedian,
+    "trimmed": FedTrimmedAvg,
+    "krum": Krum,
+    "multikrum": MultiKrum,
+}
+
+
+def resolve(strategy: Any) -> Strategy:
+    """A strategy object from what ``launch_task(strategy=...)`` was given.
+
+    Args:
+        strategy: a :class:`Strategy`, a short name from :data:`BY_NAME` (its
+            defaults), or None for FedAvg.
+
+    Raises:
+        ConfigurationError: for anything else, listing the names.
+    """
+    if strategy is None:
+        return FedAvg()
+    if isinstance(strategy, Strategy):
+        return strategy
+    if isinstance(strategy, str) and strategy.lower() in BY_NAME:
+        return BY_NAME[strategy.lower()]()
+    if isinstance(strategy, type) and issubclass(strategy, Strategy):
+        raise ConfigurationError(
+            "strategy", strategy, f"pass an instance: strategy={strategy.__name__}()"
+        )
+    raise ConfigurationError(
+        "strategy",
+        strategy,
+        "pass a strategy from fedmagic.strategies, e.g. strategy=FedAdam(eta=1e-2), or one "
+        f"of the names {', '.join(BY_NAME)}",
+    )

@@ -1,0 +1,167 @@
+"""The seam between the round loop and how a round combines its updates.
+
+The round loop knows time: who is connected, deadlines, uploads within a
+memory budget, reconnects. A :class:`Strategy` knows the arithmetic, and the
+round loop asks it these things, and nothing else, about aggregation:
+
+    at launch             check()                    can any round of this task work?
+    before each round     exclude(), sample()        who takes part
+                          config()                   what each node is told with the round
+                          round_memory()             what keeping the round's updates costs
+    for each update       weight(), fold()           how much it counts; fold it in or keep it
+    after the round       next_state()               the new global state (a server optimiser)
+    on evaluation rounds  evaluate()                 participants' own test results, combined
+
+Its parameters (``describe()``) are part of the task's code hash, so data
+owners consent to them; what it learns across rounds (``state_dict()``: a
+server optimiser's moments) goes into the checkpoint, so a resumed task
+continues it. Strategies are dataclasses: their fields are their parameters.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any, ClassVar, Mapping, Sequence
+
+import torch
+
+from ..errors import ConfigurationError
+from .aggregate import Fold, State, WeightedMean
+
+__all__ = ["Strategy", "described_text"]
+
+
+class Strategy:
+    """How a round's updates become the next global model; subclass to make one.
+
+    The base is FedAvg's shape without its weighting: every update counts
+    the same and the round's mean is the next model. Override what differs.
+    """
+
+    #: The strategy holds every update of a round whole, rather than folding
+    #: each into a running sum; ``round_memory()`` says what that costs.
+    keeps_updates: ClassVar[bool] = False
+
+    # At launch.
+
+    def check(self, min_clients: int, max_clients: int) -> None:
+        """Refuse parameters no round of ``min_clients`` to ``max_clients`` nodes could meet.
+
+        Raises:
+            ConfigurationError: naming the parameter and what would work.
+        """
+
+    # Before each round.
+
+    def exclude(self, round: int, samples: Mapping[str, int]) -> dict[str, str]:
+        """Nodes to leave out of this round (of those available, with their sample counts),
+        each with the reason the task's events give."""
+        return {}
+
+    def sample(self, round: int, nodes: Sequence[str], most: int) -> list[str]:
+        """Which of the rested ``nodes`` train this round: at most ``most``, at random."""
+        return random.sample(list(nodes), most) if len(nodes) > most else list(nodes)
+
+    def config(self, round: int, node: str) -> dict[str, Any]:
+        """What ``node`` is told with the round (the scheduler's ``round_config`` there)."""
+        return {}
+
+    def round_memory(self, count: int, state_bytes: int) -> int:
+        """Bytes a round of ``count`` updates holds at once beyond uploads in flight.
+
+        0 for a strategy that folds each update into a running sum: the round
+        loop's upload budget is then the only bound.
+        """
+        return count * state_bytes if self.keeps_updates else 0
+
+    # Each update.
+
+    def weight(self, samples: int) -> float:
+        """How much one update counts, given the samples it was trained on."""
+        return 1.0
+
+    def fold(self, reference: State) -> Fold:
+        """The fold that takes this task's updates; made once, reset every round."""
+        return WeightedMean(reference)
+
+    # After the round.
+
+    def next_state(
+        self, round: int, current: State, combined: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        """The next global state, from the current one and the round's combined updates."""
+        return combined
+
+    def evaluate(self, results: Sequence[tuple[int, Mapping[str, Any]]]) -> dict[str, float]:
+        """Participants' own test results, ``(examples, metrics)`` each, as one set of metrics.
+
+        Each metric is the mean of the participants that reported it, weighted
+        by their examples; ``examples`` is their total.
+        """
+        totals: dict[str, float] = {}
+        weights: dict[str, int] = {}
+        for examples, metrics in results:
+            if examples <= 0:
+                continue
+            for name, value in metrics.items():
+                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                    totals[name] = totals.get(name, 0.0) + examples * float(value)
+                    weights[name] = weights.get(name, 0) + examples
+        combined = {name: totals[name] / weights[name] for name in totals}
+        combined["examples"] = sum(examples for examples, _ in results if examples > 0)
+        return combined
+
+    # What it keeps across rounds.
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """What it learned across rounds, as tensors (saved with the checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        """Continue from a checkpoint's ``state_dict()``."""
+
+    # What it is.
+
+    def describe(self) -> dict[str, Any]:
+        """Its name and parameters: what consent shows and the code hash covers."""
+        parameters: dict[str, Any] = (
+            {item.name: getattr(self, item.name) for item in dataclasses.fields(self) if item.init}
+            if dataclasses.is_dataclass(self)
+            else {}
+        )
+        return {"name": type(self).__name__, **parameters}
+
+    def __str__(self) -> str:
+        return described_text(self.describe())
+
+
+def described_text(described: Mapping[str, Any]) -> str:
+    """A strategy's description as a call, e.g. ``FedProx(weighted=True, mu=0.01)``."""
+    parameters = {key: value for key, value in described.items() if key != "name"}
+    arguments = ", ".join(f"{key}={value!r}" for key, value in parameters.items())
+    return f"{described.get('name', '?')}({arguments})"
+
+
+def check_share(name: str, value: Any, *, lowest: float = 0.0, below: float = 1.0) -> None:
+    """Refuse a parameter that is not a number in ``[lowest, below)``.
+
+    Raises:
+        ConfigurationError: naming the parameter.
+    """
+    if not (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and lowest <= value < below
+    ):
+        raise ConfigurationError(name, value, f"must be a number from {lowest:g} up to {below:g}")
+
+
+def check_positive(name: str, value: Any) -> None:
+    """Refuse a parameter that is not a positive finite number.
+
+    Raises:
+        ConfigurationError: naming the parameter.
+    """
+    if not (
+        isinstance(value, (int, float)) and not isinstance(value, bool) and 0 < value < float("inf")
+    ):
+        raise ConfigurationError(name, value, "must be a positive number")
