@@ -11,19 +11,20 @@ mid-write leaves the previous round's files intact.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 
 from ..errors import ConfigurationError
 from ..strategies import Strategy
 
-__all__ = ["Checkpoint", "check_folder_name"]
+__all__ = ["Checkpoint", "check_folder_name", "write_atomically"]
 
 
 def check_folder_name(parameter: str, name: str) -> None:
@@ -134,15 +135,29 @@ class Checkpoint:
         return state, int(meta["round"]), history
 
     def _save_tensors(self, name: str, state: dict[str, torch.Tensor]) -> None:
-        temporary = self.directory / f".{name}.tmp"
-        torch.save({key: tensor.detach().cpu() for key, tensor in state.items()}, temporary)
-        os.replace(temporary, self.directory / name)
+        with atomically(self.directory / name) as temporary:  # no copy in memory first
+            torch.save({key: tensor.detach().cpu() for key, tensor in state.items()}, temporary)
 
     def _write(self, name: str, data: bytes) -> None:
-        path = self.directory / name
-        temporary = path.with_name(f".{name}.tmp")
-        temporary.write_bytes(data)
+        write_atomically(self.directory / name, data)
+
+
+@contextlib.contextmanager
+def atomically(path: Path) -> Iterator[Path]:
+    """A temporary name beside ``path`` to write to, renamed into place once written,
+    so a reader never finds a half-written file (nor a stray one when writing fails)."""
+    temporary = path.with_name(f".{path.name}.tmp")
+    try:
+        yield temporary
         os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
+def write_atomically(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` :func:`atomically`."""
+    with atomically(path) as temporary:
+        temporary.write_bytes(data)
 
 
 def _csv(history: list[dict[str, Any]]) -> str:

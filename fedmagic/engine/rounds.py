@@ -62,6 +62,7 @@ from ..wire.messages import (
 )
 from ..wire.transport import Transport
 from .checkpoint import Checkpoint
+from .export import TORCHSCRIPT, RunReport, example_input, export_torchscript, write_report
 from .policy import RoundPolicy, sit_out_rounds
 from .scheduler import Scheduler
 from .state import NodeStatus, ParticipantState, last_metrics, metrics_text, size_text
@@ -92,6 +93,8 @@ class Participant:
     epochs: int = 0
     #: When the initiator last heard from it (``time.time()``).
     last_seen: float | None = None
+    #: Rounds its update was folded into.
+    rounds: int = 0
 
     def state(self, uploaded: int = 0, upload_size: int = 0) -> ParticipantState:
         """What displays show of this node, as it is now."""
@@ -216,6 +219,7 @@ class Aggregator:
         # Counts relay connections lost; ``_connected`` once the newest is back.
         self._epoch = 0
         self._connected = True
+        self._started = time.time()
         #: Set (from any thread) to end the task cleanly after the current round.
         self.stop_requested = False
 
@@ -249,6 +253,8 @@ class Aggregator:
         Raises:
             TaskFailed: if the task cannot go on; participants are told too.
         """
+        self._started = time.time()
+        outcome = "ended"  # said by how it ends
         reader = asyncio.create_task(self._read_frames())
         try:
             try:
@@ -274,6 +280,7 @@ class Aggregator:
                 )
                 self._event(f"task {self.task_id!r} {reason}")
             await self._tell_all(Finish(True, reason))
+            outcome = reason
         except BaseException as exc:
             reason = exc.reason if isinstance(exc, TaskFailed) else str(exc) or type(exc).__name__
             if isinstance(exc, asyncio.CancelledError):
@@ -282,10 +289,12 @@ class Aggregator:
                 exc.checkpoint = str(self.checkpoint.directory)
                 exc.saved_round = self.scheduler.current_round
             await self._tell_all(Finish(False, reason))
+            outcome = f"failed: {reason}"
             raise
         finally:
             reader.cancel()
             await self.link.close()
+            await self._leave_for_use(outcome)
         if reason == "finished":  # a stop said so already
             self._event(
                 f"task {self.task_id!r} finished after round {self.scheduler.current_round}"
@@ -300,6 +309,43 @@ class Aggregator:
             self.checkpoint.directory,
             self.participants,
         )
+
+    async def _leave_for_use(self, outcome: str) -> None:
+        """Beside the checkpoint, once a round is in it: the model as TorchScript, and a report."""
+        if self.scheduler.current_round == 0:
+            return
+        try:
+            await asyncio.to_thread(self._write_for_use, outcome)
+        except Exception:  # the task's own ending must not be lost to a report
+            log.exception("could not write the report of task %r", self.task_id)
+
+    def _write_for_use(self, outcome: str) -> None:
+        scheduler, directory = self.scheduler, self.checkpoint.directory
+        assert scheduler.model is not None and scheduler.name is not None, "the task was set up"
+        try:
+            example = example_input(scheduler.make_test_dataloader())
+        except Exception:
+            example = None
+        why = export_torchscript(scheduler.model, example, directory / TORCHSCRIPT)
+        if why is not None:
+            self._event(f"{TORCHSCRIPT} not written: the model {why}")
+        report = RunReport(
+            self.task_id,
+            scheduler.name,
+            self.strategy.describe(),
+            scheduler.current_round,
+            outcome,
+            self._started,
+            time.time(),
+            {
+                node: {"status": str(p.status), "samples": p.samples, "rounds": p.rounds}
+                for node, p in self.participants.items()
+            },
+            self.history,
+            None if why else TORCHSCRIPT,
+            why,
+        )
+        write_report(directory, report)
 
     # Gathering.
 
@@ -603,6 +649,7 @@ class Aggregator:
             )
             return
         participant.status, participant.strikes = NodeStatus.UPLOADED, 0
+        participant.rounds += 1
         current.samples += participant.samples
 
     def _add(self, current: _Round, upload: _Upload, weight: float) -> str | None:

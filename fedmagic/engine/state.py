@@ -21,6 +21,7 @@ __all__ = [
     "ParticipantState",
     "TaskSnapshot",
     "TaskStatus",
+    "best_point",
     "clock",
     "failure_text",
     "is_number",
@@ -163,11 +164,7 @@ class TaskSnapshot:
 
         Lower is better for losses and errors, higher for everything else.
         """
-        points = metric_series(self.history).get(metric)
-        if not points:
-            return None
-        lower = lower_is_better(metric)
-        return min(points, key=lambda p: p[1] if lower else -p[1])
+        return best_point(metric, metric_series(self.history).get(metric, []))
 
     def status_line(self) -> str:
         """One line, as a progress bar's caption: ``round 3/5 · 0:41 elapsed · ~0:27 left``."""
@@ -316,6 +313,18 @@ def metric_series(history: Sequence[dict[str, Any]]) -> dict[str, list[tuple[int
                 if is_number(value):
                     series.setdefault(name, []).append((int(row["round"]), float(value)))
     return series
+
+
+def best_point(metric: str, points: Sequence[tuple[int, float]]) -> tuple[int, float] | None:
+    """The ``(round, value)`` point with the best value of ``metric``, the earliest on a tie.
+
+    Lower is better for losses and errors (:func:`lower_is_better`), higher
+    for everything else; None for no points.
+    """
+    if not points:
+        return None
+    lower = lower_is_better(metric)
+    return min(points, key=lambda p: p[1] if lower else -p[1])
 
 
 def metrics_text(row: dict[str, Any]) -> str:
