@@ -20,7 +20,6 @@ task's :class:`~fedmagic.engine.policy.RoundPolicy`.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import logging
 import numbers
@@ -33,18 +32,16 @@ from typing import Any, AsyncIterator, Callable
 import torch
 
 from ..errors import (
-    CodecError,
     ConnectionLost,
     NotEnoughParticipants,
     ProtocolError,
     RelayRefused,
     RemoteError,
     TaskFailed,
-    UpdateRejected,
 )
 from ..strategies import FedAvg, Strategy
-from ..strategies.aggregate import Fold, non_finite
-from ..wire.codec import Frame, Kind, StateReader
+from ..strategies.aggregate import Fold
+from ..wire.codec import Frame, Kind
 from ..wire.link import WELCOME_TIMEOUT
 from ..wire.messages import (
     Failed,
@@ -63,55 +60,16 @@ from ..wire.messages import (
 from ..wire.transport import Transport
 from .checkpoint import Checkpoint
 from .export import TORCHSCRIPT, RunReport, example_input, export_torchscript, write_report
-from .policy import RoundPolicy, sit_out_rounds
+from .policy import RoundPolicy
+from .roster import Participant
 from .scheduler import Scheduler
 from .state import NodeStatus, ParticipantState, last_metrics, metrics_text, size_text
 from .task import TaskPackage
+from .uploads import RoundUploads
 
 __all__ = ["Aggregator", "Participant", "TaskResult"]
 
 log = logging.getLogger("fedmagic")
-
-
-@dataclass
-class Participant:
-    """What the initiator knows of one node."""
-
-    node: str
-    status: NodeStatus = NodeStatus.JOINED
-    samples: int = 0
-    detail: str = ""
-    traceback: str = ""
-    round: int = 0
-    train_seconds: float | None = None
-    #: The last round this node sits out, after timing out or stalling.
-    sits_out_until: int = 0
-    #: Deadlines missed in a row; each doubles the rounds sat out.
-    strikes: int = 0
-    #: Epochs of this round's training done, of how many.
-    epoch: int = 0
-    epochs: int = 0
-    #: When the initiator last heard from it (``time.time()``).
-    last_seen: float | None = None
-    #: Rounds its update was folded into.
-    rounds: int = 0
-
-    def state(self, uploaded: int = 0, upload_size: int = 0) -> ParticipantState:
-        """What displays show of this node, as it is now."""
-        return ParticipantState(
-            self.node,
-            self.status,
-            self.samples,
-            self.detail,
-            self.traceback,
-            self.train_seconds,
-            self.round,
-            self.epoch,
-            self.epochs,
-            uploaded,
-            upload_size,
-            self.last_seen,
-        )
 
 
 @dataclass
@@ -129,44 +87,6 @@ class TaskResult:
     def metrics(self) -> dict[str, Any]:
         """The last tested round's metrics."""
         return last_metrics(self.history)
-
-
-@dataclass(eq=False)
-class _Upload:
-    """One node's update on its way in."""
-
-    node: str
-    round: int
-    reader: StateReader
-    deadline: float
-    #: None once given back for the next upload to fill.
-    buffer: dict[str, torch.Tensor] | None
-    received: int = 0
-    state: dict[str, torch.Tensor] | None = None
-    error: str | None = None
-
-
-@dataclass(eq=False)
-class _Round:
-    """What the aggregator tracks while one round runs."""
-
-    number: int
-    global_state: dict[str, torch.Tensor]
-    state_bytes: int
-    train_deadline: float
-    upload_seconds: float
-    upload_now: bool
-    #: The relay connection the round started on: when it is lost, the round is void.
-    epoch: int
-    #: Selected nodes the round still waits for.
-    owed: set[str] = field(default_factory=set)
-    #: Nodes that trained and wait for room to upload.
-    queued: collections.deque[str] = field(default_factory=collections.deque)
-    uploads: dict[str, _Upload] = field(default_factory=dict)
-    #: Uploads complete (or broken), to fold in or refuse, in arrival order.
-    arrived: collections.deque[_Upload] = field(default_factory=collections.deque)
-    #: Samples behind the updates folded in.
-    samples: int = 0
 
 
 class Aggregator:
@@ -210,7 +130,7 @@ class Aggregator:
         self.reconnect_window = reconnect_window
         self.participants: dict[str, Participant] = {}
         self._task_header = package.to_header()
-        self._current: _Round | None = None
+        self._current: RoundUploads | None = None
         # Reused from round to round: buffers for incoming updates, and the strategy's fold.
         self._buffers: list[dict[str, torch.Tensor]] = []
         self._fold: Fold | None = None
@@ -240,12 +160,10 @@ class Aggregator:
         current = self._current
         if current is None:
             return tuple(p.state() for p in list(self.participants.values()))
-        states = []
-        for node, participant in list(self.participants.items()):
-            upload = current.uploads.get(node)
-            received = upload.received if upload is not None else 0
-            states.append(participant.state(received, current.state_bytes if upload else 0))
-        return tuple(states)
+        return tuple(
+            participant.state(*current.progress(node))
+            for node, participant in list(self.participants.items())
+        )
 
     async def run(self) -> TaskResult:
         """Gather, run rounds until ``is_task_finished()``, and tell everyone.
@@ -393,17 +311,25 @@ class Aggregator:
         keep = self.strategy.keeps_updates
         if keep:
             selected = self._within_memory(number, selected, state_bytes)
-        slots = len(selected) if keep else self.policy.upload_slots(state_bytes)
-        current = self._current = _Round(
+        if self._fold is None:
+            self._fold = self.strategy.fold(global_state)
+        fold = self._fold
+        fold.reset()
+        current = RoundUploads(
             number,
             global_state,
-            state_bytes,
+            set(selected),
+            self.participants,
+            self.policy,
+            self.strategy,
+            fold,
+            slots=len(selected) if keep else self.policy.upload_slots(state_bytes),
             train_deadline=loop.time() + scheduler.calculation_timeout,
-            upload_seconds=self.policy.upload_seconds(state_bytes),
-            upload_now=slots >= len(selected),
-            owed=set(selected),
-            epoch=self._epoch,
+            calculation_timeout=scheduler.calculation_timeout,
+            buffers=self._buffers,
+            event=self._event,
         )
+        epoch = self._epoch
         for node in selected:
             participant = self.participants[node]
             participant.status, participant.round = NodeStatus.TRAINING, number
@@ -415,16 +341,21 @@ class Aggregator:
                 await self.link.send(round_message.to_frame(to=nodes))
             await self.link.send_state(global_state, to=selected, round=number)
 
-        if self._fold is None:
-            self._fold = self.strategy.fold(global_state)
-        fold = self._fold
-        fold.reset()
+        self._current = current
+
+        def check() -> None:
+            self._check_lost()
+            if self._epoch != epoch:
+                raise _Interrupted
+
+        async def grant(nodes: list[str]) -> None:
+            async with self._link_lost_interrupts():
+                await self.link.send(Upload(number).to_frame(to=nodes))
+
         try:
-            await self._collect(current, slots)
+            await current.collect(self._changed, check, grant)
         finally:
             self._current = None
-            for upload in current.uploads.values():
-                self._release(upload)
 
         contributions = fold.count
         if contributions < scheduler.min_clients:
@@ -522,159 +453,11 @@ class Aggregator:
             groups.setdefault(key, (config, []))[1].append(node)
         return list(groups.values())
 
-    async def _collect(self, current: _Round, slots: int) -> None:
-        """Wait for every selected node's update, its deadlines, or its departure."""
-        loop = asyncio.get_running_loop()
-        next_progress = loop.time() + self.policy.progress_every
-        while True:
-            # Cleared first: whatever arrives while this pass awaits wakes the next one.
-            self._changed.clear()
-            self._check_lost()
-            if self._epoch != current.epoch:
-                raise _Interrupted
-            while current.arrived:
-                await self._check_and_fold(current, current.arrived.popleft())
-            await self._grant_uploads(current, slots)
-            now = loop.time()
-            self._expire(current, now)
-            if not current.owed and not current.arrived:
-                return
-            if now >= next_progress:
-                self._event(f"round {current.number}: {self._waiting_for(current, now)}")
-                next_progress = now + self.policy.progress_every
-            wake = [next_progress, *(upload.deadline for upload in current.uploads.values())]
-            if any(self.participants[node].status == NodeStatus.TRAINING for node in current.owed):
-                wake.append(current.train_deadline)
-            try:
-                await asyncio.wait_for(self._changed.wait(), max(min(wake) - now, 0))
-            except asyncio.TimeoutError:
-                pass
-
-    async def _grant_uploads(self, current: _Round, slots: int) -> None:
-        """Let queued nodes upload while the memory budget has room."""
-        granted = []
-        while current.queued and len(current.uploads) < slots:
-            node = current.queued.popleft()
-            if node in current.owed and self.participants[node].status == NodeStatus.TRAINED:
-                self._open_upload(current, node)
-                granted.append(node)
-        if granted:
-            async with self._link_lost_interrupts():
-                await self.link.send(Upload(current.number).to_frame(to=granted))
-
-    def _open_upload(self, current: _Round, node: str) -> None:
-        # Kept updates need memory of their own; folded ones give their buffer back.
-        buffer = {} if self.strategy.keeps_updates or not self._buffers else self._buffers.pop()
-        deadline = asyncio.get_running_loop().time() + current.upload_seconds
-        current.uploads[node] = _Upload(
-            node, current.number, StateReader(current.global_state, out=buffer), deadline, buffer
-        )
-        self.participants[node].status = NodeStatus.UPLOADING
-
-    def _expire(self, current: _Round, now: float) -> None:
-        """Leave out the nodes past a deadline; they sit out the next round(s)."""
-        for node in list(current.owed):
-            participant = self.participants[node]
-            upload = current.uploads.get(node)
-            if participant.status == NodeStatus.TRAINING and now >= current.train_deadline:
-                self._strike(
-                    current,
-                    participant,
-                    f"did not finish training within "
-                    f"{self.scheduler.calculation_timeout:g} s (calculation_timeout)",
-                )
-            elif upload is not None and upload.state is None and now >= upload.deadline:
-                del current.uploads[node]
-                self._release(upload)
-                self._strike(
-                    current,
-                    participant,
-                    f"sent {size_text(upload.received)} of its "
-                    f"{size_text(current.state_bytes)} update within "
-                    f"{current.upload_seconds:g} s (upload_timeout)",
-                )
-
-    def _strike(self, current: _Round, participant: Participant, why: str) -> None:
-        participant.strikes += 1
-        rounds = sit_out_rounds(participant.strikes)
-        participant.sits_out_until = current.number + rounds
-        participant.status, participant.detail = NodeStatus.TIMED_OUT, why
-        current.owed.discard(participant.node)
-        sits = (
-            f"round {current.number + 1}"
-            if rounds == 1
-            else f"rounds {current.number + 1}-{current.number + rounds}"
-        )
-        self._event(
-            f"round {current.number}: {participant.node} {why}; it sits out {sits}", logging.WARNING
-        )
-
-    def _waiting_for(self, current: _Round, now: float) -> str:
-        """Whom the round waits for, and how far each got."""
-        parts = []
-        for node in sorted(current.owed):
-            participant, upload = self.participants[node], current.uploads.get(node)
-            if upload is not None:
-                share = upload.received / current.state_bytes if current.state_bytes else 1
-                parts.append(
-                    f"{node} (uploading: {share:.0%} of {size_text(current.state_bytes)}, "
-                    f"{max(upload.deadline - now, 0):.0f} s left)"
-                )
-            elif participant.status == NodeStatus.TRAINING:
-                parts.append(
-                    f"{node} (training, {max(current.train_deadline - now, 0):.0f} s left)"
-                )
-            else:
-                parts.append(f"{node} ({participant.status})")
-        return "waiting for " + ", ".join(parts) if parts else "folding in the last updates"
-
-    async def _check_and_fold(self, current: _Round, upload: _Upload) -> None:
-        """Check a complete update and fold it in, or refuse it and say why."""
-        participant = self.participants[upload.node]
-        current.uploads.pop(upload.node, None)
-        current.owed.discard(upload.node)
-        try:
-            if upload.error is None:
-                weight = self.strategy.weight(participant.samples)
-                if weight <= 0:
-                    upload.error = "it reported no training samples, so it has no weight"
-                else:
-                    upload.error = await asyncio.to_thread(self._add, current, upload, weight)
-        finally:
-            self._release(upload)
-        if upload.error is not None:
-            participant.status, participant.detail = NodeStatus.REFUSED, upload.error
-            self._event(
-                str(UpdateRejected(upload.node, upload.round, upload.error)), logging.WARNING
-            )
-            return
-        participant.status, participant.strikes = NodeStatus.UPLOADED, 0
-        participant.rounds += 1
-        current.samples += participant.samples
-
-    def _add(self, current: _Round, upload: _Upload, weight: float) -> str | None:
-        """Fold one update in (on a worker thread); why it was refused, or None."""
-        state = upload.state
-        assert state is not None, "only complete updates are folded in"
-        bad = non_finite(state)
-        if bad:
-            return f"non-finite values (NaN or infinity) in {', '.join(bad)}"
-        fold = self._fold
-        assert fold is not None, "a round that takes updates has its strategy's fold"
-        fold.add(state, weight)
-        return None
-
     def _next_state(
         self, number: int, current: dict[str, torch.Tensor], fold: Fold
     ) -> dict[str, torch.Tensor]:
         """The round's updates combined, then the strategy's step to the next global state."""
         return self.strategy.next_state(number, current, fold.combine())
-
-    def _release(self, upload: _Upload) -> None:
-        """Give an upload's buffer back, for the next upload to fill."""
-        if not self.strategy.keeps_updates and upload.buffer is not None:
-            self._buffers.append(upload.buffer)
-            upload.buffer = None
 
     # Frames from the relay.
 
@@ -827,14 +610,8 @@ class Aggregator:
             await self.link.send(Frame({**self._task_header, "to": [node]}))
 
     def _leave_round(self, node: str, why: str) -> None:
-        current = self._current
-        if current is None or node not in current.owed:
-            return
-        current.owed.discard(node)
-        upload = current.uploads.pop(node, None)
-        if upload is not None:
-            self._release(upload)
-        log.debug("round %d: %s %s", current.number, node, why)
+        if self._current is not None:
+            self._current.leave(node, why)
 
     def _on_status(self, participant: Participant, status: Status) -> None:
         node = participant.node
@@ -867,46 +644,14 @@ class Aggregator:
 
     def _on_trained(self, participant: Participant, trained: Trained) -> None:
         participant.train_seconds = trained.seconds
-        current = self._current
-        if (
-            current is None
-            or trained.round != current.number
-            or participant.status != NodeStatus.TRAINING
-            or participant.node not in current.owed
-        ):
-            return  # late: the round gave up on it, and it may be picked again
-        participant.status = NodeStatus.TRAINED
-        participant.epoch = participant.epochs
-        if current.upload_now:
-            self._open_upload(current, participant.node)
-        else:
-            current.queued.append(participant.node)
+        if self._current is not None and trained.round == self._current.number:
+            self._current.trained(participant)
 
-    def _on_state(self, node: Any, frame: Frame) -> None:
+    def _on_state(self, node: str, frame: Frame) -> None:
         if node in self.participants:
             self.participants[node].last_seen = time.time()
-        current = self._current
-        upload = current.uploads.get(node) if current is not None else None
-        if (
-            current is None
-            or upload is None
-            or upload.state is not None
-            or upload.error is not None
-            or frame.header.get("round") != upload.round
-        ):
-            # The rest of a refused, late or unrequested update: nothing asked for it.
-            log.debug("ignored state data %s from %r", frame, node)
-            return
-        try:
-            if frame.kind == Kind.STATE:
-                upload.reader.feed(frame)
-                upload.received += frame.payload_size
-            else:
-                upload.state = upload.reader.finish(frame)
-        except CodecError as exc:
-            upload.error = str(exc)
-        if upload.state is not None or upload.error is not None:
-            current.arrived.append(upload)
+        if self._current is not None:
+            self._current.feed(node, frame)
 
     # Helpers.
 

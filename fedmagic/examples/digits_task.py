@@ -110,7 +110,8 @@ class DigitsScheduler(FedAvgScheduler):
         for images, labels in self.make_train_dataloader():
             images, labels = images.to(self.device), labels.to(self.device)
             self.optimizer.zero_grad()
-            loss = F.nll_loss(self.model(images), labels)
+            # proximal_term() is FedProx's pull towards the global model: 0 under other strategies
+            loss = F.nll_loss(self.model(images), labels) + self.proximal_term()
             loss.backward()
             self.optimizer.step()
 
