@@ -97,20 +97,31 @@ async def a_relay(transport: str) -> AsyncIterator[Connect]:
 
 
 async def participant(connect: Connect, node: str, behaviour: Behaviour,
-                      samples: int = 100) -> None:
-    """Join, say the data is verified, and act out ``behaviour`` every round."""
+                      samples: int = 100, evaluation: tuple[int, dict] | None = None) -> None:
+    """Join, say the data is verified, and act out ``behaviour`` every round; with an
+    ``evaluation``, say ``(examples, metrics)`` of every global model it is asked to test."""
     link = await connect(role="participant", task="rounds", token=TOKEN, node=node, wait=10)
     work: asyncio.Task | None = None
     try:
         assert (await link.recv()).kind == Kind.TASK
         await link.send(Frame({"t": Kind.STATUS, "stage": "verified", "ok": True,
-                               "samples": samples}))
-        reader, may_upload = None, asyncio.Event()
+                               "samples": samples,
+                               "test_samples": evaluation[0] if evaluation else 0}))
+        reader, may_upload, evaluating = None, asyncio.Event(), None
         while True:
             frame = await link.recv()
             if frame.kind == Kind.FINISH:
                 return
-            if frame.kind == Kind.ROUND:
+            if frame.kind == Kind.EVALUATE:
+                evaluating = frame.header["round"]
+            elif evaluating is not None and frame.kind == Kind.STATE_END:
+                assert evaluation is not None, "only a node with test data is asked"
+                await link.send(Frame({"t": Kind.EVALUATED, "round": evaluating,
+                                       "examples": evaluation[0], "metrics": evaluation[1]}))
+                evaluating = None
+            elif evaluating is not None:
+                continue  # the model to test, arriving
+            elif frame.kind == Kind.ROUND:
                 if work is not None:
                     work.cancel()
                 header, reader, may_upload = frame.header, StateReader(), asyncio.Event()
@@ -135,7 +146,9 @@ async def participant(connect: Connect, node: str, behaviour: Behaviour,
 def run_task(tmp_path: Path, behaviours: dict[str, Behaviour], *, rounds: int = 1,
              min_clients: int = 1, samples: dict[str, int] | None = None,
              calculation_timeout: float = 10, transport: str = "memory",
-             strategy: Strategy | None = None, **policy: Any) -> tuple[Any, list[str], float]:
+             strategy: Strategy | None = None,
+             evaluations: dict[str, tuple[int, dict]] | None = None,
+             **policy: Any) -> tuple[Any, list[str], float]:
     """Run a Tiny task with these participants; its result (or error), events and seconds."""
     events: list[str] = []
     samples = samples or {}
@@ -155,7 +168,8 @@ def run_task(tmp_path: Path, behaviours: dict[str, Behaviour], *, rounds: int = 
                                     policy=RoundPolicy(join_timeout=10, **policy),
                                     strategy=strategy, on_event=events.append)
             nodes = [asyncio.create_task(participant(connect, node, behaviour,
-                                                     samples.get(node, 100)))
+                                                     samples.get(node, 100),
+                                                     (evaluations or {}).get(node)))
                      for node, behaviour in behaviours.items()]
             loop = asyncio.get_running_loop()
             started = loop.time()
@@ -618,3 +632,30 @@ def test_a_relay_restart_mid_round_costs_no_round_and_no_consent_in_memory(tmp_p
     assert all(row["participants"] == 2 for row in result.history)
     assert sorted(consents) == ["a", "b"]  # each shown the code once
     assert all(outcome.ok for outcome in outcomes), outcomes
+
+
+# -- federated evaluation -------------------------------------------------------------------
+
+def test_participants_evaluate_the_model_on_their_own_data_weighted_by_their_examples(tmp_path):
+    evaluations = {"a": (10, {"accuracy": 0.5, "loss": 1.0}),
+                   "b": (30, {"accuracy": 0.9, "loss": 0.2}),
+                   "c": (60, {"accuracy": 0.6})}  # not every node reports every metric
+
+    result, events, _ = run_task(tmp_path, {node: sends(1.0) for node in "abcd"}, rounds=2,
+                                 min_clients=4, evaluations=evaluations)
+
+    assert isinstance(result, TaskResult), result
+    for row in result.history:  # round 1 and the last are tested
+        assert row["federated_accuracy"] == pytest.approx((5 + 27 + 36) / 100)
+        assert row["federated_loss"] == pytest.approx((10 * 1.0 + 30 * 0.2) / 40)
+        assert row["federated_examples"] == 100
+        assert row["w"] == pytest.approx(1.0)  # the initiator's own test, beside them
+    assert result.participants["b"].evaluation == {"accuracy": 0.9, "loss": 0.2}
+    assert result.participants["d"].evaluation == {}  # no test data of its own: not asked
+
+
+def test_without_federated_evaluation_no_participant_is_asked(tmp_path):
+    result, events, _ = run_task(tmp_path, {"a": sends(1.0)}, federated_evaluation=False,
+                                 evaluations={"a": (10, {"accuracy": 0.5})})
+
+    assert "federated_accuracy" not in result.history[0]

@@ -108,8 +108,8 @@ def check_quickstart(out: Outputs, workdir: Path) -> None:
     summary = out.of("run.summary()")
     assert "task 'quickstart' finished: round 5/5, 3 participants" in summary
     assert all(f"node-{i}: uploaded" in summary for i in (1, 2, 3)), summary
-    assert "['checkpoint.json', 'history.csv', 'history.json', 'model.pt']" in \
-        out.of("result.checkpoint")
+    assert ("['checkpoint.json', 'history.csv', 'history.json', 'model.pt', "
+            "'model.torchscript.pt', 'report.json', 'report.md']") in out.of("result.checkpoint")
     assert (workdir / "models" / "demo_task" / "model.pt").is_file()  # next to the notebook
     accuracy = re.search(r"accuracy of the averaged model: ([\d.]+)% of 359 test digits",
                          out.of("torch.load("))

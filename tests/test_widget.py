@@ -15,6 +15,7 @@ import time
 from typing import Iterator
 
 import pytest
+import torch
 
 from fedmagic.engine.joining import start_join
 from fedmagic.engine.launch import TaskRun, start_task
@@ -42,6 +43,18 @@ def graded(**options) -> Graded:
     """Three rounds, each tested."""
     return Graded(**{"min_clients": 1, "max_clients": 1, "max_rounds": 3, "log_rounds": 1,
                      **options})
+
+
+class OwnData(Graded):
+    """Graded, with test data on every node: each participant's test() gives 80% on its own."""
+
+    def make_test_dataloader(self):
+        return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.zeros(20)))
+
+    def test(self):
+        if self.current_round == 0:  # a participant's copy: it counts no rounds
+            return {"loss": 0.5, "accuracy": 0.8}
+        return super().test()
 
 
 class Broken(Tiny):
@@ -248,6 +261,30 @@ def test_one_chart_per_metric_with_a_point_and_a_tooltip_per_tested_round():
     accuracy, loss = widget.charts.charts["accuracy"], widget.charts.charts["loss"]
     assert accuracy.y_axis.tick_format.endswith("%") and accuracy.tooltip.formats[1] == ".1%"
     assert loss.y_axis.tick_format == "~g" and loss.tooltip.formats[1] == ".4~g"
+
+
+def test_the_federated_evaluation_shares_its_metrics_chart_with_a_legend():
+    widget = widget_of_finished(OwnData(min_clients=1, max_clients=1, max_rounds=3,
+                                        log_rounds=1), "federated")
+
+    assert list(widget.charts.charts) == ["loss", "accuracy"]  # no chart of its own
+    accuracy = widget.charts.charts["accuracy"]
+    assert list(accuracy.line.y) == [0.5, 0.942, 0.9]
+    assert list(accuracy.federated_line.x) == list(accuracy.federated_dots.x) == [1, 2, 3]
+    assert list(accuracy.federated_line.y) == pytest.approx([0.8] * 3)
+    assert accuracy.line.display_legend and accuracy.federated_line.labels == ["federated"]
+    assert accuracy.federated_tooltip.labels == ["round", "accuracy on participants' data"]
+    table = widget.table.value
+    assert "<th title='the global model tested on its own data" in table
+    assert "loss 0.5, accuracy 80.0%" in text(table)
+
+
+def test_without_federated_evaluation_charts_have_one_line_and_no_legend():
+    widget = widget_of_finished(graded(), "alone")
+
+    chart = widget.charts.charts["accuracy"]
+    assert list(chart.federated_line.x) == [] and not chart.line.display_legend
+    assert "on its data" not in widget.table.value
 
 
 def test_the_round_axis_spans_every_round_from_the_first_point_with_whole_round_ticks():

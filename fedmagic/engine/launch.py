@@ -227,6 +227,7 @@ def start_task(
     max_samples: int = 10**9,
     upload_timeout: float | None = None,
     upload_memory: int = 256 << 20,
+    federated_evaluation: bool = True,
     allowed_nodes: list[str] | None = None,
     reconnect_window: float = 60.0,
     checkpoint_dir: str | os.PathLike[str] | None = None,
@@ -249,8 +250,9 @@ def start_task(
             :mod:`fedmagic.strategies` (``FedAdam(eta=1e-2)``), or its short
             name (``"fedprox"``); default FedAvg. Its parameters are part of
             the code hash, so data owners consent to them.
-        join_timeout, join_grace, max_samples, upload_timeout, upload_memory:
-            how rounds run; see :class:`fedmagic.engine.policy.RoundPolicy`.
+        join_timeout, join_grace, max_samples, upload_timeout, upload_memory,
+            federated_evaluation: how rounds run; see
+            :class:`fedmagic.engine.policy.RoundPolicy`.
         allowed_nodes: the only node names that may join (None: anyone with
             the join token), so a token holder cannot take another's name.
         reconnect_window: seconds to keep trying to get the relay back when
@@ -284,6 +286,7 @@ def start_task(
         max_samples=max_samples,
         upload_timeout=upload_timeout,
         upload_memory=upload_memory,
+        federated_evaluation=federated_evaluation,
     )
     chosen.check(scheduler.min_clients, scheduler.max_clients)
     if allowed_nodes is not None and (

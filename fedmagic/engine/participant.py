@@ -26,9 +26,20 @@ from ..errors import (
     VerificationFailed,
 )
 from ..wire.codec import Frame, Kind, StateReader
-from ..wire.messages import Failed, Finish, Progress, Round, Status, Trained, Upload, parse
+from ..wire.messages import (
+    Evaluate,
+    Evaluated,
+    Failed,
+    Finish,
+    Progress,
+    Round,
+    Status,
+    Trained,
+    Upload,
+    parse,
+)
 from ..wire.transport import Transport
-from .scheduler import Scheduler
+from .scheduler import Scheduler, test_metrics
 from .task import TaskPackage
 
 __all__ = ["JoinOutcome", "ParticipantRuntime", "describe_failure"]
@@ -83,6 +94,8 @@ class ParticipantRuntime:
         self.reconnect_window = reconnect_window
         self.scheduler: Scheduler | None = None
         self.samples = 0
+        #: Examples of its own test data, to evaluate the global model on (0: none).
+        self.test_samples = 0
         self.rounds = 0
         #: The code hash this node consented to and verified its data for.
         self.accepted: str | None = None
@@ -142,6 +155,7 @@ class ParticipantRuntime:
             )
         dataset = getattr(scheduler.make_train_dataloader(), "dataset", None)
         samples = len(dataset) if dataset is not None else 0
+        self.test_samples = _test_samples(scheduler)
         return scheduler, samples
 
     async def _rounds(self, task_id: str) -> JoinOutcome:
@@ -179,6 +193,11 @@ class ParticipantRuntime:
                 case Upload(round=number) if number == trained:
                     await self._upload(number)
                     trained = None
+                case Evaluate(round=number):
+                    try:
+                        await self._evaluate(number)
+                    except _Rejoined:
+                        continue
                 case _:
                     raise ProtocolError(
                         "initiator",
@@ -236,6 +255,20 @@ class ParticipantRuntime:
         self.on_event("trained", {"round": round, "seconds": seconds})
         return None
 
+    async def _evaluate(self, round: int) -> None:
+        """Test the global model of ``round`` on this node's own data, and say how it did."""
+        scheduler = self._scheduler
+        state = await self._receive_state(round)
+        try:
+            await asyncio.to_thread(scheduler.load_state_dict, state)
+            metrics = test_metrics(await asyncio.to_thread(scheduler.test))
+            evaluated = Evaluated(round, self.test_samples, metrics)
+        except Exception as exc:
+            evaluated = Evaluated(round, 0, {}, error=describe_failure(exc))
+        self.on_event("evaluated", {"round": round, "metrics": evaluated.metrics})
+        with contextlib.suppress(ConnectionLost):  # the next frame read says how it goes on
+            await self.link.send(evaluated.to_frame())
+
     async def _receive_state(self, round: int) -> dict[str, Any]:
         reader = StateReader(self._scheduler.state_dict(), out=self._inbox)
         while True:
@@ -291,7 +324,8 @@ class ParticipantRuntime:
             pass  # lost again: the next frame read finds out
 
     async def _say_verified(self) -> None:
-        await self._status(Status("verified", ok=True, samples=self.samples))
+        verified = Status("verified", ok=True, samples=self.samples, test_samples=self.test_samples)
+        await self._status(verified)
 
     async def _status(self, status: Status) -> None:
         await self.link.send(status.to_frame())
@@ -342,6 +376,15 @@ class _WarningsOfThisThread(logging.Handler):
 
     def __exit__(self, *exc_info: object) -> None:
         logging.getLogger("fedmagic").removeHandler(self)
+
+
+def _test_samples(scheduler: Scheduler) -> int:
+    """How many test examples this node has, to evaluate the global model on; 0 for none."""
+    try:
+        dataset: Any = scheduler.make_test_dataloader().dataset
+        return len(dataset)
+    except Exception:  # no test data here is no failure: the node only trains
+        return 0
 
 
 def describe_failure(exc: BaseException) -> str:

@@ -42,6 +42,8 @@ class RoundPolicy:
         upload_memory: bytes of updates being received at once; with a budget
             of one model, updates arrive one at a time.
         progress_every: seconds between the "waiting for ..." lines of a round.
+        federated_evaluation: on the rounds the initiator tests, participants
+            with test data of their own test the model on it too.
     """
 
     join_timeout: float = 300.0
@@ -50,12 +52,17 @@ class RoundPolicy:
     upload_timeout: float | None = None
     upload_memory: int = 256 << 20
     progress_every: float = 10.0
+    federated_evaluation: bool = True
 
     def __post_init__(self) -> None:
         for name in ("join_timeout", "join_grace", "progress_every"):
             _seconds(name, getattr(self, name), allow_zero=name == "join_grace")
         if self.upload_timeout is not None:
             _seconds("upload_timeout", self.upload_timeout)
+        if not isinstance(self.federated_evaluation, bool):
+            raise ConfigurationError(
+                "federated_evaluation", self.federated_evaluation, "must be True or False"
+            )
         for name in ("max_samples", "upload_memory"):
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:

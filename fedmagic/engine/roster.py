@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 from .state import NodeStatus, ParticipantState
 
@@ -31,6 +32,10 @@ class Participant:
     last_seen: float | None = None
     #: Rounds its update was folded into.
     rounds: int = 0
+    #: Examples of its own test data (0: it cannot evaluate the global model).
+    test_samples: int = 0
+    #: The global model's metrics on its own data, at the last federated evaluation.
+    evaluation: dict[str, Any] = field(default_factory=dict)
 
     def state(self, uploaded: int = 0, upload_size: int = 0) -> ParticipantState:
         """What displays show of this node, as it is now."""
@@ -47,4 +52,5 @@ class Participant:
             uploaded,
             upload_size,
             self.last_seen,
+            dict(self.evaluation),
         )

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import numbers
 import random
 import time
 from dataclasses import dataclass, field
@@ -44,6 +43,8 @@ from ..strategies.aggregate import Fold
 from ..wire.codec import Frame, Kind
 from ..wire.link import WELCOME_TIMEOUT
 from ..wire.messages import (
+    Evaluate,
+    Evaluated,
     Failed,
     Finish,
     Message,
@@ -62,8 +63,15 @@ from .checkpoint import Checkpoint
 from .export import TORCHSCRIPT, RunReport, example_input, export_torchscript, write_report
 from .policy import RoundPolicy
 from .roster import Participant
-from .scheduler import Scheduler
-from .state import NodeStatus, ParticipantState, last_metrics, metrics_text, size_text
+from .scheduler import Scheduler, test_metrics
+from .state import (
+    FEDERATED,
+    NodeStatus,
+    ParticipantState,
+    last_metrics,
+    metrics_text,
+    size_text,
+)
 from .task import TaskPackage
 from .uploads import RoundUploads
 
@@ -131,6 +139,9 @@ class Aggregator:
         self.participants: dict[str, Participant] = {}
         self._task_header = package.to_header()
         self._current: RoundUploads | None = None
+        #: While participants evaluate a round's model: each one's answer, None until it comes.
+        self._evaluations: dict[str, Evaluated | None] | None = None
+        self._test_seconds = 0.0
         # Reused from round to round: buffers for incoming updates, and the strategy's fold.
         self._buffers: list[dict[str, torch.Tensor]] = []
         self._fold: Fold | None = None
@@ -386,9 +397,13 @@ class Aggregator:
         ]
         row["train_seconds"] = max(trained, default=None)
         if tested:
-            test_started = time.perf_counter()
-            row.update(_metrics(await asyncio.to_thread(scheduler.test)))
-            row["test_seconds"] = time.perf_counter() - test_started
+            own = asyncio.ensure_future(asyncio.to_thread(self._test))
+            try:
+                federated = await self._evaluate_on_participants(number)
+            finally:
+                row.update(await own)  # the initiator's own test, meanwhile
+            row["test_seconds"] = self._test_seconds
+            row.update(federated)
         row["seconds"] = round_seconds = time.perf_counter() - started
         self.history.append(row)
         await asyncio.to_thread(
@@ -452,6 +467,62 @@ class Aggregator:
             key = repr(sorted(config.items())) if config else ""
             groups.setdefault(key, (config, []))[1].append(node)
         return list(groups.values())
+
+    def _test(self) -> dict[str, Any]:
+        started = time.perf_counter()
+        try:
+            return test_metrics(self.scheduler.test())
+        finally:
+            self._test_seconds = time.perf_counter() - started
+
+    async def _evaluate_on_participants(self, number: int) -> dict[str, Any]:
+        """Federated evaluation: participants with test data of their own test the round's
+        model on it, and the strategy combines what they say, as ``federated_*`` metrics.
+
+        Nodes that do not answer within ``calculation_timeout`` are left out of it.
+        """
+        nodes = [
+            p.node
+            for p in self.participants.values()
+            if p.test_samples > 0 and p.status in (NodeStatus.READY, NodeStatus.UPLOADED)
+        ]
+        if not nodes or not self.policy.federated_evaluation:
+            return {}
+        pending = self._evaluations = {node: None for node in nodes}
+        epoch, loop = self._epoch, asyncio.get_running_loop()
+        try:
+            await self.link.send(Evaluate(number).to_frame(to=nodes))
+            await self.link.send_state(self.scheduler.state_dict(), to=nodes, round=number)
+            await self._wait_until(
+                lambda: self._epoch != epoch or all(v is not None for v in pending.values()),
+                loop.time() + self.scheduler.calculation_timeout,
+            )
+        except ConnectionLost:
+            pass  # the reader reconnects; this round's evaluation is what is lost
+        finally:
+            self._evaluations = None
+        results = []
+        for node, evaluated in pending.items():
+            participant = self.participants.get(node)
+            if evaluated is None or participant is None:
+                self._event(
+                    f"round {number}: {node} did not report how the model does on its own "
+                    f"data within {self.scheduler.calculation_timeout:g} s "
+                    "(calculation_timeout); it is left out of the federated evaluation",
+                    logging.WARNING,
+                )
+            elif evaluated.error:
+                self._event(
+                    f"round {number}: {node}'s test() failed on its own data: {evaluated.error}",
+                    logging.WARNING,
+                )
+            else:
+                participant.evaluation = dict(evaluated.metrics)
+                results.append((evaluated.examples, evaluated.metrics))
+        if not results:
+            return {}
+        combined = self.strategy.evaluate(results)
+        return {f"{FEDERATED}{name}": value for name, value in combined.items()}
 
     def _next_state(
         self, number: int, current: dict[str, torch.Tensor], fold: Fold
@@ -576,6 +647,8 @@ class Aggregator:
                 if not participant.status.ended:  # a refusal already said why it is out
                     participant.status = NodeStatus.DROPPED
                 self._leave_round(node, "left")
+                if self._evaluations is not None:
+                    self._evaluations.pop(node, None)
                 self._event(f"{node} left", logging.WARNING)
             case Status():
                 self._on_status(participant, message)
@@ -584,6 +657,14 @@ class Aggregator:
                     participant.epoch, participant.epochs = epoch, epochs
             case Trained():
                 self._on_trained(participant, message)
+            case Evaluated():
+                pending = self._evaluations
+                if (
+                    pending is not None
+                    and node in pending
+                    and message.round == self.scheduler.current_round
+                ):
+                    pending[node] = message
             case Failed():
                 participant.status = NodeStatus.FAILED
                 self._leave_round(node, "failed")
@@ -631,6 +712,7 @@ class Aggregator:
                 self._event(f"{node} refused: {participant.detail}", logging.WARNING)
                 return
             participant.samples = max(samples, 0)
+            participant.test_samples = max(status.test_samples or 0, 0)
             participant.status = NodeStatus.READY
             self._event(f"{node} verified its data: {participant.samples} training samples")
         elif status.stage == "verified":
@@ -702,20 +784,3 @@ class _Interrupted(Exception):
 
 class _Stopped(Exception):
     """The author asked to stop while the task waited for participants."""
-
-
-def _metrics(values: Any) -> dict[str, Any]:
-    if not isinstance(values, dict):
-        log.warning("test() returned a %s, not a dict of metrics; ignored", type(values).__name__)
-        return {}
-    metrics = {}
-    for key, value in values.items():
-        if isinstance(value, torch.Tensor) and value.numel() == 1:
-            value = value.item()
-        if isinstance(value, (numbers.Real, str)) and not isinstance(value, bool):
-            metrics[str(key)] = (
-                float(value)
-                if isinstance(value, numbers.Real) and not isinstance(value, int)
-                else value
-            )
-    return metrics

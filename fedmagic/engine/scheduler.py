@@ -25,7 +25,7 @@ from ..strategies import proximal_term
 from ..strategies.aggregate import check_state
 from .checkpoint import check_folder_name
 
-__all__ = ["Scheduler"]
+__all__ = ["Scheduler", "test_metrics"]
 
 log = logging.getLogger("fedmagic")
 
@@ -279,3 +279,21 @@ class Scheduler(abc.ABC):
 def _whole(name: str, value: Any, minimum: int) -> None:
     if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
         raise ConfigurationError(name, value, f"must be a whole number, at least {minimum}")
+
+
+def test_metrics(values: Any) -> dict[str, Any]:
+    """What ``test()`` returned, as metrics: numbers and strings by name; the rest ignored."""
+    if not isinstance(values, dict):
+        log.warning("test() returned a %s, not a dict of metrics; ignored", type(values).__name__)
+        return {}
+    metrics = {}
+    for key, value in values.items():
+        if isinstance(value, torch.Tensor) and value.numel() == 1:
+            value = value.item()
+        if isinstance(value, (numbers.Real, str)) and not isinstance(value, bool):
+            metrics[str(key)] = (
+                float(value)
+                if isinstance(value, numbers.Real) and not isinstance(value, int)
+                else value
+            )
+    return metrics

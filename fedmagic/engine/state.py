@@ -18,6 +18,7 @@ from typing import Any, Sequence
 __all__ = [
     "JoinSnapshot",
     "NodeStatus",
+    "FEDERATED",
     "ParticipantState",
     "TaskSnapshot",
     "TaskStatus",
@@ -94,6 +95,8 @@ class ParticipantState:
     upload_size: int = 0
     #: When the initiator last heard from it (``time.time()``).
     last_seen: float | None = None
+    #: The global model's metrics on its own test data, at the last federated evaluation.
+    evaluation: dict[str, Any] = field(default_factory=dict)
 
     @property
     def progress(self) -> str:
@@ -286,8 +289,21 @@ class JoinSnapshot:
 
 
 # What a history row records about the round itself; the rest is what ``test()`` returned.
+#: Federated evaluation's metrics, in a history row: what participants' own ``test()``
+#: gave on their own data, combined, as ``federated_accuracy`` beside the initiator's ``accuracy``.
+FEDERATED = "federated_"
+
 _ROUND_KEYS = frozenset(
-    {"round", "participants", "samples", "seconds", "train_seconds", "test_seconds", "tested"}
+    {
+        "round",
+        "participants",
+        "samples",
+        "seconds",
+        "train_seconds",
+        "test_seconds",
+        "tested",
+        f"{FEDERATED}examples",
+    }
 )
 
 

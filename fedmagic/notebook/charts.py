@@ -1,5 +1,9 @@
 """The task widget's charts: one bqplot figure per numeric metric, by round.
 
+Where participants evaluate the model on their own data too, a metric's
+chart holds both lines: the initiator's test and the federated one
+(``federated_accuracy`` beside ``accuracy``), with a legend.
+
 The round axis is fixed to ``1..max_rounds`` from the first point, with
 integer ticks, so it does not rescale as rounds come; each point has a
 marker (round 1 alone shows) and a tooltip with its round and value.
@@ -15,13 +19,15 @@ from typing import Any, Sequence
 import bqplot
 import ipywidgets as widgets
 
-from ..engine.state import metric_series
+from ..engine.state import FEDERATED, metric_series
 from .task_html import is_percent_metric
 
 __all__ = ["MetricChart", "MetricCharts", "round_ticks", "value_domain", "value_ticks"]
 
 #: The line and its markers; JupyterLab's brand colour reads in the light and dark themes.
 COLOUR = "var(--jp-brand-color1, #1976d2)"
+#: The federated evaluation's line: the theme's warning colour, apart from the brand's.
+FEDERATED_COLOUR = "var(--jp-warn-color1, #f57c00)"
 WIDTH, HEIGHT = "420px", "260px"
 #: At most this many labelled values on the value axis.
 VALUE_TICKS = 5
@@ -85,9 +91,32 @@ class MetricChart:
         scales = {"x": self.x_scale, "y": self.y_scale}
         self.tooltip = bqplot.Tooltip(fields=["x", "y"], labels=["round", name])
         self.tooltip.add_class("fm-tooltip")
-        self.line = bqplot.Lines(x=[], y=[], scales=scales, colors=[COLOUR], stroke_width=2)
+        self.line = bqplot.Lines(
+            x=[], y=[], scales=scales, colors=[COLOUR], stroke_width=2, labels=["initiator"]
+        )
         self.dots = bqplot.Scatter(
             x=[], y=[], scales=scales, colors=[COLOUR], default_size=36, tooltip=self.tooltip
+        )
+        self.federated_tooltip = bqplot.Tooltip(
+            fields=["x", "y"], labels=["round", f"{name} on participants' data"]
+        )
+        self.federated_tooltip.add_class("fm-tooltip")
+        self.federated_line = bqplot.Lines(
+            x=[],
+            y=[],
+            scales=scales,
+            colors=[FEDERATED_COLOUR],
+            stroke_width=2,
+            line_style="dashed",
+            labels=["federated"],
+        )
+        self.federated_dots = bqplot.Scatter(
+            x=[],
+            y=[],
+            scales=scales,
+            colors=[FEDERATED_COLOUR],
+            default_size=36,
+            tooltip=self.federated_tooltip,
         )
         self.x_axis = bqplot.Axis(
             scale=self.x_scale,
@@ -97,7 +126,7 @@ class MetricChart:
         )
         self.y_axis = bqplot.Axis(scale=self.y_scale, side="left", label=name, label_offset="45px")
         self.figure = bqplot.Figure(
-            marks=[self.line, self.dots],
+            marks=[self.line, self.dots, self.federated_line, self.federated_dots],
             axes=[self.x_axis, self.y_axis],
             title=name,
             title_style={"font-size": "14px"},
@@ -107,15 +136,18 @@ class MetricChart:
             layout=widgets.Layout(width=WIDTH, height=HEIGHT),
         )
         self._max_rounds = max_rounds
-        self._points: list[tuple[int, float]] = []
+        self._points: tuple[list[tuple[int, float]], list[tuple[int, float]]] = ([], [])
 
-    def show(self, points: list[tuple[int, float]]) -> None:
-        """Plot these ``(round, value)`` points, if they changed."""
-        if points == self._points:
+    def show(
+        self, points: list[tuple[int, float]], federated: list[tuple[int, float]] | None = None
+    ) -> None:
+        """Plot these ``(round, value)`` points, and the federated evaluation's, if they changed."""
+        federated = federated or []
+        if (points, federated) == self._points:
             return
-        self._points = points
-        rounds = [x for x, _ in points]
-        values = [y for _, y in points]
+        self._points = (points, federated)
+        rounds = [x for x, _ in points + federated]
+        values = [y for _, y in points + federated]
         percent = is_percent_metric(self.name, values)
         low, high = value_domain(values, percent)
         ticks = value_ticks(low, high)
@@ -123,12 +155,18 @@ class MetricChart:
         # in the format current when the transition began.
         self.y_axis.tick_format = percent_format(ticks) if percent else "~g"
         self.tooltip.formats = ["d", ".1%" if percent else ".4~g"]
+        self.federated_tooltip.formats = self.tooltip.formats
         self.y_axis.tick_values = ticks
         self.y_scale.min, self.y_scale.max = low, high
         if not self._max_rounds:
             self.x_axis.tick_values = round_ticks(max(rounds))
-        for mark in (self.line, self.dots):
-            mark.x, mark.y = rounds, values
+        for series, marks in (
+            (points, (self.line, self.dots)),
+            (federated, (self.federated_line, self.federated_dots)),
+        ):
+            for mark in marks:
+                mark.x, mark.y = [x for x, _ in series], [y for _, y in series]
+        self.line.display_legend = self.federated_line.display_legend = bool(federated)
 
 
 class MetricCharts(widgets.Box):
@@ -140,11 +178,16 @@ class MetricCharts(widgets.Box):
         self.charts: dict[str, MetricChart] = {}
 
     def show(self, history: Sequence[dict[str, Any]]) -> None:
-        """Plot the tested rounds of ``history``; a new metric gets a new chart."""
-        for name, points in metric_series(history).items():
+        """Plot the tested rounds of ``history``; a new metric gets a new chart, and a
+        federated one joins its metric's chart."""
+        series = metric_series(history)
+        for name, points in series.items():
+            base = name.removeprefix(FEDERATED)
+            if name != base and base in series:
+                continue  # drawn with its metric
             chart = self.charts.get(name)
             if chart is None:
                 chart = self.charts[name] = MetricChart(name, self.max_rounds)
                 self.children = tuple(each.figure for each in self.charts.values())
                 self.layout.display = None
-            chart.show(points)
+            chart.show(points, series.get(FEDERATED + name))

@@ -23,6 +23,7 @@ from ..engine.state import (
     TaskStatus,
     clock,
     failure_text,
+    is_number,
     metric_series,
 )
 
@@ -223,12 +224,19 @@ class TaskMarkup:
         """One row per participant: status, progress, samples, time, last seen, detail."""
         if not task.participants:
             return "<i class='fm-dim'>no data owner has joined yet</i>"
-        rows = "".join(self._row(p, task) for p in task.participants)
+        evaluated = any(p.evaluation for p in task.participants)
+        rows = "".join(self._row(p, task, evaluated) for p in task.participants)
+        own = (
+            "<th title='the global model tested on its own data, at the last federated "
+            "evaluation'>on its data</th>"
+            if evaluated
+            else ""
+        )
         return (
             "<div class='fm-people'><table class='fedmagic-participants'><tr><th>node</th>"
             "<th>status</th><th>progress</th><th class='fm-number'>samples</th>"
             "<th class='fm-number' title='how long its last round of training took'>"
-            "s/round</th><th>last seen</th><th>detail</th></tr>" + rows + "</table></div>"
+            f"s/round</th>{own}<th>last seen</th><th>detail</th></tr>" + rows + "</table></div>"
         )
 
     def tracebacks(self, task: TaskSnapshot) -> str:
@@ -319,16 +327,17 @@ class TaskMarkup:
             f"<table class='fm-keys'>{cells}</table>{extra}</div>"
         )
 
-    def _row(self, p: ParticipantState, task: TaskSnapshot) -> str:
+    def _row(self, p: ParticipantState, task: TaskSnapshot, evaluated: bool) -> str:
         kind = _STATUS_KINDS.get(p.status, "busy")
         seconds = f"{p.train_seconds:.2f}" if p.train_seconds is not None else ""
         below = " <span class='fm-dim'>(traceback below the table)</span>" if p.traceback else ""
+        own = f"<td>{self.text(_own_data(p))}</td>" if evaluated else ""
         return (
             f"<tr><td>{self.text(p.node)}</td>"
             f"<td class='fm-{kind}'>● {self.text(p.status)}</td>"
             f"<td>{_progress(p)}</td>"
             f"<td class='fm-number'>{p.samples or ''}</td><td class='fm-number'>{seconds}</td>"
-            f"<td>{_last_seen(p, task)}</td><td>{self.text(p.detail)}{below}</td></tr>"
+            f"{own}<td>{_last_seen(p, task)}</td><td>{self.text(p.detail)}{below}</td></tr>"
         )
 
     def _best(self, task: TaskSnapshot) -> list[str]:
@@ -386,6 +395,15 @@ def _progress(p: ParticipantState) -> str:
         return html.escape(words)
     return f"<span class='fm-mini'><span style='width:{share:.0%}'></span></span>" + html.escape(
         words
+    )
+
+
+def _own_data(p: ParticipantState) -> str:
+    """The global model's metrics on the node's own data, as ``accuracy 91.2%, loss 0.31``."""
+    return ", ".join(
+        f"{name} {value_text(value, is_percent_metric(name, [value]))}"
+        for name, value in p.evaluation.items()
+        if is_number(value)
     )
 
 

@@ -54,6 +54,8 @@ class Kind(enum.StrEnum):
     TRAINED = "trained"
     UPLOAD = "upload"
     FAILED = "failed"
+    EVALUATE = "evaluate"
+    EVALUATED = "evaluated"
     FINISH = "finish"
 
 

@@ -23,6 +23,8 @@ from ..errors import ProtocolError
 from .frames import Frame, Kind
 
 __all__ = [
+    "Evaluate",
+    "Evaluated",
     "Failed",
     "Finish",
     "Message",
@@ -140,6 +142,28 @@ class Status(Message):
     samples: int | None = None
     detail: str = ""
     traceback: str = ""
+    #: Examples of this node's own test data, which it can evaluate the global model on.
+    test_samples: int | None = None
+
+
+@dataclass(frozen=True)
+class Evaluate(Message):
+    """Initiator to participants: test the global model that follows on your own data."""
+
+    KIND = Kind.EVALUATE
+    round: int
+
+
+@dataclass(frozen=True)
+class Evaluated(Message):
+    """Participant to initiator: the global model's ``test()`` metrics on its own data."""
+
+    KIND = Kind.EVALUATED
+    round: int
+    examples: int
+    metrics: dict
+    #: What ``test()`` raised instead, if it did.
+    error: str = ""
 
 
 @dataclass(frozen=True)
@@ -188,6 +212,8 @@ _MESSAGES: dict[str, type[Message]] = {
         Trained,
         Failed,
         Status,
+        Evaluate,
+        Evaluated,
         Finish,
         PeerJoined,
         PeerLeft,
