@@ -211,7 +211,7 @@ def test_relay_overwrites_forged_from_so_nobody_can_impersonate(relay):
             initiator = await clients.initiator()
             alice, bob = await clients.join(initiator, "alice", "bob")
             # Execute
-            await alice.send(status(forged=True, **{"from": "bob", "to": ["bob"]}))
+            await alice.send(status(forged=True, **{"from": "bob", "to": [INITIATOR]}))
             from_alice = await recv(initiator)
             await initiator.send(status(forged=True, **{"from": "alice", "to": ["bob"]}))
             from_initiator = await recv(bob)
@@ -223,20 +223,39 @@ def test_relay_overwrites_forged_from_so_nobody_can_impersonate(relay):
     run(scenario())
 
 
-def test_participants_cannot_address_each_other(relay):
+def test_a_participant_reaches_the_peers_it_names_under_its_own_name(relay):
+    # What a round's elected aggregator needs (is_centralized=False); without "to", the initiator
     async def scenario():
         async with Clients(relay.url) as clients:
             # Prepare
             initiator = await clients.initiator()
-            alice, bob = await clients.join(initiator, "alice", "bob")
+            alice, bob, carol = await clients.join(initiator, "alice", "bob", "carol")
             # Execute
-            await alice.send(status(note="for bob", to=["bob"]))
-            await recv(initiator)
+            await alice.send(status(note="for bob", to=["bob", "nobody"]))
+            await alice.send(status(note="for both", to=[INITIATOR, "bob"]))
+            await alice.send(status(note="for the initiator"))
             await initiator.send(status(note="marker", to="*"))
-            first_at_bob = await recv(bob)
-            # Assert: bob's first frame is the initiator's marker, not alice's note
-            assert (first_at_bob.header["note"], first_at_bob.header["from"]) == (
-                "marker", INITIATOR)
+            at_bob = [await recv(bob) for _ in range(3)]
+            at_initiator = [await recv(initiator) for _ in range(2)]
+            first_at_carol = await recv(carol)
+            # Assert
+            assert [(f.header["note"], f.header["from"]) for f in at_bob] == [
+                ("for bob", "alice"), ("for both", "alice"), ("marker", INITIATOR)]
+            assert [f.header["note"] for f in at_initiator] == ["for both", "for the initiator"]
+            assert first_at_carol.header["note"] == "marker"
+    run(scenario())
+
+
+def test_a_participant_frame_with_a_to_that_is_no_list_of_names_is_refused(relay):
+    async def scenario():
+        async with Clients(relay.url) as clients:
+            initiator = await clients.initiator()
+            (alice,) = await clients.join(initiator, "alice")
+            await alice.send(status(note="?", to="*"))
+            with pytest.raises(Exception) as closed:
+                for _ in range(5):
+                    await recv(alice)
+            assert "a participant's 'to' must be a list of node names" in str(closed.value)
     run(scenario())
 
 

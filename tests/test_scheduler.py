@@ -38,9 +38,9 @@ class Minimal(FedAvgScheduler):
      "calculation_timeout=0: must be a positive number of seconds"),
     ({"min_clients": 1, "max_clients": 2, "log_rounds": 1.5},
      "log_rounds=1.5: must be a whole number, at least 0"),
-    ({"min_clients": 1, "max_clients": 2, "is_centralized": False},
-     "is_centralized=False: decentralized FedAvg (an aggregator elected each round) is not "
-     "supported yet; use is_centralized=True"),
+    ({"min_clients": 1, "max_clients": 2, "is_centralized": "no"},
+     "is_centralized='no': must be True (the initiator aggregates) or False (a participant "
+     "elected each round aggregates)"),
 ])
 def test_bad_configuration_fails_at_construction_naming_the_parameter(arguments, message):
     with pytest.raises(ConfigurationError) as error:

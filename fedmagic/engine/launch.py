@@ -25,7 +25,7 @@ from typing import Any, Callable, Coroutine
 from ..background import BackgroundLoop
 from ..errors import ConfigurationError
 from ..log import log_sink
-from ..strategies import Strategy, resolve
+from ..strategies import Strategy, rebuild, resolve
 from ..wire.link import Link
 from ..wire.relay import DEFAULT_PORT, EmbeddedRelay, Relay, new_token
 from .checkpoint import Checkpoint
@@ -289,6 +289,8 @@ def start_task(
         federated_evaluation=federated_evaluation,
     )
     chosen.check(scheduler.min_clients, scheduler.max_clients)
+    if not scheduler.is_centralized:
+        rebuild(chosen.describe())  # what an elected aggregator will do, or why it cannot
     if allowed_nodes is not None and (
         isinstance(allowed_nodes, str)
         or not all(isinstance(node, str) and node for node in allowed_nodes)

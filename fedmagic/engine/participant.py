@@ -25,12 +25,16 @@ from ..errors import (
     TaskFailed,
     VerificationFailed,
 )
+from ..strategies import FedAvg, rebuild
 from ..wire.codec import Frame, Kind, StateReader
+from ..wire.frames import INITIATOR
 from ..wire.messages import (
+    Aggregate,
     Evaluate,
     Evaluated,
     Failed,
     Finish,
+    LeftOut,
     Progress,
     Round,
     Status,
@@ -39,6 +43,7 @@ from ..wire.messages import (
     parse,
 )
 from ..wire.transport import Transport
+from .elected import AggregatorRoom
 from .scheduler import Scheduler, test_metrics
 from .task import TaskPackage
 
@@ -101,6 +106,15 @@ class ParticipantRuntime:
         self.accepted: str | None = None
         # Reused every round: fresh pages for a large model cost more than the copy.
         self._inbox: dict[str, Any] = {}
+        #: Frames from the initiator, as the link's reader takes them (and what ended it).
+        self._frames: asyncio.Queue[Frame | Exception] = asyncio.Queue()
+        self._reader: asyncio.Task[None] | None = None
+        #: With is_centralized=False: the node aggregating the current round, if not the
+        #: initiator; and the round this node aggregates, if it was elected.
+        self._aggregator: str | None = None
+        self._room: AggregatorRoom | None = None
+        self._room_task: asyncio.Task[None] | None = None
+        self._strategy: dict[str, Any] = FedAvg().describe()
 
     async def run(self) -> JoinOutcome:
         """Take part until the task ends, and say how it ended.
@@ -117,6 +131,7 @@ class ParticipantRuntime:
             if frame.kind != Kind.TASK:
                 raise ProtocolError("initiator", f"expected the task's code, got {frame.kind!r}")
             package = TaskPackage.from_header(frame.header)
+            self._strategy = package.strategy or self._strategy
             self.on_event("task", {"package": package})
             if not await asyncio.to_thread(self.consent, package):
                 await self._status(Status("declined", detail="the data owner did not consent"))
@@ -140,6 +155,7 @@ class ParticipantRuntime:
                 pass  # reading the next frame finds the link down, and reconnects
             return await self._rounds(task_id)
         finally:
+            self._stop_reading()
             await self.link.close()
 
     def _prepare(self, package: TaskPackage) -> tuple[Scheduler, int]:
@@ -177,9 +193,12 @@ class ParticipantRuntime:
                 case Finish(ok=ok, reason=reason):
                     self.on_event("finished", {"ok": ok, "reason": reason})
                     return JoinOutcome(task_id, self.node, ok, reason, self.rounds)
-                case Round(round=number, epochs=epochs, upload=upload, config=config):
+                case Round(
+                    round=number, epochs=epochs, upload=upload, config=config, aggregator=chosen
+                ):
                     # A new round also drops an update the initiator gave up on (too late).
                     trained = None
+                    self._aggregator = chosen
                     try:
                         failure = await self._train(number, epochs, config or {})
                     except _Rejoined:
@@ -211,10 +230,18 @@ class ParticipantRuntime:
             raise RuntimeError("the task's scheduler is not built before its data is verified")
         return self.scheduler
 
+    def _to(self) -> dict[str, Any]:
+        """Where this round's update goes, and what it says of its training: the initiator,
+        or the round's elected aggregator (the initiator hears the rest)."""
+        return {} if self._aggregator is None else {"to": [self._aggregator]}
+
+    def _told(self) -> list[str] | None:
+        return None if self._aggregator is None else [INITIATOR, self._aggregator]
+
     async def _upload(self, round: int) -> None:
         update = await asyncio.to_thread(self._scheduler.state_dict)
         try:
-            await self.link.send_state(update, round=round)
+            await self.link.send_state(update, round=round, **self._to())
         except ConnectionLost:
             return  # the task may have ended meanwhile: the next frame read says how
         self.rounds += 1
@@ -244,11 +271,11 @@ class ParticipantRuntime:
         except Exception as exc:
             with contextlib.suppress(ConnectionLost):  # the failure is this node's to report
                 failed = Failed(round, "train()", describe_failure(exc), traceback.format_exc())
-                await self.link.send(failed.to_frame())
+                await self.link.send(failed.to_frame(to=self._told()))
             return f"train() failed: {describe_failure(exc)}"
         seconds = time.perf_counter() - started
         try:
-            await self.link.send(Trained(round, self.samples, seconds).to_frame())
+            await self.link.send(Trained(round, self.samples, seconds).to_frame(to=self._told()))
         except ConnectionLost:
             pass  # the task may have ended meanwhile: the next frame read says how
 
@@ -280,17 +307,22 @@ class ParticipantRuntime:
             reader.feed(frame)
 
     async def _next(self) -> Frame:
-        """The next frame from the initiator.
+        """The next frame from the initiator (or an upload request from the round's aggregator).
 
         Raises:
             _Rejoined: the link was lost and is back: what was under way is void.
             TaskFailed: the initiator left and did not come back.
         """
-        try:
-            frame = await self.link.recv()
-        except ConnectionLost as lost:
-            await self._reconnect(lost, str(lost))
+        if self._reader is None:
+            self._frames = asyncio.Queue()
+            self._reader = asyncio.create_task(self._read(self.link, self._frames))
+        item = await self._frames.get()
+        if isinstance(item, ConnectionLost):
+            await self._reconnect(item, str(item))
             raise _Rejoined from None
+        if isinstance(item, Exception):
+            raise item
+        frame = item
         if frame.kind == Kind.TASK_CLOSED:
             # Its connection dropped without a word: it may be coming back.
             gone = TaskFailed(
@@ -300,8 +332,74 @@ class ParticipantRuntime:
             raise _Rejoined
         return frame
 
+    async def _read(self, link: Transport, frames: asyncio.Queue[Frame | Exception]) -> None:
+        """Read the link all the time, training or not: frames for the round this node
+        aggregates go to it as they come; the rest wait in ``frames`` for the rounds."""
+        try:
+            while True:
+                frame = await link.recv()
+                if not self._for_room(frame):
+                    frames.put_nowait(frame)
+        except Exception as exc:  # the link is done: the rounds hear why
+            frames.put_nowait(exc)
+
+    def _for_room(self, frame: Frame) -> bool:
+        """Take a frame of the round this node was elected to aggregate; whether it was one."""
+        origin = frame.header.get("from")
+        if origin == INITIATOR and frame.kind == Kind.AGGREGATE:
+            self._open_room(frame)
+            return True
+        if origin == INITIATOR and frame.kind == Kind.LEFT_OUT:
+            message = parse(frame)
+            if self._room is not None and isinstance(message, LeftOut):
+                self._room.left_out(message)
+            return True
+        if origin is None or origin == INITIATOR or frame.kind == Kind.UPLOAD:
+            return False  # the initiator's, the relay's, or the aggregator's upload request
+        if self._room is not None:
+            self._room.receive(frame)
+        else:
+            log.debug("ignored %s from peer %r: this node aggregates no round", frame, origin)
+        return True
+
+    def _open_room(self, frame: Frame) -> None:
+        message = parse(frame)
+        if not isinstance(message, Aggregate):
+            return
+        self._close_room()
+        room = AggregatorRoom(
+            message, self._scheduler.state_dict(), rebuild(self._strategy), self.link
+        )
+        log.info("elected to aggregate round %d of %d nodes", message.round, len(message.samples))
+        self.on_event("aggregating", {"round": message.round})
+        self._room, self._room_task = room, asyncio.create_task(self._aggregate(room))
+
+    async def _aggregate(self, room: AggregatorRoom) -> None:
+        try:
+            await room.run()
+        except ConnectionLost:
+            pass  # the initiator runs the round again with another aggregator
+        except Exception:
+            log.exception("could not aggregate round %d", room.number)
+        finally:
+            if self._room is room:
+                self._room = None
+
+    def _close_room(self) -> None:
+        if self._room_task is not None:
+            self._room_task.cancel()
+        self._room = self._room_task = None
+
+    def _stop_reading(self) -> None:
+        """Stop the link's reader and any round this node aggregates (the link is going)."""
+        if self._reader is not None:
+            self._reader.cancel()
+            self._reader = None
+        self._close_room()
+
     async def _reconnect(self, failure: Exception, why: str) -> None:
         """Get back to the task within the reconnect window, or raise ``failure``."""
+        self._stop_reading()
         if self.accepted is None or self.reconnect_window <= 0:
             raise failure
         window = self.reconnect_window

@@ -37,12 +37,15 @@ from ..errors import (
     RelayRefused,
     RemoteError,
     TaskFailed,
+    UpdateRejected,
 )
 from ..strategies import FedAvg, Strategy
 from ..strategies.aggregate import Fold
 from ..wire.codec import Frame, Kind
 from ..wire.link import WELCOME_TIMEOUT
 from ..wire.messages import (
+    Aggregate,
+    Aggregated,
     Evaluate,
     Evaluated,
     Failed,
@@ -60,6 +63,7 @@ from ..wire.messages import (
 )
 from ..wire.transport import Transport
 from .checkpoint import Checkpoint
+from .elected import DelegatedRound, elect
 from .export import TORCHSCRIPT, RunReport, example_input, export_torchscript, write_report
 from .policy import RoundPolicy
 from .roster import Participant
@@ -73,7 +77,10 @@ from .state import (
     size_text,
 )
 from .task import TaskPackage
-from .uploads import RoundUploads
+from .uploads import RoundUploads, strike
+
+#: Where a node stands while a round is under way, before its update is in.
+_IN_ROUND = (NodeStatus.TRAINING, NodeStatus.TRAINED, NodeStatus.UPLOADING)
 
 __all__ = ["Aggregator", "Participant", "TaskResult"]
 
@@ -138,7 +145,9 @@ class Aggregator:
         self.reconnect_window = reconnect_window
         self.participants: dict[str, Participant] = {}
         self._task_header = package.to_header()
-        self._current: RoundUploads | None = None
+        self._current: RoundUploads | DelegatedRound | None = None
+        #: Rounds run again after their elected aggregator was lost: how many times.
+        self._attempts: dict[int, int] = {}
         #: While participants evaluate a round's model: each one's answer, None until it comes.
         self._evaluations: dict[str, Evaluated | None] | None = None
         self._test_seconds = 0.0
@@ -194,6 +203,8 @@ class Aggregator:
                         await self._run_round(self.scheduler.current_round + 1)
                     except _Interrupted:
                         await self._rejoin(self.scheduler.current_round + 1, epoch)
+                        continue
+                    except _Reelect:
                         continue
                     if self.scheduler.is_task_finished():
                         reason = "finished"
@@ -322,34 +333,59 @@ class Aggregator:
         keep = self.strategy.keeps_updates
         if keep:
             selected = self._within_memory(number, selected, state_bytes)
-        if self._fold is None:
-            self._fold = self.strategy.fold(global_state)
-        fold = self._fold
-        fold.reset()
-        current = RoundUploads(
-            number,
-            global_state,
-            set(selected),
-            self.participants,
-            self.policy,
-            self.strategy,
-            fold,
-            slots=len(selected) if keep else self.policy.upload_slots(state_bytes),
-            train_deadline=loop.time() + scheduler.calculation_timeout,
-            calculation_timeout=scheduler.calculation_timeout,
-            buffers=self._buffers,
-            event=self._event,
-        )
+        slots = len(selected) if keep else self.policy.upload_slots(state_bytes)
+        current: RoundUploads | DelegatedRound
+        if scheduler.is_centralized:
+            aggregator = None
+            if self._fold is None:
+                self._fold = self.strategy.fold(global_state)
+            fold = self._fold
+            fold.reset()
+            current = RoundUploads(
+                number,
+                global_state,
+                set(selected),
+                self.participants,
+                self.policy,
+                self.strategy,
+                fold,
+                slots=slots,
+                train_deadline=loop.time() + scheduler.calculation_timeout,
+                calculation_timeout=scheduler.calculation_timeout,
+                buffers=self._buffers,
+                event=self._event,
+            )
+        else:
+            aggregator = elect(number, selected, self._attempts.get(number, 0))
+            upload_seconds = self.policy.upload_seconds(state_bytes)
+            current = DelegatedRound(
+                number,
+                aggregator,
+                global_state,
+                set(selected),
+                self.participants,
+                deadline=loop.time() + scheduler.calculation_timeout + 2 * upload_seconds,
+            )
         epoch = self._epoch
         for node in selected:
             participant = self.participants[node]
             participant.status, participant.round = NodeStatus.TRAINING, number
             participant.epoch, participant.epochs = 0, scheduler.merge_epochs
-        self._event(f"round {number}: training on {', '.join(selected)}")
+        self._event(
+            f"round {number}: training on {', '.join(selected)}"
+            + (f"; {aggregator} aggregates" if aggregator else "")
+        )
         async with self._link_lost_interrupts():
+            if aggregator is not None:  # told first, so it is ready for the first update
+                samples = {node: self.participants[node].samples for node in selected}
+                aggregate = Aggregate(
+                    number, samples, slots, upload_seconds, scheduler.calculation_timeout
+                )
+                await self.link.send(aggregate.to_frame(to=[aggregator]))
+            upload_now = slots >= len(selected)
             for config, nodes in self._configs(number, selected):
-                round_message = Round(number, scheduler.merge_epochs, current.upload_now, config)
-                await self.link.send(round_message.to_frame(to=nodes))
+                message = Round(number, scheduler.merge_epochs, upload_now, config, aggregator)
+                await self.link.send(message.to_frame(to=nodes))
             await self.link.send_state(global_state, to=selected, round=number)
 
         self._current = current
@@ -363,22 +399,39 @@ class Aggregator:
             async with self._link_lost_interrupts():
                 await self.link.send(Upload(number).to_frame(to=nodes))
 
+        async def send(frame: Frame) -> None:
+            async with self._link_lost_interrupts():
+                await self.link.send(frame)
+
         try:
-            await current.collect(self._changed, check, grant)
+            if isinstance(current, DelegatedRound):
+                await current.collect(self._changed, check, send)
+            else:
+                await current.collect(self._changed, check, grant)
         finally:
             self._current = None
 
-        contributions = fold.count
+        if isinstance(current, DelegatedRound):
+            self._settle(current, selected)
+        contributions = current.count
         if contributions < scheduler.min_clients:
-            fold.reset()
+            if isinstance(current, RoundUploads):
+                fold.reset()
             raise NotEnoughParticipants(
                 self.task_id, contributions, scheduler.min_clients, round=number
             )
-        new_state = await asyncio.to_thread(self._next_state, number, global_state, fold)
+        if isinstance(current, DelegatedRound):
+            combined = current.combined  # what the elected aggregator sent
+        else:
+            combined = await asyncio.to_thread(fold.combine)
+        assert combined is not None, "a round with contributions has their combination"
+        new_state = await asyncio.to_thread(
+            self.strategy.next_state, number, global_state, combined
+        )
         await asyncio.to_thread(scheduler.load_state_dict, new_state)
-        if fold.shares_memory_with(scheduler.state_dict()):
+        if isinstance(current, RoundUploads) and fold.shares_memory_with(scheduler.state_dict()):
             self._fold = None  # the scheduler kept the fold's tensors: next round gets new ones
-        del new_state
+        del new_state, combined
         scheduler.current_round = number
         finished = scheduler.is_task_finished()
         row: dict[str, Any] = {
@@ -386,6 +439,8 @@ class Aggregator:
             "participants": contributions,
             "samples": current.samples,
         }
+        if aggregator is not None:
+            row["aggregator"] = aggregator
         log_rounds = scheduler.log_rounds
         tested = number == 1 or finished or (log_rounds > 0 and number % log_rounds == 0)
         row["tested"] = tested
@@ -419,7 +474,9 @@ class Aggregator:
         shown = metrics_text(row)
         self._event(
             f"round {number}/{scheduler.max_rounds or '?'}: averaged {contributions} "
-            f"updates in {round_seconds:.2f} s" + (f"; {shown}" if shown else "")
+            f"updates in {round_seconds:.2f} s"
+            + (f", aggregated by {aggregator}" if aggregator else "")
+            + (f"; {shown}" if shown else "")
         )
 
     def _select(self, number: int) -> list[str]:
@@ -524,11 +581,38 @@ class Aggregator:
         combined = self.strategy.evaluate(results)
         return {f"{FEDERATED}{name}": value for name, value in combined.items()}
 
-    def _next_state(
-        self, number: int, current: dict[str, torch.Tensor], fold: Fold
-    ) -> dict[str, torch.Tensor]:
-        """The round's updates combined, then the strategy's step to the next global state."""
-        return self.strategy.next_state(number, current, fold.combine())
+    def _settle(self, current: DelegatedRound, selected: list[str]) -> None:
+        """After a round an elected node aggregated: take over what it says of each node,
+        or, if it was lost, run the round again with the next in turn.
+
+        Raises:
+            _Reelect: if the aggregator left, failed or missed its deadline.
+        """
+        number = current.number
+        if current.lost is not None:
+            aggregator = self.participants.get(current.aggregator)
+            if aggregator is not None and not aggregator.status.ended:
+                missed = strike(aggregator, number, "did not aggregate in time")
+                self._event(missed, logging.WARNING)
+            for node in selected:
+                participant = self.participants.get(node)
+                if participant is not None and participant.status in _IN_ROUND:
+                    participant.status = NodeStatus.READY
+            self._attempts[number] = self._attempts.get(number, 0) + 1
+            self._event(
+                f"round {number}: {current.lost}; the round runs again with another aggregator",
+                logging.WARNING,
+            )
+            raise _Reelect
+        for participant, status, detail in current.settle():
+            participant.status, participant.detail = status, detail
+            if status == NodeStatus.UPLOADED:
+                participant.strikes = 0
+                participant.rounds += 1
+            elif status == NodeStatus.REFUSED:
+                self._event(str(UpdateRejected(participant.node, number, detail)), logging.WARNING)
+            else:  # it missed a deadline
+                self._event(strike(participant, number, detail), logging.WARNING)
 
     # Frames from the relay.
 
@@ -657,6 +741,9 @@ class Aggregator:
                     participant.epoch, participant.epochs = epoch, epochs
             case Trained():
                 self._on_trained(participant, message)
+            case Aggregated():
+                if isinstance(self._current, DelegatedRound):
+                    self._current.aggregated(node, message)
             case Evaluated():
                 pending = self._evaluations
                 if (
@@ -780,6 +867,10 @@ class Aggregator:
 
 class _Interrupted(Exception):
     """The relay connection was lost in a round; it runs again once participants are back."""
+
+
+class _Reelect(Exception):
+    """The round's elected aggregator was lost; the round runs again with another."""
 
 
 class _Stopped(Exception):

@@ -55,7 +55,10 @@ class Scheduler(abc.ABC):
             before it is left out of the round.
         log_rounds: run ``test()`` every this many rounds (always after
             round 1 and the last round).
-        is_centralized: only ``True`` (one aggregator) is supported.
+        is_centralized: True: the initiator aggregates each round's updates.
+            False: each round a participant of the round is elected to
+            aggregate them (in turn, by name), so the initiator sees only
+            their combination; it still coordinates, tests and checkpoints.
     """
 
     # Set in ``__init__`` (and ``_init_call`` in ``__new__``); declared here so
@@ -133,12 +136,12 @@ class Scheduler(abc.ABC):
             )
         if name is not None:
             check_folder_name("name", name)
-        if is_centralized is not True:
+        if not isinstance(is_centralized, bool):
             raise ConfigurationError(
                 "is_centralized",
                 is_centralized,
-                "decentralized FedAvg (an aggregator elected each round) "
-                "is not supported yet; use is_centralized=True",
+                "must be True (the initiator aggregates) or False (a participant elected "
+                "each round aggregates)",
             )
         self.min_clients = min_clients
         self.max_clients = max_clients

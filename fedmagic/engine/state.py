@@ -302,6 +302,7 @@ _ROUND_KEYS = frozenset(
         "train_seconds",
         "test_seconds",
         "tested",
+        "aggregator",
         f"{FEDERATED}examples",
     }
 )

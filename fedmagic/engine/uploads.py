@@ -27,7 +27,7 @@ from .policy import RoundPolicy, sit_out_rounds
 from .roster import Participant
 from .state import NodeStatus, size_text
 
-__all__ = ["RoundUploads"]
+__all__ = ["RoundUploads", "strike"]
 
 log = logging.getLogger("fedmagic")
 
@@ -83,6 +83,11 @@ class RoundUploads:
     def __post_init__(self) -> None:
         self.state_bytes = sum(t.numel() * t.element_size() for t in self.global_state.values())
         self.upload_seconds = self.policy.upload_seconds(self.state_bytes)
+
+    @property
+    def count(self) -> int:
+        """Updates folded in so far."""
+        return self.fold.count
 
     @property
     def upload_now(self) -> bool:
@@ -243,19 +248,8 @@ class RoundUploads:
                 )
 
     def _strike(self, participant: Participant, why: str) -> None:
-        participant.strikes += 1
-        rounds = sit_out_rounds(participant.strikes)
-        participant.sits_out_until = self.number + rounds
-        participant.status, participant.detail = NodeStatus.TIMED_OUT, why
         self.owed.discard(participant.node)
-        sits = (
-            f"round {self.number + 1}"
-            if rounds == 1
-            else f"rounds {self.number + 1}-{self.number + rounds}"
-        )
-        self.event(
-            f"round {self.number}: {participant.node} {why}; it sits out {sits}", logging.WARNING
-        )
+        self.event(strike(participant, self.number, why), logging.WARNING)
 
     async def _check_and_fold(self, upload: _Upload) -> None:
         """Check a complete update and fold it in, or refuse it and say why."""
@@ -294,3 +288,14 @@ class RoundUploads:
         if not self.strategy.keeps_updates and upload.buffer is not None:
             self.buffers.append(upload.buffer)
             upload.buffer = None
+
+
+def strike(participant: Participant, number: int, why: str) -> str:
+    """Mark a node that missed a deadline of round ``number``: it sits out the next round(s),
+    twice as many for each deadline missed in a row. What the task's log says of it."""
+    participant.strikes += 1
+    rounds = sit_out_rounds(participant.strikes)
+    participant.sits_out_until = number + rounds
+    participant.status, participant.detail = NodeStatus.TIMED_OUT, why
+    sits = f"round {number + 1}" if rounds == 1 else f"rounds {number + 1}-{number + rounds}"
+    return f"round {number}: {participant.node} {why}; it sits out {sits}"

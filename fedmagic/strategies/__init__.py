@@ -24,7 +24,7 @@ of your own.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Mapping
 
 from ..errors import ConfigurationError
 from .base import Strategy
@@ -47,6 +47,7 @@ __all__ = [
     "MultiKrum",
     "Strategy",
     "proximal_term",
+    "rebuild",
     "resolve",
 ]
 
@@ -91,3 +92,28 @@ def resolve(strategy: Any) -> Strategy:
         "pass a strategy from fedmagic.strategies, e.g. strategy=FedAdam(eta=1e-2), or one "
         f"of the names {', '.join(BY_NAME)}",
     )
+
+
+_BUILT_IN: dict[str, type[Strategy]] = {cls.__name__: cls for cls in (*BY_NAME.values(), FedOpt)}
+
+
+def rebuild(described: Mapping[str, Any]) -> Strategy:
+    """The built-in strategy a description (``Strategy.describe()``) names, with its parameters.
+
+    How a participant elected to aggregate a round folds updates just as the
+    initiator would.
+
+    Raises:
+        ConfigurationError: for a strategy that is not one of fedmagic's.
+    """
+    name = described.get("name")
+    cls = _BUILT_IN.get(name) if isinstance(name, str) else None
+    if cls is None:
+        raise ConfigurationError(
+            "strategy",
+            name,
+            "is not one of fedmagic.strategies, so a participant elected to aggregate "
+            "(is_centralized=False) cannot rebuild it; use a built-in strategy, or "
+            "is_centralized=True",
+        )
+    return cls(**{key: value for key, value in described.items() if key != "name"})

@@ -23,9 +23,19 @@ import msgpack
 
 from ..errors import CodecError
 
-__all__ = ["CHUNK_BYTES", "Frame", "Kind", "MAX_HEADER_BYTES", "MAX_LOG_SIZE", "PROTOCOL_VERSION"]
+__all__ = [
+    "CHUNK_BYTES",
+    "INITIATOR",
+    "Frame",
+    "Kind",
+    "MAX_HEADER_BYTES",
+    "MAX_LOG_SIZE",
+    "PROTOCOL_VERSION",
+]
 
-PROTOCOL_VERSION = 3
+PROTOCOL_VERSION = 4
+#: How the relay names a task's initiator, in ``from`` and a participant's ``to``.
+INITIATOR = "@initiator"
 MAX_HEADER_BYTES = 1 << 20
 CHUNK_BYTES = 1 << 20
 MAX_LOG_SIZE = 60
@@ -56,6 +66,10 @@ class Kind(enum.StrEnum):
     FAILED = "failed"
     EVALUATE = "evaluate"
     EVALUATED = "evaluated"
+    # with is_centralized=False: between the initiator and the round's elected aggregator
+    AGGREGATE = "aggregate"
+    LEFT_OUT = "left_out"
+    AGGREGATED = "aggregated"
     FINISH = "finish"
 
 

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Sequence
 
 from ..errors import ConnectionLost, RelayRefused
-from .frames import PROTOCOL_VERSION, Frame, Kind
+from .frames import INITIATOR, PROTOCOL_VERSION, Frame, Kind
 from .messages import Refusal
 from .transport import Transport
 
@@ -27,7 +27,6 @@ if TYPE_CHECKING:
 
 __all__ = ["MemoryLink", "MemoryRelay"]
 
-INITIATOR = "@initiator"
 #: How often a join waiting for its task looks again.
 POLL = 0.005
 
@@ -177,7 +176,13 @@ class MemoryRelay:
             )
             header["from"] = INITIATOR
         else:
-            targets, header["from"] = [task.initiator], sender._hello["node"]
+            to = frame.header.get("to")
+            targets = [
+                task.initiator if node == INITIATOR else task.participants[node]
+                for node in (to if isinstance(to, list) else [INITIATOR])
+                if node == INITIATOR or node in task.participants
+            ]
+            header["from"] = sender._hello["node"]
         copied = Frame.parse(Frame(header, frame.payload).serialize())  # as the wire would
         for target in targets:
             target._inbox.put_nowait(copied)

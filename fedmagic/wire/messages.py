@@ -23,10 +23,13 @@ from ..errors import ProtocolError
 from .frames import Frame, Kind
 
 __all__ = [
+    "Aggregate",
+    "Aggregated",
     "Evaluate",
     "Evaluated",
     "Failed",
     "Finish",
+    "LeftOut",
     "Message",
     "PeerJoined",
     "PeerLeft",
@@ -68,7 +71,8 @@ class Message:
     KIND: ClassVar[str]
 
     def to_frame(self, to: list[str] | str | None = None) -> Frame:
-        """The frame that carries this message; ``to``: the initiator's addressees."""
+        """The frame that carries this message; ``to``: its addressees (an initiator's, or
+        a participant's other than the initiator, which the relay sends to by default)."""
         header: dict[str, Any] = {"t": self.KIND}
         for item in dataclasses.fields(self):
             value = getattr(self, item.name)
@@ -90,6 +94,9 @@ class Round(Message):
     upload: bool = False
     #: What the task's strategy tells this node for the round (FedProx's ``mu``, say).
     config: dict | None = None
+    #: With ``is_centralized=False``: the node elected to aggregate the round, which
+    #: updates (and ``trained``) go to instead of the initiator.
+    aggregator: str | None = None
 
 
 @dataclass(frozen=True)
@@ -167,6 +174,51 @@ class Evaluated(Message):
 
 
 @dataclass(frozen=True)
+class Aggregate(Message):
+    """Initiator to the round's elected aggregator: collect and combine these nodes' updates.
+
+    ``samples`` holds each node's training samples, as the initiator verified
+    them, which weigh its update; the aggregator runs the round's uploads under
+    the same deadlines and memory budget the initiator would.
+    """
+
+    KIND = Kind.AGGREGATE
+    round: int
+    samples: dict
+    slots: int
+    upload_seconds: float
+    calculation_timeout: float
+
+
+@dataclass(frozen=True)
+class LeftOut(Message):
+    """Initiator to the round's aggregator: this node is out of the round; do not wait for it."""
+
+    KIND = Kind.LEFT_OUT
+    round: int
+    #: The node left out (``node`` names a message's sender).
+    left: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class Aggregated(Message):
+    """Aggregator to initiator: the round's combined updates follow, as a state.
+
+    ``outcomes`` maps each node of the round to ``[status, detail]``: whether
+    its update was folded in, refused (and why) or missed a deadline.
+    """
+
+    KIND = Kind.AGGREGATED
+    round: int
+    outcomes: dict
+    #: Samples behind the updates folded in.
+    samples: int
+    #: How many updates were folded in; 0: no state follows.
+    count: int
+
+
+@dataclass(frozen=True)
 class Finish(Message):
     """Initiator to everyone: the task is over."""
 
@@ -214,6 +266,9 @@ _MESSAGES: dict[str, type[Message]] = {
         Status,
         Evaluate,
         Evaluated,
+        Aggregate,
+        LeftOut,
+        Aggregated,
         Finish,
         PeerJoined,
         PeerLeft,

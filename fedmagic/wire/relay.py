@@ -40,7 +40,7 @@ from websockets.exceptions import ProtocolError as WebSocketProtocolError
 
 from ..background import BackgroundLoop
 from ..errors import CodecError
-from .frames import CHUNK_BYTES, MAX_HEADER_BYTES, PROTOCOL_VERSION, Frame, Kind
+from .frames import CHUNK_BYTES, INITIATOR, MAX_HEADER_BYTES, PROTOCOL_VERSION, Frame, Kind
 from .messages import Refusal
 
 try:
@@ -67,7 +67,6 @@ def new_token() -> str:
     return secrets.token_hex(16)
 
 
-INITIATOR = "@initiator"
 GOING_AWAY = 1001
 POLICY_VIOLATION = 1008
 NORMAL_CLOSURE = 1000
@@ -800,16 +799,39 @@ class Relay:
             if "accepted" in hello:
                 joined["accepted"] = hello["accepted"]
             task.initiator.outbox.force(Frame(joined).serialize())
-            async for _, message, size in self._incoming(peer):
-                try:
-                    await task.initiator.outbox.put(message, size, sender=peer)
-                except _TooSlow as exc:
-                    if task.initiator.active:  # its handler then closes the task
-                        self._drop(task, task.initiator, f"too slow: {exc}")
+            async for to, message, size in self._incoming(peer):
+                if to is None:  # a participant speaks to its initiator, unless it names others
+                    await self._to_initiator(task, peer, message, size)
+                else:
+                    await self._to_peers(task, peer, to, message, size)
         finally:
             self._remove(task, peer)
             peer.active = False
             await peer.outbox.aclose()
+
+    async def _to_initiator(self, task: _Task, peer: _Peer, message: Any, size: int) -> None:
+        try:
+            await task.initiator.outbox.put(message, size, sender=peer)
+        except _TooSlow as exc:
+            if task.initiator.active:  # its handler then closes the task
+                self._drop(task, task.initiator, f"too slow: {exc}")
+
+    async def _to_peers(self, task: _Task, peer: _Peer, to: Any, message: Any, size: int) -> None:
+        """A participant's frame to the nodes it names (a round's elected aggregator, say),
+        ``@initiator`` among them; names not in the task are passed over."""
+        if not isinstance(to, list) or not all(isinstance(node, str) for node in to):
+            raise CodecError("a participant's 'to' must be a list of node names")
+        for node in to:
+            if node == INITIATOR:
+                await self._to_initiator(task, peer, message, size)
+                continue
+            target = task.participants.get(node)
+            if target is None:
+                continue
+            try:
+                await target.outbox.put(message, size, sender=peer)
+            except _TooSlow as exc:
+                self._drop(task, target, f"too slow: {exc}")
 
 
 def _counted_connections(relay: Relay) -> type[ServerConnection]:
