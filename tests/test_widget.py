@@ -287,6 +287,18 @@ def test_without_federated_evaluation_charts_have_one_line_and_no_legend():
     assert "on its data" not in widget.table.value
 
 
+def test_where_elected_nodes_aggregate_each_row_says_which_rounds_that_node_aggregated():
+    with relay("elected", nodes=("a", "b")) as url:
+        widget = TaskWidget(launch(Tiny(min_clients=2, max_clients=2, max_rounds=3,
+                                        is_centralized=False), "elected", url))
+        widget.run.wait(30)
+
+    table = widget.table.value
+    assert "<th title='the rounds this node was elected to aggregate" in table
+    assert "a● uploaded" in text(table) and "1, 3" in text(table) and "2" in text(table)
+    assert "aggregated by b" in text(widget.event_log.value)
+
+
 def test_the_round_axis_spans_every_round_from_the_first_point_with_whole_round_ticks():
     with widget_in_training("axis") as widget:
         widget.stop_button.click()  # the task ends after round 1: one point

@@ -225,13 +225,19 @@ class TaskMarkup:
         if not task.participants:
             return "<i class='fm-dim'>no data owner has joined yet</i>"
         evaluated = any(p.evaluation for p in task.participants)
-        rows = "".join(self._row(p, task, evaluated) for p in task.participants)
+        aggregated = _aggregated_rounds(task.history)
+        rows = "".join(self._row(p, task, evaluated, aggregated) for p in task.participants)
         own = (
             "<th title='the global model tested on its own data, at the last federated "
             "evaluation'>on its data</th>"
             if evaluated
             else ""
         )
+        if aggregated:
+            own += (
+                "<th title='the rounds this node was elected to aggregate "
+                "(is_centralized=False)'>aggregated</th>"
+            )
         return (
             "<div class='fm-people'><table class='fedmagic-participants'><tr><th>node</th>"
             "<th>status</th><th>progress</th><th class='fm-number'>samples</th>"
@@ -327,11 +333,19 @@ class TaskMarkup:
             f"<table class='fm-keys'>{cells}</table>{extra}</div>"
         )
 
-    def _row(self, p: ParticipantState, task: TaskSnapshot, evaluated: bool) -> str:
+    def _row(
+        self,
+        p: ParticipantState,
+        task: TaskSnapshot,
+        evaluated: bool,
+        aggregated: dict[str, list[int]],
+    ) -> str:
         kind = _STATUS_KINDS.get(p.status, "busy")
         seconds = f"{p.train_seconds:.2f}" if p.train_seconds is not None else ""
         below = " <span class='fm-dim'>(traceback below the table)</span>" if p.traceback else ""
         own = f"<td>{self.text(_own_data(p))}</td>" if evaluated else ""
+        if aggregated:
+            own += f"<td>{self.text(_rounds_text(aggregated.get(p.node, [])))}</td>"
         return (
             f"<tr><td>{self.text(p.node)}</td>"
             f"<td class='fm-{kind}'>● {self.text(p.status)}</td>"
@@ -396,6 +410,23 @@ def _progress(p: ParticipantState) -> str:
     return f"<span class='fm-mini'><span style='width:{share:.0%}'></span></span>" + html.escape(
         words
     )
+
+
+def _aggregated_rounds(history: Sequence[dict[str, Any]]) -> dict[str, list[int]]:
+    """The rounds each node aggregated, where elected nodes aggregate (is_centralized=False)."""
+    rounds: dict[str, list[int]] = {}
+    for row in history:
+        node = row.get("aggregator")
+        if isinstance(node, str):
+            rounds.setdefault(node, []).append(row["round"])
+    return rounds
+
+
+def _rounds_text(rounds: list[int], most: int = 6) -> str:
+    """Round numbers, the newest ``most`` of them: ``1, 4, 7`` or ``… 10, 13 (6 rounds)``."""
+    if len(rounds) <= most:
+        return ", ".join(map(str, rounds))
+    return "… " + ", ".join(map(str, rounds[-most:])) + f" ({len(rounds)} rounds)"
 
 
 def _own_data(p: ParticipantState) -> str:
