@@ -59,6 +59,7 @@ class DigitsScheduler(FedAvgScheduler):
         batch_size: int = 32,
         learning_rate: float = 0.05,
         momentum: float = 0.5,
+        is_centralized: bool = True,
     ) -> None:
         super().__init__(
             min_clients=min_clients,
@@ -68,6 +69,7 @@ class DigitsScheduler(FedAvgScheduler):
             merge_epochs=merge_epochs,
             calculation_timeout=calculation_timeout,
             log_rounds=log_rounds,
+            is_centralized=is_centralized,
         )
         self.batch_size = batch_size
         self.learning_rate = learning_rate
