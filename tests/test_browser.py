@@ -293,7 +293,9 @@ def test_the_quickstart_in_jupyterlab_with_its_widget_and_the_federation_panel(t
         card.query_selector(".fedmagic-card-toggle").click()
         checkpoint = card.query_selector("code.fedmagic-checkpoint").inner_text()
         ticks = x_ticks(page)
-        page.hover(".fedmagic-task .bqplot .dot >> nth=0")
+        # the topmost dot of round 1 takes the hover: the initiator's or, where participants
+        # evaluate too, the federated one at the same point
+        page.hover(".fedmagic-task .bqplot .dot >> nth=0", force=True)
         tooltip = page.wait_for_selector(".bqplot_mark_tooltip:visible").inner_text()
         summary = page.inner_text(".fedmagic-task .fm-summary")
         log_in_view = newest_log_line_is_in_view(page)
