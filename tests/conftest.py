@@ -30,6 +30,14 @@ def free_port() -> int:
         return probe.getsockname()[1]
 
 
+#: What ``fedmagic join`` prints once it has imported torch, torchvision and the runtime, just
+#: before it first connects: a process that said it is started; what is left is the network.
+JOIN_READY = "waiting up to "
+#: How long a process may take to start: a Python importing torch takes seconds on a loaded
+#: machine, several at once longer. Generous, since only a broken start waits it out.
+START_TIMEOUT = 240.0
+
+
 def port_is_free(port: int) -> bool:
     """Whether nothing listens on ``port`` (closed connections may linger in TIME_WAIT)."""
     with socket.socket() as probe:
@@ -85,6 +93,23 @@ class Federation:
         self.processes[node] = process
         self.logs[node] = log
         return process
+
+    def ready(self, *nodes: str, timeout: float = START_TIMEOUT) -> None:
+        """Wait until each of ``nodes`` (by default every one started) has started.
+
+        Started is ``JOIN_READY`` in its log: imported, about to connect. Test
+        what comes after, the joining itself, with timeouts of its own; never
+        race a process start (seconds of imports under load) against them.
+        """
+        deadline = time.monotonic() + timeout
+        for node in nodes or tuple(self.processes):
+            process = self.processes[node]
+            while JOIN_READY not in self.output(node):
+                assert process.poll() is None, \
+                    f"{node} exited {process.returncode} before it started:\n{self.output(node)}"
+                assert time.monotonic() < deadline, \
+                    f"{node} did not start within {timeout:g} s:\n{self.output(node)}"
+                time.sleep(0.05)
 
     def wait(self, node: str, timeout: float = 60) -> int:
         return self.processes[node].wait(timeout=timeout)

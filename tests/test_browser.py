@@ -19,7 +19,7 @@ from typing import Iterator, NamedTuple
 import nbformat
 import pytest
 
-from conftest import free_port
+from conftest import START_TIMEOUT, free_port
 from fedmagic.examples.digits_task import DigitsScheduler
 from fedmagic.engine.launch import start_task
 
@@ -31,6 +31,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-component-update", "--disable-sync"]
 ERROR_OUTPUT = ".jp-OutputArea-output[data-mime-type='application/vnd.jupyter.stderr']"
 THEMES = {"light": "JupyterLab Light", "dark": "JupyterLab Dark"}
+START_MS = START_TIMEOUT * 1000  # for a process to start (Chromium, a kernel), in playwright's ms
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 NOTEBOOKS = DOCS.parent / "notebooks"
 
@@ -122,7 +123,8 @@ def page(tmp_path, request):
     with sync_playwright() as playwright:
         context = playwright.chromium.launch_persistent_context(
             str(tmp_path / "profile"), executable_path=CHROMIUM, headless=True,
-            args=CHROMIUM_FLAGS, viewport={"width": 1280, "height": 1400})
+            args=CHROMIUM_FLAGS, viewport={"width": 1280, "height": 1400},
+            timeout=START_MS)  # not playwright's 30 s for a browser to start under load
         page = context.new_page()
         page.console_errors = []
         page.on("console", lambda message: message.type == "error"
@@ -153,9 +155,10 @@ def open_notebook(page, url: str) -> None:
 
     page.on("websocket", watch)
     page.goto(url)
-    deadline = time.monotonic() + 60
+    deadline = time.monotonic() + START_TIMEOUT  # the kernel's process starts meanwhile
     while not answered:
-        assert time.monotonic() < deadline, "the notebook's kernel did not answer in 60 s"
+        assert time.monotonic() < deadline, \
+            f"the notebook's kernel did not answer in {START_TIMEOUT:g} s"
         page.wait_for_timeout(100)
     page.wait_for_selector(".jp-Notebook-ExecutionIndicator[data-status='idle']")
 
@@ -422,9 +425,10 @@ def test_verify_data_in_a_participant_notebooks_toolbar(jupyterlab, page, federa
     page.click(".lm-MenuBar-itemLabel:text-is('Kernel')")
     page.click(".lm-Menu-itemLabel:text-is('Restart Kernel…')")
     page.evaluate(WATCH_RESTART)
-    page.click(".jp-Dialog-button.jp-mod-accept")
-    page.wait_for_selector(".fedmagic-FederationPanel:has-text('has not loaded fedmagic')")
-    page.wait_for_function("() => window.fedmagicRestart === 'done'", timeout=60_000)
+    page.click(".jp-Dialog-button.jp-mod-accept")  # a new kernel process starts
+    page.wait_for_selector(".fedmagic-FederationPanel:has-text('has not loaded fedmagic')",
+                           timeout=START_MS)
+    page.wait_for_function("() => window.fedmagicRestart === 'done'", timeout=START_MS)
 
     assert "hospital-a in task toolbar: data verified" in verified
     assert result.rounds == 2 and result.participants["hospital-a"].status == "uploaded"

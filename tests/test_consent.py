@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import TASKS
+from conftest import JOIN_READY, START_TIMEOUT, TASKS
 from fedmagic.examples.digits_task import DigitsScheduler
 from fedmagic.engine.launch import start_task
 from fedmagic.engine.task import TaskPackage
@@ -81,14 +81,17 @@ def test_data_owner_reads_the_hidden_dataset_verify_code_in_the_terminal_before_
     # Prepare: a task whose DatasetVerify file does something besides verifying
     layout = federation.write_digits(1)
     monkeypatch.chdir(layout.initiator.workdir)
-    run = start_task(DigitsScheduler(min_clients=1, max_clients=1, name="demo_task",
-                                     max_rounds=1), "digits", dataset_verify=HIDDEN,
-                     join_timeout=60)
     owner = layout.nodes[0]
     terminal = Terminal([sys.executable, "-m", "fedmagic", "join", federation.url, "--task",
                          "digits", "--token", federation.token, "--node", owner.name],
                         owner.workdir, federation.env)
+    run = None
     try:
+        # Started (torch imported) before the task's join_timeout begins
+        terminal.read_until(JOIN_READY, timeout=START_TIMEOUT)
+        run = start_task(DigitsScheduler(min_clients=1, max_clients=1, name="demo_task",
+                                         max_rounds=1), "digits", dataset_verify=HIDDEN,
+                         join_timeout=60)
         # Execute: ask to see the code, then decline
         terminal.read_until("[s]how code")
         terminal.type("s")
@@ -97,8 +100,9 @@ def test_data_owner_reads_the_hidden_dataset_verify_code_in_the_terminal_before_
         assert terminal.process.wait(timeout=30) == 1
     finally:
         terminal.close()
-        run.stop(now=True)
-        run._finished.wait(30)
+        if run is not None:
+            run.stop(now=True)
+            run._finished.wait(30)
 
     # Assert: the review showed the verify file's command and the arguments; nothing ran
     assert 'Path("verify-ran.txt").write_text(' in screen

@@ -8,6 +8,7 @@ import time
 import pytest
 from jupyter_client import KernelManager
 
+from conftest import START_TIMEOUT
 from fedmagic.examples.digits_task import DigitsScheduler
 from fedmagic.engine.launch import start_task
 from fedmagic.engine.state import TaskSnapshot, TaskStatus
@@ -23,7 +24,7 @@ class Frontend:
         self.manager.start_kernel(cwd=str(cwd))
         self.client = self.manager.client()
         self.client.start_channels()
-        self.client.wait_for_ready(timeout=60)
+        self.client.wait_for_ready(timeout=START_TIMEOUT)  # a kernel process starts
         self.comm_id: str | None = None
         self.messages: queue.Queue[dict] = queue.Queue()
 
@@ -115,10 +116,10 @@ def test_verify_data_runs_the_joined_tasks_dataset_verify_in_the_kernel(
         frontend, federation, monkeypatch):
     layout = federation.write_digits(1)
     monkeypatch.chdir(layout.initiator.workdir)  # the author's test data
+    lab = frontend(layout.nodes[0].workdir)
+    lab.run("%load_ext fedmagic")  # kernel started, torch imported: join_timeout times the join
     author = start_task(DigitsScheduler(min_clients=1, max_clients=1, name="demo_task",
                                         max_rounds=1), "lab-join", join_timeout=60)
-    lab = frontend(layout.nodes[0].workdir)
-    lab.run("%load_ext fedmagic")
     lab.run(f"panel = %fedavg_join {federation.url} --task lab-join --token "
             f"{federation.token} --node node-1\npanel.wait_for_code(60)")
     joined = lab.wait_for(lambda s: s["joins"] and s["joins"][0]["code_hash"])
@@ -143,6 +144,7 @@ def test_stop_from_the_panel_ends_the_authors_task_after_its_round(frontend, fed
         federation.join(party.name, "lab-stop")
     lab = frontend(layout.initiator.workdir)
     lab.run("%load_ext fedmagic")
+    federation.ready()
     lab.run("%%fedavg_task --join-timeout 60\n"
             "from fedmagic.examples.digits_task import DigitsScheduler\n"
             "class LongDigits(DigitsScheduler):\n"

@@ -90,6 +90,7 @@ def test_tutorial_code_in_a_fedavg_task_cell_runs_to_the_end_with_wait(
     layout = federation.write_digits(3)
     for party in layout.nodes:
         federation.join(party.name, "tutorial-cell")
+    federation.ready()
     monkeypatch.chdir(layout.initiator.workdir)
     cell = as_fedmagic_script(tutorial_final_code(), "tutorial-cell")
     cell = cell.replace("scheduler.launch_task(task_id='tutorial-cell')",
@@ -110,6 +111,7 @@ def test_cell_returns_at_once_and_rerunning_it_finds_the_running_task(
     layout = federation.write_digits(2)
     for party in layout.nodes:
         federation.join(party.name, "background-cell")
+    federation.ready()
     monkeypatch.chdir(layout.initiator.workdir)
     cell = as_fedmagic_script(tutorial_final_code(), "background-cell").replace(
         "max_rounds=5", "max_rounds=500")
@@ -132,6 +134,7 @@ def test_a_data_owner_reviews_verifies_and_accepts_in_the_participant_panel(
         ip, federation, monkeypatch):
     layout = federation.write_digits(2)
     federation.join("node-2", "panel")
+    federation.ready()
     monkeypatch.chdir(layout.nodes[0].workdir)  # its data, and the shared test set
     run = start_task(DigitsScheduler(min_clients=2, max_clients=2, name="demo_task",
                                      max_rounds=2), "panel", join_timeout=60,
@@ -162,6 +165,7 @@ def test_a_data_owner_reviews_verifies_and_accepts_in_the_participant_panel(
 def test_a_data_owner_who_declines_is_never_selected(ip, federation, monkeypatch):
     layout = federation.write_digits(2)
     federation.join("node-2", "declined")
+    federation.ready()
     monkeypatch.chdir(layout.nodes[0].workdir)
     run = start_task(DigitsScheduler(min_clients=1, max_clients=2, name="demo_task",
                                      max_rounds=1), "declined", join_timeout=60, join_grace=8)

@@ -15,7 +15,7 @@ import pytest
 from jupyter_client import KernelManager
 from nbclient import NotebookClient
 
-from conftest import free_port
+from conftest import START_TIMEOUT, free_port, wait_for
 from fedmagic.examples import digits_task
 from test_tutorial import as_fedmagic_script, tutorial_final_code
 
@@ -53,6 +53,7 @@ def test_author_notebook_shows_participants_and_a_chart_point_per_tested_round(
     layout = federation.write_digits(3)
     for party in layout.nodes:
         federation.join(party.name, "notebook")
+    federation.ready()
     cell = as_fedmagic_script(tutorial_final_code(), "notebook")
 
     notebook = execute(["%load_ext fedmagic", "%%fedavg_task --wait --join-timeout 60\n" + cell],
@@ -77,6 +78,7 @@ def test_a_background_task_logs_into_its_widget_not_into_other_cells(federation)
     layout = federation.write_digits(2)
     for party in layout.nodes:
         federation.join(party.name, "quiet")
+    federation.ready()
     cell = as_fedmagic_script(tutorial_final_code(), "quiet")
 
     notebook = execute(["%load_ext fedmagic",
@@ -158,8 +160,8 @@ def test_local_participant_kernels_follow_the_next_launch_of_their_task_and_end_
             "%%fedavg_task --wait --join-timeout 120\n" + digits_cell("local", 4),
             "print('alive:', group.alive())",
             # Again, with the same task id and a name of its own
-            "again = %fedavg_local 2 --task local",
-            "%%fedavg_task --wait --join-timeout 60\n"
+            "again = %fedavg_local 2 --task local",  # kernels that import torch as they join
+            "%%fedavg_task --wait --join-timeout 120\n"
             + digits_cell("local", 1, extra=SECOND_TRY_VERIFY, name="second_try"),
             "import fedmagic\n"
             "print('alive:', again.alive())\n"
@@ -196,13 +198,14 @@ def test_owners_whose_data_fails_verification_or_who_decline_are_left_out_and_th
         federation.join(party.name, "owners")
     (tmp_path / "empty").mkdir()
     owners: dict[str, nbformat.NotebookNode | BaseException] = {}
+    joining = {node: tmp_path / f"{node}.joining" for node in ("no-data", "careful")}
 
     def owner(node: str, workdir: Path, decision: str) -> None:
         try:
             owners[node] = execute([
                 "%load_ext fedmagic",
                 f"panel = %fedavg_join {federation.url} --task owners --token {federation.token}"
-                f" --node {node}\npanel",
+                f" --node {node}\nopen({str(joining[node])!r}, 'w').close()\npanel",
                 "package = panel.wait_for_code(120)\n"
                 "print('verified' if panel.verify_data() else 'not verified')",
                 decision,
@@ -216,6 +219,12 @@ def test_owners_whose_data_fails_verification_or_who_decline_are_left_out_and_th
                                              "panel.decline()"))]
     for thread in threads:
         thread.start()
+    # Every owner's kernel and join process started before the task: its rounds time them
+    # joining, not kernels starting and importing torch
+    assert wait_for(lambda: all(path.exists() for path in joining.values())
+                    or not all(thread.is_alive() for thread in threads), START_TIMEOUT)
+    assert all(path.exists() for path in joining.values()), owners
+    federation.ready()
     author = execute(["%load_ext fedmagic",
                       "%%dataset_verify owners\n" + VERIFY_CELL,
                       "%%fedavg_task --wait --join-timeout 90\n" + digits_cell("owners", 3),
@@ -329,7 +338,7 @@ def test_participant_kernels_exit_when_the_author_kernel_dies(tmp_path, monkeypa
     client = author.client()
     client.start_channels()
     try:
-        client.wait_for_ready(timeout=60)
+        client.wait_for_ready(timeout=START_TIMEOUT)  # the author's kernel starts
         reply = client.execute_interactive(
             "%load_ext fedmagic\ngroup = %fedavg_local 2 --task orphans\n"
             "print([m.provisioner.process.pid for m in group.managers])",
