@@ -1,16 +1,28 @@
-"""What the benchmarks share: free ports, model-like states, a relay with waiting participants."""
+"""What the benchmarks share: free ports, model-like states, a relay with waiting participants,
+and what task code needs when its participants share this process."""
 
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
+
+from fedmagic.digits import Party
+
+#: The party whose code runs, when parties share this process: set in each one's coroutine,
+#: and asyncio.to_thread carries it into the task's methods. It lives here, not in the task's
+#: module, because every participant runs a copy of that module from its source.
+PARTY: contextvars.ContextVar[Party] = contextvars.ContextVar("benchmark_party")
+#: Held while one in-process participant trains: torch's global RNG is then its alone.
+TRAINING = threading.Lock()
 
 
 def free_port() -> int:
