@@ -2,8 +2,9 @@
 
     from fedmagic import FedAvgScheduler, logger
 
-``FedAvgScheduler`` is imported on first use: it brings torch, which the
-relay (``fedmagic relay``, ``import fedmagic.wire.relay``) does without.
+``FedAvgScheduler`` and ``FedSGDScheduler`` (one gradient step a round) are
+imported on first use: they bring torch, which the relay (``fedmagic relay``,
+``import fedmagic.wire.relay``) does without.
 In a notebook, ``fedmagic.running_task(task_id)`` is a task a cell started.
 """
 
@@ -18,6 +19,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "FedAvgScheduler",
+    "FedSGDScheduler",
     "load_ipython_extension",
     "logger",
     "running_task",
@@ -30,11 +32,12 @@ _bridge = None
 
 
 def __getattr__(name: str) -> object:
-    if name == "FedAvgScheduler":
-        from .fed_avg import FedAvgScheduler
+    if name in ("FedAvgScheduler", "FedSGDScheduler"):
+        from . import fed_avg
 
-        globals()[name] = FedAvgScheduler  # later lookups skip this function
-        return FedAvgScheduler
+        scheduler = getattr(fed_avg, name)
+        globals()[name] = scheduler  # later lookups skip this function
+        return scheduler
     raise AttributeError(f"module 'fedmagic' has no attribute {name!r}")
 
 
