@@ -13,11 +13,28 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 __all__ = ["main"]
 
 EXAMPLE = Path(__file__).with_name("examples") / "digits_task.py"
+
+
+class _StrategyNames:
+    """The keys of ``fedmagic.strategies.BY_NAME``, as argparse ``choices``, imported when
+    first asked: the strategies bring torch, which ``fedmagic relay`` does without."""
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._names()
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._names())
+
+    @staticmethod
+    def _names() -> list[str]:
+        from .strategies import BY_NAME
+
+        return list(BY_NAME)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -114,10 +131,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run a whole task on this machine: digits data, "
         "participant processes and the initiator",
     )
-    demo.add_argument("--participants", type=int, default=3)
-    demo.add_argument("--rounds", type=int, default=10)
+    demo.add_argument(
+        "--participants",
+        type=int,
+        help="default 3; 5 for krum and multikrum, which need more than 2f+2 = 4 a round",
+    )
+    demo.add_argument("--rounds", type=int, help="default 10; 100 with --fedsgd")
     demo.add_argument("--split", default="iid", choices=("iid", "by-label"))
     demo.add_argument("--workdir", help="default: a new temporary directory")
+    demo.add_argument(
+        "--strategy",
+        choices=_StrategyNames(),
+        metavar="NAME",
+        help="how each round combines the updates: %(choices)s (default fedavg)",
+    )
+    demo.add_argument(
+        "--fedsgd",
+        action="store_true",
+        help="FedSGD: each round one gradient step on each node's whole data "
+        "(learning rate 0.5, no momentum, 100 rounds)",
+    )
+    demo.add_argument(
+        "--decentralized",
+        action="store_true",
+        help="each round, a participant elected in turn aggregates it (is_centralized=False)",
+    )
 
     options = parser.parse_args(argv)
     return {"relay": _relay, "join": _join, "digits": _digits, "demo": _demo}[options.command](
@@ -327,10 +365,13 @@ def _demo(options: argparse.Namespace) -> int:
     from .digits import write_partitions
     from .wire.relay import new_token
 
+    sizes = _demo_sizes(options.strategy, options.participants)
+    if isinstance(sizes, str):
+        print(f"fedmagic demo: {sizes}", file=sys.stderr)
+        return 2
+    participants, min_clients = sizes
     workdir = Path(options.workdir or tempfile.mkdtemp(prefix="fedmagic-demo-"))
-    layout = write_partitions(
-        workdir, options.participants, split=options.split, data_dir="demo_task/data"
-    )
+    layout = write_partitions(workdir, participants, split=options.split, data_dir="demo_task/data")
     port = _free_port()
     url = f"ws://127.0.0.1:{port}"
     env = {
@@ -340,9 +381,12 @@ def _demo(options: argparse.Namespace) -> int:
         "OMP_NUM_THREADS": "1",
     }
     env.pop("FEDMAGIC_RELAY", None)
+    what = [options.strategy or "fedavg"]
+    what += ["FedSGD"] if options.fedsgd else []
+    what += ["a participant aggregates each round"] if options.decentralized else []
     print(
-        f"demo in {workdir}: {options.participants} participants ({options.split} split), "
-        f"relay embedded in the initiator at {url}",
+        f"demo in {workdir}: {participants} participants ({options.split} split), "
+        f"{', '.join(what)}; relay embedded in the initiator at {url}",
         flush=True,
     )
     joins = []
@@ -375,22 +419,13 @@ def _demo(options: argparse.Namespace) -> int:
             )
         )
     try:
-        initiator = subprocess.run(
-            [
-                sys.executable,
-                str(EXAMPLE),
-                "--task",
-                "digits",
-                "--rounds",
-                str(options.rounds),
-                "--min-clients",
-                str(min(2, options.participants)),
-                "--max-clients",
-                str(options.participants),
-            ],
-            cwd=layout.initiator.workdir,
-            env=env,
-        )
+        example = [sys.executable, str(EXAMPLE), "--task", "digits"]
+        example += ["--min-clients", str(min_clients), "--max-clients", str(participants)]
+        example += ["--rounds", str(options.rounds)] if options.rounds else []
+        example += ["--strategy", options.strategy] if options.strategy else []
+        example += ["--fedsgd"] if options.fedsgd else []
+        example += ["--decentralized"] if options.decentralized else []
+        initiator = subprocess.run(example, cwd=layout.initiator.workdir, env=env)
         # Participants hear the task end at once; give them a moment to say so.
         deadline = time.monotonic() + (30 if initiator.returncode == 0 else 5)
         for _, _, process in joins:
@@ -407,6 +442,34 @@ def _demo(options: argparse.Namespace) -> int:
     for party, _, process in joins:
         print(f"{party.name}: exit {process.returncode}, log in {party.workdir / 'join.log'}")
     return initiator.returncode or max(process.returncode for _, _, process in joins)
+
+
+def _demo_sizes(strategy: str | None, participants: int | None) -> tuple[int, int] | str:
+    """How many participants the demo starts, and how many each round needs (min_clients);
+    or why the strategy cannot run with that many.
+
+    Three, of which two make a round. Krum and Multi-Krum tell ``f`` arbitrary
+    updates apart only among more than ``2f + 2``: the demo starts that many
+    by default, and every round waits for them.
+    """
+    from .errors import ConfigurationError
+    from .strategies import BY_NAME, MultiKrum
+
+    chosen = BY_NAME[strategy or "fedavg"]()
+    needed = 2 * chosen.f + 3 if isinstance(chosen, MultiKrum) else 2
+    if participants is None:
+        participants = max(3, needed)
+    elif isinstance(chosen, MultiKrum) and participants < needed:
+        return (
+            f"--strategy {strategy} ({chosen}) needs more than 2f+2 = {needed - 1} updates "
+            f"every round: pass --participants {needed} or more"
+        )
+    min_clients = min(needed, participants)
+    try:
+        chosen.check(min_clients, participants)
+    except ConfigurationError as refused:
+        return f"--strategy {strategy} cannot run with {participants} participants: {refused}"
+    return participants, min_clients
 
 
 def _free_port() -> int:

@@ -3,25 +3,38 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
+from typing import Any
 
 import pytest
 
-from conftest import free_port
+from conftest import START_TIMEOUT, free_port
+from fedmagic.cli import main
 from fedmagic.errors import ConnectionLost
 from fedmagic.wire.link import Link
 
-pytestmark = pytest.mark.slow
 
-
-def fedmagic(*args: str, **kwargs) -> subprocess.CompletedProcess:
+def fedmagic(*args: str, timeout: float = 120, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "fedmagic", *args], capture_output=True,
-                          text=True, timeout=120, stdin=subprocess.DEVNULL, **kwargs)
+                          text=True, timeout=timeout, stdin=subprocess.DEVNULL, **kwargs)
 
 
+def demo(workdir: Path, *args: str) -> tuple[subprocess.CompletedProcess, dict[str, Any]]:
+    """Run ``fedmagic demo`` in ``workdir`` to the end; what it printed, and its report."""
+    # Four processes importing torch at once, on a machine running other tests: seconds each;
+    # a demo takes 15 to 30 s, and only a broken one waits this out.
+    result = fedmagic("demo", "--workdir", str(workdir), *args, timeout=START_TIMEOUT)
+    assert result.returncode == 0, result.stdout + result.stderr
+    report = workdir / "initiator/models/demo_task/report.json"
+    return result, json.loads(report.read_text())
+
+
+@pytest.mark.slow
 def test_relay_serves_until_sigterm_then_closes_every_connection():
     port = free_port()
     relay = subprocess.Popen([sys.executable, "-m", "fedmagic", "relay", "--port", str(port)],
@@ -46,6 +59,7 @@ def test_relay_serves_until_sigterm_then_closes_every_connection():
     assert "fedmagic relay stopped" in relay.stdout.read()
 
 
+@pytest.mark.slow
 def test_relay_on_a_busy_port_says_so():
     port = free_port()
     with subprocess.Popen([sys.executable, "-m", "fedmagic", "relay", "--port", str(port)],
@@ -58,6 +72,7 @@ def test_relay_on_a_busy_port_says_so():
     assert f"cannot listen on 127.0.0.1:{port}" in second.stderr
 
 
+@pytest.mark.slow
 def test_join_without_a_token_says_where_to_get_one():
     result = fedmagic("join", "ws://127.0.0.1:9", "--task", "t",
                       env={"PATH": "/usr/bin:/bin", "HOME": "/tmp"})
@@ -66,6 +81,7 @@ def test_join_without_a_token_says_where_to_get_one():
     assert "pass --token (or set FEDMAGIC_TOKEN)" in result.stderr
 
 
+@pytest.mark.slow
 def test_join_with_no_relay_listening_fails_clearly():
     result = fedmagic("join", f"ws://127.0.0.1:{free_port()}", "--task", "t", "--token", "x",
                       "--wait", "0")
@@ -75,6 +91,7 @@ def test_join_with_no_relay_listening_fails_clearly():
     assert "is the relay running at that address?" in result.stderr
 
 
+@pytest.mark.slow
 def test_digits_writes_one_directory_per_party(tmp_path):
     result = fedmagic("digits", str(tmp_path), "--participants", "2", "--split", "by-label")
 
@@ -84,16 +101,74 @@ def test_digits_writes_one_directory_per_party(tmp_path):
         assert (tmp_path / party / "demo_task/data/MNIST/raw/t10k-images-idx3-ubyte").is_file()
 
 
+@pytest.mark.slow
 def test_demo_runs_a_whole_task_on_one_machine(tmp_path):
-    result = fedmagic("demo", "--participants", "2", "--rounds", "2", "--workdir", str(tmp_path))
+    result, report = demo(tmp_path, "--participants", "2", "--rounds", "2")
 
-    assert result.returncode == 0, result.stdout + result.stderr
     assert "round 2/2: averaged 2 updates" in result.stderr
     assert "final accuracy" in result.stdout
     assert "node-1: exit 0" in result.stdout and "node-2: exit 0" in result.stdout
     assert (tmp_path / "initiator/models/demo_task/model.pt").is_file()
+    assert report["strategy"]["name"] == "FedAvg" and report["rounds"] == 2
 
 
+@pytest.mark.slow
+def test_demo_with_a_strategy_runs_it_and_reports_it(tmp_path):
+    result, report = demo(tmp_path, "--strategy", "fedprox", "--rounds", "2")
+
+    assert "fedprox" in result.stdout.splitlines()[0]
+    assert "strategy FedProx(" in result.stderr  # what participants consented to
+    assert "final accuracy" in result.stdout
+    assert report["strategy"]["name"] == "FedProx" and report["rounds"] == 2
+    assert all(f"node-{n}: exit 0" in result.stdout for n in (1, 2, 3))
+
+
+@pytest.mark.slow
+def test_demo_fedsgd_runs_the_full_batch_variant_of_the_digits_task(tmp_path):
+    result, report = demo(tmp_path, "--fedsgd", "--rounds", "3")
+
+    assert "FedSGD" in result.stdout.splitlines()[0]
+    assert "final accuracy" in result.stdout
+    assert [row["round"] for row in report["history"]] == [1, 2, 3]
+    join_log = (tmp_path / "node-1/join.log").read_text()
+    assert "runs DigitsFedSGD(" in join_log  # the class each participant rebuilt
+    assert "learning_rate=0.5, momentum=0.0" in join_log
+
+
+@pytest.mark.slow
+def test_demo_decentralized_has_a_participant_aggregate_each_round(tmp_path):
+    result, report = demo(tmp_path, "--decentralized", "--rounds", "3")
+
+    assert "final accuracy" in result.stdout
+    # Each round, one of the round's participants in turn (a late joiner may miss round 1)
+    aggregators = [row.get("aggregator") for row in report["history"]]
+    assert len(aggregators) == 3 and set(aggregators) <= {"node-1", "node-2", "node-3"}
+    assert "aggregated by node-" in result.stderr
+    assert "is_centralized=False" in (tmp_path / "node-1/join.log").read_text()
+
+
+def test_demo_refuses_an_unknown_strategy_and_lists_the_names(capsys):
+    with pytest.raises(SystemExit) as refused:
+        main(["demo", "--strategy", "fedfoo"])
+
+    assert refused.value.code == 2
+    error = capsys.readouterr().err
+    assert "argument --strategy: invalid choice: 'fedfoo'" in error
+    assert "'fedadam'" in error and "'krum'" in error
+
+
+def test_demo_refuses_krum_with_too_few_participants_before_starting_any(tmp_path, capsys):
+    code = main(["demo", "--strategy", "krum", "--participants", "3",
+                 "--workdir", str(tmp_path)])
+
+    assert code == 2
+    assert capsys.readouterr().err == (
+        "fedmagic demo: --strategy krum (Krum(f=1)) needs more than 2f+2 = 4 updates every "
+        "round: pass --participants 5 or more\n")
+    assert list(tmp_path.iterdir()) == []  # no data written, no process started
+
+
+@pytest.mark.slow
 def test_a_script_whose_task_fails_ends_with_one_clear_message_not_fedmagics_internals(
         tmp_path):
     script = tmp_path / "lonely.py"

@@ -1,9 +1,10 @@
 """Handwritten digits, federated: a task in the reference tutorial's style.
 
 Run it as a script on the initiator; participants receive this file's source
-and rebuild ``DigitsScheduler`` with the same arguments. Every party reads
-MNIST-format data from ``<name>/data`` in its working directory (write some
-with ``fedmagic digits``); nothing is downloaded.
+and rebuild ``DigitsScheduler`` (or ``DigitsFedSGD``, with ``--fedsgd``)
+with the same arguments. Every party reads MNIST-format data from
+``<name>/data`` in its working directory (write some with ``fedmagic
+digits``); nothing is downloaded.
 """
 
 import argparse
@@ -17,7 +18,8 @@ import torchvision
 from torch.utils.data import DataLoader
 
 from fedmagic import logger
-from fedmagic.fed_avg import FedAvgScheduler
+from fedmagic.fed_avg import FedAvgScheduler, FedSGDScheduler
+from fedmagic.strategies import BY_NAME
 
 NORMALIZE = torchvision.transforms.Compose(
     [
@@ -131,6 +133,19 @@ class DigitsScheduler(FedAvgScheduler):
         return {"loss": total_loss / count, "accuracy": correct / count}
 
 
+class DigitsFedSGD(FedSGDScheduler, DigitsScheduler):
+    """The same task as FedSGD: each round, one gradient step on each node's whole data.
+
+    Everything but the training loader comes from ``DigitsScheduler``; its
+    ``train()`` loop takes one step when the loader holds one batch. Give it
+    a larger learning rate, no momentum and more rounds than FedAvg needs.
+    """
+
+    def make_train_dataloader(self) -> DataLoader:
+        train_set = self._digits(train=True)
+        return DataLoader(train_set, batch_size=len(train_set))
+
+
 class DatasetVerify:
     """Runs on each participant before it trains: is the data there and readable?"""
 
@@ -160,19 +175,45 @@ class DatasetVerify:
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="digits", help="the task id participants join")
-    parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--epochs", type=int, default=2, help="local epochs per round")
+    parser.add_argument("--rounds", type=int, help="default 10; 100 with --fedsgd")
+    parser.add_argument("--epochs", type=int, default=2, help="local epochs per round (FedAvg)")
     parser.add_argument("--min-clients", type=int, default=2)
     parser.add_argument("--max-clients", type=int, default=3)
-    options = parser.parse_args()
-    scheduler = DigitsScheduler(
-        min_clients=options.min_clients,
-        max_clients=options.max_clients,
-        name="demo_task",
-        max_rounds=options.rounds,
-        merge_epochs=options.epochs,
+    parser.add_argument(
+        "--strategy", choices=BY_NAME, help="how each round combines updates (default fedavg)"
     )
-    result = scheduler.launch_task(task_id=options.task)
+    parser.add_argument(
+        "--fedsgd",
+        action="store_true",
+        help="DigitsFedSGD: one full-batch step a round, learning rate 0.5, no momentum",
+    )
+    parser.add_argument(
+        "--decentralized",
+        action="store_true",
+        help="each round, a participant elected in turn aggregates it (is_centralized=False)",
+    )
+    options = parser.parse_args()
+    if options.fedsgd:
+        scheduler = DigitsFedSGD(
+            min_clients=options.min_clients,
+            max_clients=options.max_clients,
+            name="demo_task",
+            max_rounds=options.rounds or 100,
+            log_rounds=10,
+            learning_rate=0.5,
+            momentum=0.0,
+            is_centralized=not options.decentralized,
+        )
+    else:
+        scheduler = DigitsScheduler(
+            min_clients=options.min_clients,
+            max_clients=options.max_clients,
+            name="demo_task",
+            max_rounds=options.rounds or 10,
+            merge_epochs=options.epochs,
+            is_centralized=not options.decentralized,
+        )
+    result = scheduler.launch_task(task_id=options.task, strategy=options.strategy)
     print(
         f"final accuracy {result.metrics['accuracy']:.1%} after {result.rounds} rounds; "
         f"checkpoint in {result.checkpoint}"
