@@ -20,7 +20,7 @@ import torch
 from fedmagic.engine.joining import start_join
 from fedmagic.engine.launch import TaskRun, start_task
 from fedmagic.engine.state import NodeStatus
-from fedmagic.notebook.charts import round_ticks, value_ticks
+from fedmagic.notebook.charts import MetricCharts, round_ticks, value_ticks
 from fedmagic.notebook.task_html import MASK, STYLE, is_percent_metric, value_text
 from fedmagic.notebook.widget import TaskWidget
 from fedmagic.strategies import FedAvg
@@ -153,8 +153,8 @@ def test_the_header_shows_the_task_its_state_and_the_round_count_on_the_bar():
 def test_after_the_end_a_summary_replaces_stop_with_best_values_and_the_checkpoint():
     widget = widget_of_finished(graded(), "summary")
 
-    assert widget.stop_button not in widget.children
-    assert widget.children[1] is widget.summary
+    assert widget.children[1] is widget.stop_or_summary  # under the header
+    assert widget.stop_or_summary.children == (widget.summary,)
     summary = text(widget.summary.value)
     assert "Finished all 3 rounds" in summary
     assert "rounds3 of 3" in summary
@@ -192,8 +192,20 @@ def test_stop_says_it_is_stopping_then_gives_way_to_the_summary():
 
     assert stopping[:2] == ("Stopping after this round…", True)
     assert "<span class='fm-badge fm-stopping'>stopping</span>" in stopping[2]
-    assert widget.stop_button not in widget.children
+    assert widget.stop_or_summary.children == (widget.summary,)
     assert "Stopped by its author after round 1 of 5" in text(widget.summary.value)
+
+
+def test_the_end_of_a_task_leaves_every_other_part_in_place():
+    # ipywidgets draws every part after a changed one anew: the charts too, which drawn in
+    # a hidden tab get no size
+    with widget_in_training("in-place") as widget:
+        parts = widget.children
+        widget.stop_button.click()
+        widget.run.wait(30)
+
+    assert widget.stop_or_summary.children == (widget.summary,)
+    assert widget.children == parts
 
 
 def test_a_failed_task_says_why_once_with_its_traceback():
@@ -277,6 +289,19 @@ def test_the_federated_evaluation_shares_its_metrics_chart_with_a_legend():
     table = widget.table.value
     assert "<th title='the global model tested on its own data" in table
     assert "loss 0.5, accuracy 80.0%" in text(table)
+
+
+def test_the_charts_show_before_their_first_figure_joins_them():
+    # bqplot sizes a figure as it first renders: one rendered in a hidden box gets a plot
+    # area of minus its margins, and the browser logs negative <rect> sizes
+    charts = MetricCharts(max_rounds=3)
+    display_as_figures_join: list[str | None] = []
+    charts.observe(lambda change: display_as_figures_join.append(charts.layout.display),
+                   names="children")
+
+    charts.show([{"round": 1, "tested": True, "loss": 0.9, "accuracy": 0.5}])
+
+    assert len(charts.children) == 2 and display_as_figures_join == [None, None]
 
 
 def test_without_federated_evaluation_charts_have_one_line_and_no_legend():
@@ -439,7 +464,7 @@ def test_the_widget_of_a_task_that_already_ended_starts_no_clock():
     widget = TaskWidget(run)
 
     assert clock_thread("late") is None
-    assert widget.stop_button not in widget.children
+    assert widget.stop_or_summary.children == (widget.summary,)
     assert "Finished" in text(widget.summary.value)
 
 

@@ -188,6 +188,9 @@ class MetricCharts(widgets.Box):
             chart = self.charts.get(name)
             if chart is None:
                 chart = self.charts[name] = MetricChart(name, self.max_rounds)
-                self.children = tuple(each.figure for each in self.charts.values())
+                # Shown before its first figure joins it: bqplot sizes a figure as it first
+                # renders, and one rendered in a hidden box gets a plot area of minus its
+                # margins, which the browser logs as errors (negative <rect> sizes).
                 self.layout.display = None
+                self.children = tuple(each.figure for each in self.charts.values())
             chart.show(points, series.get(FEDERATED + name))

@@ -64,6 +64,10 @@ class TaskWidget(widgets.VBox):
         )
         self.stop_button.on_click(self._stop)
         self.summary = widgets.HTML()  # replaces the Stop button once the task ended
+        # Stop, then the summary, in a box of their own: the widget's parts never change, as
+        # ipywidgets draws every part after a changed one anew, the charts too, and a chart
+        # drawn while its notebook is hidden (another tab in front) gets no size.
+        self.stop_or_summary = widgets.VBox([self.stop_button])
         self.join_line = widgets.HTML()  # rewritten only when the task ends: Copy stays put
         self.table = widgets.HTML()
         self.tracebacks = widgets.HTML()
@@ -75,8 +79,19 @@ class TaskWidget(widgets.VBox):
         self._logged = -1  # how many events the log shows
         self._ended = threading.Event()
         self._ticker: threading.Thread | None = None
-        self._shown = self._parts(ended=False)
-        super().__init__(self._shown)
+        super().__init__(
+            (
+                self.header,
+                self.stop_or_summary,
+                self.join_line,
+                self.table,
+                self.tracebacks,
+                self.charts,
+                self.hyperparameters,
+                self.event_log,
+                self.style_sheet,  # last: the header is the widget's first text
+            )
+        )
         self.add_class("fedmagic-task")
         refresh = _weak_refresh(self)
 
@@ -113,30 +128,16 @@ class TaskWidget(widgets.VBox):
                 )
             if ended:
                 self.summary.value = self.markup.summary(task, self.run.stop_requested)
+                self.stop_or_summary.children = (self.summary,)
             else:
                 self.stop_button.disabled = task.stopping
                 self.stop_button.description = STOPPING if task.stopping else STOP
-            if self._parts(ended) != self._shown:
-                self._shown = self.children = self._parts(ended)
         if ended:
             self._ended.set()  # the clock stops
 
     def close(self) -> None:
         self._ended.set()
         super().close()
-
-    def _parts(self, ended: bool) -> tuple[widgets.Widget, ...]:
-        return (
-            self.header,
-            self.summary if ended else self.stop_button,
-            self.join_line,
-            self.table,
-            self.tracebacks,
-            self.charts,
-            self.hyperparameters,
-            self.event_log,
-            self.style_sheet,  # last: the header is the widget's first text
-        )
 
     def _repr_mimebundle_(self, **kwargs: Any) -> dict[str, Any]:
         # Where widgets do not render (nbconvert, a terminal client), the task as text.
