@@ -156,7 +156,8 @@ def test_stop_from_the_panel_ends_the_authors_task_after_its_round(frontend, fed
     assert task["status"] == "running" and task["max_rounds"] == 500
     assert task["join_command"].startswith(f"fedmagic join {federation.url} --task lab-stop")
     assert {p["node"] for p in task["participants"]} == {"node-1", "node-2"}
-    assert set(task["metrics"]) == {"loss", "accuracy"}
+    # the initiator's test, and the participants' own (federated evaluation: they hold test data)
+    assert set(task["metrics"]) == {"loss", "accuracy", "federated_loss", "federated_accuracy"}
 
     lab.send({"action": "stop", "task_id": "lab-stop"})
     ended = lab.wait_for(lambda s: s["tasks"][0]["status"] != "running", 120)

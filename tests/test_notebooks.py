@@ -64,7 +64,11 @@ def test_author_notebook_shows_participants_and_a_chart_point_per_tested_round(
     assert len(tables) == 1
     assert all(f"<td>{party.name}</td>" in tables[0] for party in layout.nodes)
     lines = models(notebook, "LinesModel")
-    assert len(lines) == 3  # average loss, accuracy, correct_rate
+    # a chart each for average loss, accuracy, correct_rate: the initiator's line, and the
+    # participants' own test results (each holds test data: federated evaluation)
+    assert len(lines) == 6
+    assert sorted(line["state"]["labels"] for line in lines) == [["federated"]] * 3 + [
+        ["initiator"]] * 3
     for line in lines:
         assert list(array(line, "x")) == [1, 2, 3, 4, 5]  # log_rounds=1: every round tested
     bars = [m["state"]["value"] for m in models(notebook, "HTMLModel")
