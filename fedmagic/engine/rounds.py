@@ -199,8 +199,14 @@ class Aggregator:
                 await self._gather()
                 while True:
                     epoch = self._epoch
+                    upcoming = self.scheduler.current_round + 1
+                    why = self.strategy.stop_before(upcoming)
+                    if why is not None:
+                        reason = f"stopped before round {upcoming} by {why}"
+                        self._event(f"task {self.task_id!r} {reason}", logging.WARNING)
+                        break
                     try:
-                        await self._run_round(self.scheduler.current_round + 1)
+                        await self._run_round(upcoming)
                     except _Interrupted:
                         await self._rejoin(self.scheduler.current_round + 1, epoch)
                         continue
@@ -324,11 +330,13 @@ class Aggregator:
                 stoppable=True,
             )
         selected = self._select(number)
-        if len(selected) < scheduler.min_clients:
+        needed = scheduler.min_clients if self.strategy.applies_min_clients else 0
+        if len(selected) < needed:
             raise NotEnoughParticipants(
                 self.task_id, len(selected), scheduler.min_clients, waited=self.policy.join_timeout
             )
         global_state = scheduler.state_dict()
+        self.strategy.begin(number, global_state)
         state_bytes = sum(t.numel() * t.element_size() for t in global_state.values())
         keep = self.strategy.keeps_updates
         if keep:
@@ -386,7 +394,8 @@ class Aggregator:
             for config, nodes in self._configs(number, selected):
                 message = Round(number, scheduler.merge_epochs, upload_now, config, aggregator)
                 await self.link.send(message.to_frame(to=nodes))
-            await self.link.send_state(global_state, to=selected, round=number)
+            if selected:  # a random draw may give none: the round is then the strategy's alone
+                await self.link.send_state(global_state, to=selected, round=number)
 
         self._current = current
 
@@ -414,7 +423,7 @@ class Aggregator:
         if isinstance(current, DelegatedRound):
             self._settle(current, selected)
         contributions = current.count
-        if contributions < scheduler.min_clients:
+        if contributions < needed:
             if isinstance(current, RoundUploads):
                 fold.reset()
             raise NotEnoughParticipants(
@@ -441,6 +450,7 @@ class Aggregator:
         }
         if aggregator is not None:
             row["aggregator"] = aggregator
+        row.update(self.strategy.record(number))
         log_rounds = scheduler.log_rounds
         tested = number == 1 or finished or (log_rounds > 0 and number % log_rounds == 0)
         row["tested"] = tested

@@ -16,6 +16,8 @@ Pass one to ``launch_task``::
 ``FedTrimmedAvg``
 ``Krum``,          or the updates closest to their neighbours
 ``MultiKrum``
+``Differential``   a wrapper: clipped updates, Poisson sampling and
+``Privacy``        Gaussian noise, with a privacy budget spent per round
 =================  ======================================================
 
 :class:`Strategy` is the seam the round loop asks; subclass it for a rule
@@ -30,10 +32,12 @@ from ..errors import ConfigurationError
 from .base import Strategy
 from .fedavg import FedAvg, FedAvgM, FedProx, proximal_term
 from .fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
+from .privacy import DifferentialPrivacy
 from .robust import FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
 __all__ = [
     "BY_NAME",
+    "DifferentialPrivacy",
     "FedAdagrad",
     "FedAdam",
     "FedAvg",
@@ -107,6 +111,14 @@ def rebuild(described: Mapping[str, Any]) -> Strategy:
         ConfigurationError: for a strategy that is not one of fedmagic's.
     """
     name = described.get("name")
+    if name == DifferentialPrivacy.__name__:
+        raise ConfigurationError(
+            "strategy",
+            name,
+            "adds its noise where a round is combined, so with is_centralized=False the "
+            "elected participant would see the round's updates without it; use "
+            "is_centralized=True",
+        )
     cls = _BUILT_IN.get(name) if isinstance(name, str) else None
     if cls is None:
         raise ConfigurationError(

@@ -5,11 +5,14 @@ memory budget, reconnects. A :class:`Strategy` knows the arithmetic, and the
 round loop asks it these things, and nothing else, about aggregation:
 
     at launch             check()                    can any round of this task work?
-    before each round     exclude(), sample()        who takes part
+    before each round     stop_before()              must the task end here (a spent budget)?
+                          exclude(), sample()        who takes part
                           config()                   what each node is told with the round
                           round_memory()             what keeping the round's updates costs
+                          begin()                    the global state the round starts from
     for each update       weight(), fold()           how much it counts; fold it in or keep it
     after the round       next_state()               the new global state (a server optimiser)
+                          record()                   what it adds to the round's history row
     on evaluation rounds  evaluate()                 participants' own test results, combined
 
 Its parameters (``describe()``) are part of the task's code hash, so data
@@ -42,6 +45,9 @@ class Strategy:
     #: The strategy holds every update of a round whole, rather than folding
     #: each into a running sum; ``round_memory()`` says what that costs.
     keeps_updates: ClassVar[bool] = False
+    #: A round needs ``min_clients`` updates; False for one that takes whoever a random draw
+    #: gave, even none (Poisson sampling under differential privacy).
+    applies_min_clients: ClassVar[bool] = True
 
     # At launch.
 
@@ -53,6 +59,11 @@ class Strategy:
         """
 
     # Before each round.
+
+    def stop_before(self, round: int) -> str | None:
+        """Why the task must end before ``round``, if it must; the task then finishes with
+        the rounds it has, saying so."""
+        return None
 
     def exclude(self, round: int, samples: Mapping[str, int]) -> dict[str, str]:
         """Nodes to leave out of this round (of those available, with their sample counts),
@@ -75,6 +86,9 @@ class Strategy:
         """
         return count * state_bytes if self.keeps_updates else 0
 
+    def begin(self, round: int, current: State) -> None:
+        """The round starts from ``current``, the global state its nodes receive."""
+
     # Each update.
 
     def weight(self, samples: int) -> float:
@@ -92,6 +106,10 @@ class Strategy:
     ) -> dict[str, torch.Tensor]:
         """The next global state, from the current one and the round's combined updates."""
         return combined
+
+    def record(self, round: int) -> dict[str, Any]:
+        """What the strategy adds to the round's history row (a privacy budget spent, say)."""
+        return {}
 
     def evaluate(self, results: Sequence[tuple[int, Mapping[str, Any]]]) -> dict[str, float]:
         """Participants' own test results, ``(examples, metrics)`` each, as one set of metrics.
@@ -139,7 +157,10 @@ class Strategy:
 def described_text(described: Mapping[str, Any]) -> str:
     """A strategy's description as a call, e.g. ``FedProx(weighted=True, mu=0.01)``."""
     parameters = {key: value for key, value in described.items() if key != "name"}
-    arguments = ", ".join(f"{key}={value!r}" for key, value in parameters.items())
+    arguments = ", ".join(
+        f"{key}={described_text(value) if isinstance(value, Mapping) else repr(value)}"
+        for key, value in parameters.items()
+    )
     return f"{described.get('name', '?')}({arguments})"
 
 
