@@ -249,10 +249,11 @@ def _join(options: argparse.Namespace) -> int:
             if package.verify_source is None
             else f" and DatasetVerify code ({len(package.verify_source.splitlines())} lines)"
         )
+        privacy = "".join(f"\nprivacy: {line}" for line in package.guarantees)
         print(
             f"task {package.task_id!r} runs {package.call}\nfrom {package.filename} "
             f"({len(package.source.splitlines())} lines){verify}, code hash "
-            f"{package.code_hash}",
+            f"{package.code_hash}\nstrategy: {package.strategy_text}{privacy}",
             flush=True,
         )
         if options.yes:

@@ -215,3 +215,39 @@ def test_what_consent_shows_names_the_wrapped_strategy_and_the_calibrated_noise(
     assert shown.startswith("DifferentialPrivacy(strategy=FedAdam(weighted=True")
     assert "eta=0.1" in shown and "sampling=0.5" in shown and "target_epsilon=8.0" in shown
     assert f"noise_multiplier={privacy.describe()['noise_multiplier']!r}" in shown
+
+
+# -- what data owners and authors read ----------------------------------------------------------
+
+def test_the_review_before_consent_states_the_guarantee_and_the_hash_covers_it():
+    from fedmagic.engine.task import TaskPackage
+    from tiny import Tiny
+
+    def package(privacy):
+        scheduler = Tiny(min_clients=1, max_clients=2, max_rounds=4)
+        return TaskPackage.from_scheduler(scheduler, "dp", strategy=privacy.describe())
+
+    planned = package(DifferentialPrivacy(sampling=0.5, target_epsilon=3.0, rounds=20))
+    review = planned.review()
+
+    (line,) = [line for line in review.splitlines() if line.startswith("# privacy: ")]
+    assert "differential privacy: epsilon at most 3 at delta 1e-05" in line
+    assert "clipped to L2 norm 1" in line and "drawn with probability 0.5" in line
+    assert "added by the initiator" in line
+    assert package(DifferentialPrivacy(sampling=0.5, target_epsilon=8.0, rounds=20)).code_hash \
+        != planned.code_hash
+    assert package(DifferentialPrivacy(noise_multiplier=1.0)).guarantees == [
+        "differential privacy: epsilon grows every round, with no target, at delta 1e-05 "
+        "(each update clipped to L2 norm 1, each participant drawn with probability 1 a round, "
+        "Gaussian noise of 1 x 1 on the sum, added by the initiator)"]
+
+
+def test_the_report_states_the_guarantee_and_the_epsilon_the_rounds_spent(tmp_path):
+    privacy = DifferentialPrivacy(noise_multiplier=2.0, target_epsilon=50.0)
+    result, _, _ = run_task(tmp_path, {"a": sends(1.0)}, rounds=3, strategy=privacy)
+
+    markdown = (tmp_path / "models" / "rounds" / "report.md").read_text()
+    spent = library_epsilon(1.0, 2.0, 3, 1e-5)
+    assert "- Privacy: differential privacy: epsilon at most 50 at delta 1e-05" in markdown
+    assert f"- Epsilon spent: {spent:.3g} at delta 1e-05, after round 3" in markdown
+    assert "epsilon" not in result.metrics  # a round's bookkeeping, not what test() said

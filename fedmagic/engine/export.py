@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..strategies.base import described_text
+from ..strategies.guarantees import guarantees
 from .checkpoint import write_atomically
 from .state import best_point, clock, metric_series
 
@@ -230,6 +231,18 @@ def _first_line(error: BaseException) -> str:
     return line if len(line) <= 200 else line[:199] + "…"
 
 
+def _epsilon_spent(history: list[dict[str, Any]]) -> list[str]:
+    """The privacy budget the rounds spent, where the strategy counted one."""
+    spent = [row for row in history if "epsilon" in row]
+    if not spent:
+        return []
+    last = spent[-1]
+    return [
+        f"- Epsilon spent: {last['epsilon']:.3g} at delta {last['delta']:g}, "
+        f"after round {last['round']}"
+    ]
+
+
 def _markdown(report: RunReport, figures: dict[str, dict[str, Any]]) -> str:
     title = f"# Task `{report.task_id}`"
     if report.name != report.task_id:
@@ -239,6 +252,8 @@ def _markdown(report: RunReport, figures: dict[str, dict[str, Any]]) -> str:
         title,
         "",
         f"- Strategy: {described_text(report.strategy or {'name': 'FedAvg'})}",
+        *(f"- Privacy: {line}" for line in guarantees(report.strategy)),
+        *_epsilon_spent(report.history),
         f"- Ended: {report.outcome}",
         f"- Rounds: {report.rounds}",
         f"- Started {started}, ran {clock(max(report.ended - report.started, 0.0))}",

@@ -304,6 +304,11 @@ _ROUND_KEYS = frozenset(
         "tested",
         "aggregator",
         f"{FEDERATED}examples",
+        # What a differentially private round spent, and how many its draw gave.
+        "epsilon",
+        "delta",
+        "drawn",
+        "truncated",
     }
 )
 

@@ -24,6 +24,7 @@ import msgpack
 from ..errors import ConfigurationError, ProtocolError, TaskDefinitionError
 from ..strategies import FedAvg
 from ..strategies.base import described_text
+from ..strategies.guarantees import guarantees
 from ..wire.codec import PROTOCOL_VERSION, Kind
 from .context import CodeContext, current_context, running_code
 from .scheduler import Scheduler
@@ -124,12 +125,18 @@ class TaskPackage:
         """The strategy as its data owner reads it, e.g. ``FedProx(mu=0.01, weighted=True)``."""
         return described_text(self.strategy or FedAvg().describe())
 
+    @property
+    def guarantees(self) -> list[str]:
+        """What the strategy promises data owners about privacy, a line each; [] for none."""
+        return guarantees(self.strategy)
+
     def review(self) -> str:
         """Everything the code hash covers, as its data owner reads it before consenting."""
         parts = [
             f"# task {self.task_id!r}, code hash {self.code_hash}",
             f"# runs: {self.call}",
             f"# strategy: {self.strategy_text}",
+            *(f"# privacy: {line}" for line in self.guarantees),
             f"# ---- {self.filename} ----",
             self.source.rstrip(),
         ]

@@ -1,0 +1,53 @@
+"""What a task's strategy promises its data owners about privacy, in words they can check.
+
+Read from the strategy's description (``Strategy.describe()``), the one form
+every party has: participants get it with the code and consent to it, so
+what consent shows and what runs are the same parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterator, Mapping
+
+__all__ = ["guarantees", "target_epsilon"]
+
+
+def guarantees(described: Mapping[str, Any] | None) -> list[str]:
+    """One line per privacy guarantee of the described strategy, outermost first; [] for none."""
+    lines = []
+    for layer in _layers(described):
+        if layer.get("name") == "DifferentialPrivacy":
+            lines.append(_differential_privacy(layer))
+    return lines
+
+
+def target_epsilon(described: Mapping[str, Any] | None) -> tuple[float, float] | None:
+    """The ``(target_epsilon, delta)`` a differentially private task stays within, if it has one."""
+    for layer in _layers(described):
+        if layer.get("name") == "DifferentialPrivacy" and layer.get("target_epsilon") is not None:
+            return float(layer["target_epsilon"]), float(layer["delta"])
+    return None
+
+
+def _layers(described: Mapping[str, Any] | None) -> Iterator[Mapping[str, Any]]:
+    """The strategy and the ones it wraps, outermost first."""
+    while isinstance(described, Mapping):
+        yield described
+        described = described.get("strategy")
+
+
+def _differential_privacy(layer: Mapping[str, Any]) -> str:
+    how = (
+        f"each update clipped to L2 norm {layer['clip']:g}, each participant drawn with "
+        f"probability {layer['sampling']:g} a round, Gaussian noise of "
+        f"{layer['noise_multiplier']:.3g} x {layer['clip']:g} on the sum, added by the initiator"
+    )
+    if layer.get("target_epsilon") is None:
+        return (
+            f"differential privacy: epsilon grows every round, with no target, at delta "
+            f"{layer['delta']:g} ({how})"
+        )
+    return (
+        f"differential privacy: epsilon at most {layer['target_epsilon']:g} at delta "
+        f"{layer['delta']:g} ({how})"
+    )
