@@ -152,6 +152,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "(learning rate 0.5, no momentum, 100 rounds)",
     )
     demo.add_argument(
+        "--dp-epsilon",
+        type=float,
+        metavar="EPS",
+        help="differential privacy (DifferentialPrivacy around the strategy): noise "
+        "calibrated to spend at most EPS over the rounds at delta 1e-5; prints the epsilon spent",
+    )
+    demo.add_argument(
         "--decentralized",
         action="store_true",
         help="each round, a participant elected in turn aggregates it (is_centralized=False)",
@@ -370,6 +377,20 @@ def _demo(options: argparse.Namespace) -> int:
     if isinstance(sizes, str):
         print(f"fedmagic demo: {sizes}", file=sys.stderr)
         return 2
+    if options.dp_epsilon is not None and not options.dp_epsilon > 0:
+        print(
+            f"fedmagic demo: --dp-epsilon must be above 0, not {options.dp_epsilon:g}",
+            file=sys.stderr,
+        )
+        return 2
+    if options.dp_epsilon is not None and options.decentralized:
+        print(
+            "fedmagic demo: --dp-epsilon adds its noise where a round is combined, so with "
+            "--decentralized the elected participant would see the updates without it; "
+            "drop one of them",
+            file=sys.stderr,
+        )
+        return 2
     participants, min_clients = sizes
     workdir = Path(options.workdir or tempfile.mkdtemp(prefix="fedmagic-demo-"))
     layout = write_partitions(workdir, participants, split=options.split, data_dir="demo_task/data")
@@ -385,6 +406,7 @@ def _demo(options: argparse.Namespace) -> int:
     what = [options.strategy or "fedavg"]
     what += ["FedSGD"] if options.fedsgd else []
     what += ["a participant aggregates each round"] if options.decentralized else []
+    what += [f"differential privacy, epsilon {options.dp_epsilon:g}"] if options.dp_epsilon else []
     print(
         f"demo in {workdir}: {participants} participants ({options.split} split), "
         f"{', '.join(what)}; relay embedded in the initiator at {url}",
@@ -426,6 +448,7 @@ def _demo(options: argparse.Namespace) -> int:
         example += ["--strategy", options.strategy] if options.strategy else []
         example += ["--fedsgd"] if options.fedsgd else []
         example += ["--decentralized"] if options.decentralized else []
+        example += ["--dp-epsilon", str(options.dp_epsilon)] if options.dp_epsilon else []
         initiator = subprocess.run(example, cwd=layout.initiator.workdir, env=env)
         # Participants hear the task end at once; give them a moment to say so.
         deadline = time.monotonic() + (30 if initiator.returncode == 0 else 5)

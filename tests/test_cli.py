@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -145,6 +146,35 @@ def test_demo_decentralized_has_a_participant_aggregate_each_round(tmp_path):
     assert len(aggregators) == 3 and set(aggregators) <= {"node-1", "node-2", "node-3"}
     assert "aggregated by node-" in result.stderr
     assert "is_centralized=False" in (tmp_path / "node-1/join.log").read_text()
+
+
+@pytest.mark.slow
+def test_demo_with_dp_epsilon_spends_no_more_than_it_and_says_what_participants_accepted(
+        tmp_path):
+    result, report = demo(tmp_path, "--dp-epsilon", "8", "--rounds", "2")
+
+    assert "differential privacy, epsilon 8" in result.stdout.splitlines()[0]
+    spent = re.search(r"epsilon ([\d.]+) spent at delta 1e-05", result.stdout)
+    assert spent and 0 < float(spent.group(1)) <= 8, result.stdout
+    assert report["strategy"]["name"] == "DifferentialPrivacy"
+    assert report["strategy"]["target_epsilon"] == 8.0 and report["strategy"]["rounds"] == 2
+    assert [row["epsilon"] for row in report["history"]][-1] == pytest.approx(
+        float(spent.group(1)), rel=1e-2)
+    # each data owner read the guarantee before accepting
+    join_log = (tmp_path / "node-1/join.log").read_text()
+    assert "privacy: differential privacy: epsilon at most 8 at delta 1e-05" in join_log
+
+
+@pytest.mark.parametrize("arguments, message", [
+    (["--dp-epsilon", "0"], "--dp-epsilon must be above 0, not 0"),
+    (["--dp-epsilon", "3", "--decentralized"], "the elected participant would see the updates"),
+])
+def test_demo_refuses_a_privacy_it_cannot_give_before_anything_starts(
+        tmp_path, capsys, arguments, message):
+    code = main(["demo", *arguments, "--workdir", str(tmp_path / "demo")])
+
+    assert code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "demo").exists()
 
 
 def test_demo_refuses_an_unknown_strategy_and_lists_the_names(capsys):

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from fedmagic import logger
 from fedmagic.fed_avg import FedAvgScheduler, FedSGDScheduler
-from fedmagic.strategies import BY_NAME
+from fedmagic.strategies import BY_NAME, DifferentialPrivacy
 
 NORMALIZE = torchvision.transforms.Compose(
     [
@@ -192,6 +192,13 @@ if __name__ == "__main__":
         action="store_true",
         help="each round, a participant elected in turn aggregates it (is_centralized=False)",
     )
+    parser.add_argument(
+        "--dp-epsilon",
+        type=float,
+        metavar="EPS",
+        help="differential privacy: noise calibrated to spend at most EPS over the rounds, "
+        "at delta 1e-5, each update clipped to L2 norm 1",
+    )
     options = parser.parse_args()
     if options.fedsgd:
         scheduler = DigitsFedSGD(
@@ -213,8 +220,25 @@ if __name__ == "__main__":
             merge_epochs=options.epochs,
             is_centralized=not options.decentralized,
         )
-    result = scheduler.launch_task(task_id=options.task, strategy=options.strategy)
+    strategy = options.strategy
+    if options.dp_epsilon is not None:
+        strategy = DifferentialPrivacy(
+            BY_NAME[strategy or "fedavg"](),
+            clip=1.0,
+            target_epsilon=options.dp_epsilon,
+            delta=1e-5,
+            rounds=scheduler.max_rounds,
+        )
+    result = scheduler.launch_task(task_id=options.task, strategy=strategy)
     print(
         f"final accuracy {result.metrics['accuracy']:.1%} after {result.rounds} rounds; "
         f"checkpoint in {result.checkpoint}"
     )
+    if options.dp_epsilon is not None and result.history:
+        # The noise on each weight of the mean: z * clip over the expected participants
+        z, expected = strategy.describe()["noise_multiplier"], options.max_clients
+        print(
+            f"epsilon {result.history[-1]['epsilon']:.3g} spent at delta 1e-05; the noise "
+            f"on each weight of the mean had sd {z * 1.0 / expected:.3g} (noise multiplier "
+            f"{z:.3g}, clip 1, {expected} participants): it shrinks with more participants"
+        )
