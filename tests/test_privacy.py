@@ -8,15 +8,25 @@ in-memory relay, with the participants of test_rounds.
 
 from __future__ import annotations
 
+import json
 import math
+import re
 
 import pytest
 import torch
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from scipy import stats
 
-from fedmagic.errors import ConfigurationError
-from fedmagic.strategies import DifferentialPrivacy, FedAdam, FedAvg, FedMedian, Krum, rebuild
+from fedmagic.errors import ConfigurationError, NotEnoughParticipants
+from fedmagic.strategies import (
+    DifferentialPrivacy,
+    FedAdam,
+    FedAvg,
+    FedMedian,
+    Krum,
+    PrivateTraining,
+    rebuild,
+)
 from fedmagic.strategies.privacy import PrivacyAccountant
 from test_rounds import run_task, sends
 
@@ -251,3 +261,89 @@ def test_the_report_states_the_guarantee_and_the_epsilon_the_rounds_spent(tmp_pa
     assert "- Privacy: differential privacy: epsilon at most 50 at delta 1e-05" in markdown
     assert f"- Epsilon spent: {spent:.3g} at delta 1e-05, after round 3" in markdown
     assert "epsilon" not in result.metrics  # a round's bookkeeping, not what test() said
+
+
+# -- DP-SGD on participants ---------------------------------------------------------------------
+
+def private_run(tmp_path, monkeypatch, task, strategy, rounds: int = 2, join_timeout=60):
+    """Run ``task`` with one real participant runtime in this process; result and outcome."""
+    from fedmagic.engine.joining import start_join
+    from fedmagic.engine.launch import start_task
+    from fedmagic.wire.relay import EmbeddedRelay, Relay
+    from test_rounds import TOKEN
+
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    monkeypatch.chdir(tmp_path)
+    with EmbeddedRelay("127.0.0.1", 0, Relay()) as relay:
+        node = start_join(relay.url, "private", TOKEN, "a", lambda package: True, wait=60,
+                          quiet=True)
+        run = start_task(task(min_clients=1, max_clients=1, max_rounds=rounds), "private",
+                         relay=relay.url, token=TOKEN, join_timeout=join_timeout, join_grace=0.5,
+                         strategy=strategy)
+        try:
+            result = run.wait(60)
+        except Exception as failure:
+            result = failure
+        node.wait(30)
+    return result, node
+
+
+def test_each_participant_trains_with_dp_sgd_and_reports_the_epsilon_its_own_steps_spent(
+        tmp_path, monkeypatch):
+    from private_tiny import PrivateTiny
+
+    strategy = PrivateTraining(FedAvg(), noise_multiplier=1.2, max_grad_norm=1.0)
+    result, _ = private_run(tmp_path, monkeypatch, PrivateTiny, strategy, rounds=2)
+
+    # 2 rounds of one epoch: 8 steps, each sampling 16 of 64 examples
+    assert result.participants["a"].epsilon == pytest.approx(
+        library_epsilon(0.25, 1.2, 8, 1e-5), rel=1e-9)
+    report = json.loads((tmp_path / "models" / "private" / "report.json").read_text())
+    assert report["participants"]["a"]["epsilon"] == result.participants["a"].epsilon
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the smallest alpha")  # z near 0: no privacy
+def test_dp_sgd_clips_each_examples_gradient_before_the_step(tmp_path, monkeypatch):
+    from private_tiny import PrivateTiny
+
+    # Without noise to speak of, 4 steps of lr 1 on gradients averaged from ones clipped to
+    # 1e-3 move the 8 weights by at most 4e-3 in all
+    strategy = PrivateTraining(FedAvg(), noise_multiplier=1e-9, max_grad_norm=1e-3)
+    private, _ = private_run(tmp_path / "private", monkeypatch, PrivateTiny, strategy, rounds=1)
+    plain, _ = private_run(tmp_path / "plain", monkeypatch, PrivateTiny, FedAvg(), rounds=1)
+    torch.manual_seed(0)
+    start = float(torch.cat([p.detach().flatten() for p in
+                             torch.nn.Linear(3, 2).parameters()]).norm())
+
+    assert abs(private.metrics["norm"] - start) <= 4e-3 + 1e-6
+    assert abs(plain.metrics["norm"] - start) > 0.1  # the same training, unclipped, moves
+
+
+@pytest.mark.parametrize("task, message", [
+    ("WithBatchNorm", "has a model DP-SGD cannot train: .*BatchNorm"),
+    ("WithoutOptimizer", "keeps no torch optimizer as self.optimizer"),
+])
+def test_a_participant_whose_task_cannot_train_privately_fails_verification_saying_why(
+        tmp_path, monkeypatch, task, message):
+    import private_tiny
+
+    strategy = PrivateTraining(FedAvg(), noise_multiplier=1.0)
+    # in this process: the participant is there at once, and the task gives up after 5 s
+    result, node = private_run(tmp_path, monkeypatch, getattr(private_tiny, task), strategy,
+                               join_timeout=5)
+
+    outcome = node.wait(1)
+    assert not outcome.ok and re.search(message, outcome.reason), outcome.reason
+    assert isinstance(result, NotEnoughParticipants), result
+
+
+def test_dp_sgd_is_stated_before_consent_and_an_elected_aggregator_can_rebuild_it():
+    from fedmagic.strategies.guarantees import guarantees
+
+    strategy = PrivateTraining(FedAdam(eta=0.1), noise_multiplier=1.1, max_grad_norm=0.5)
+
+    assert rebuild(strategy.describe()).describe() == strategy.describe()
+    assert guarantees(strategy.describe()) == [
+        "DP-SGD on every participant: each example's gradient clipped to L2 norm 0.5, "
+        "Gaussian noise of 1.1 x 0.5 on each batch; each node counts its own epsilon at "
+        "delta 1e-05, which grows with its rounds"]

@@ -26,6 +26,7 @@ from ..errors import (
     VerificationFailed,
 )
 from ..strategies import FedAvg, rebuild
+from ..strategies.guarantees import private_training
 from ..wire.codec import Frame, Kind, StateReader
 from ..wire.frames import INITIATOR
 from ..wire.messages import (
@@ -43,6 +44,7 @@ from ..wire.messages import (
     parse,
 )
 from ..wire.transport import Transport
+from .dp_sgd import PrivateOptimizer
 from .elected import AggregatorRoom
 from .scheduler import Scheduler, test_metrics
 from .task import TaskPackage
@@ -102,6 +104,8 @@ class ParticipantRuntime:
         #: Examples of its own test data, to evaluate the global model on (0: none).
         self.test_samples = 0
         self.rounds = 0
+        #: DP-SGD, where the task's strategy trains privately: what it spent is in ``epsilon``.
+        self.private: PrivateOptimizer | None = None
         #: The code hash this node consented to and verified its data for.
         self.accepted: str | None = None
         # Reused every round: fresh pages for a large model cost more than the copy.
@@ -172,6 +176,9 @@ class ParticipantRuntime:
         dataset = getattr(scheduler.make_train_dataloader(), "dataset", None)
         samples = len(dataset) if dataset is not None else 0
         self.test_samples = _test_samples(scheduler)
+        dp_sgd = private_training(package.strategy)
+        if dp_sgd is not None:  # before round 1: a model it cannot train fails verification
+            self.private = PrivateOptimizer(scheduler, dp_sgd)
         return scheduler, samples
 
     async def _rounds(self, task_id: str) -> JoinOutcome:
@@ -274,12 +281,14 @@ class ParticipantRuntime:
                 await self.link.send(failed.to_frame(to=self._told()))
             return f"train() failed: {describe_failure(exc)}"
         seconds = time.perf_counter() - started
+        epsilon = None if self.private is None else self.private.epsilon
+        trained = Trained(round, self.samples, seconds, epsilon)
         try:
-            await self.link.send(Trained(round, self.samples, seconds).to_frame(to=self._told()))
+            await self.link.send(trained.to_frame(to=self._told()))
         except ConnectionLost:
             pass  # the task may have ended meanwhile: the next frame read says how
 
-        self.on_event("trained", {"round": round, "seconds": seconds})
+        self.on_event("trained", {"round": round, "seconds": seconds, "epsilon": epsilon})
         return None
 
     async def _evaluate(self, round: int) -> None:

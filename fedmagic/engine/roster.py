@@ -36,6 +36,8 @@ class Participant:
     test_samples: int = 0
     #: The global model's metrics on its own data, at the last federated evaluation.
     evaluation: dict[str, Any] = field(default_factory=dict)
+    #: What its own DP-SGD spent so far, where the task trains privately on participants.
+    epsilon: float | None = None
 
     def state(self, uploaded: int = 0, upload_size: int = 0) -> ParticipantState:
         """What displays show of this node, as it is now."""

@@ -285,6 +285,7 @@ class Aggregator:
             time.time(),
             {
                 node: {"status": str(p.status), "samples": p.samples, "rounds": p.rounds}
+                | ({} if p.epsilon is None else {"epsilon": p.epsilon})
                 for node, p in self.participants.items()
             },
             self.history,
@@ -823,6 +824,8 @@ class Aggregator:
 
     def _on_trained(self, participant: Participant, trained: Trained) -> None:
         participant.train_seconds = trained.seconds
+        if trained.epsilon is not None:
+            participant.epsilon = trained.epsilon
         if self._current is not None and trained.round == self._current.number:
             self._current.trained(participant)
 

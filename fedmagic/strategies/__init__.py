@@ -18,6 +18,8 @@ Pass one to ``launch_task``::
 ``MultiKrum``
 ``Differential``   a wrapper: clipped updates, Poisson sampling and
 ``Privacy``        Gaussian noise, with a privacy budget spent per round
+``Private``        a wrapper: DP-SGD on every participant, each counting
+``Training``       its own epsilon
 =================  ======================================================
 
 :class:`Strategy` is the seam the round loop asks; subclass it for a rule
@@ -32,7 +34,7 @@ from ..errors import ConfigurationError
 from .base import Strategy
 from .fedavg import FedAvg, FedAvgM, FedProx, proximal_term
 from .fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
-from .privacy import DifferentialPrivacy
+from .privacy import DifferentialPrivacy, PrivateTraining
 from .robust import FedMedian, FedTrimmedAvg, Krum, MultiKrum
 
 __all__ = [
@@ -49,6 +51,7 @@ __all__ = [
     "FedYogi",
     "Krum",
     "MultiKrum",
+    "PrivateTraining",
     "Strategy",
     "proximal_term",
     "rebuild",
@@ -98,7 +101,9 @@ def resolve(strategy: Any) -> Strategy:
     )
 
 
-_BUILT_IN: dict[str, type[Strategy]] = {cls.__name__: cls for cls in (*BY_NAME.values(), FedOpt)}
+_BUILT_IN: dict[str, type[Strategy]] = {
+    cls.__name__: cls for cls in (*BY_NAME.values(), FedOpt, PrivateTraining)
+}
 
 
 def rebuild(described: Mapping[str, Any]) -> Strategy:
@@ -128,4 +133,7 @@ def rebuild(described: Mapping[str, Any]) -> Strategy:
             "(is_centralized=False) cannot rebuild it; use a built-in strategy, or "
             "is_centralized=True",
         )
-    return cls(**{key: value for key, value in described.items() if key != "name"})
+    parameters = {key: value for key, value in described.items() if key != "name"}
+    if isinstance(parameters.get("strategy"), Mapping):  # a wrapper's wrapped one
+        parameters["strategy"] = rebuild(parameters["strategy"])
+    return cls(**parameters)

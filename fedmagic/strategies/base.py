@@ -32,7 +32,7 @@ import torch
 from ..errors import ConfigurationError
 from .aggregate import Fold, State, WeightedMean
 
-__all__ = ["Strategy", "described_text"]
+__all__ = ["Strategy", "Wrapper", "described_text"]
 
 
 class Strategy:
@@ -152,6 +152,80 @@ class Strategy:
 
     def __str__(self) -> str:
         return described_text(self.describe())
+
+
+class Wrapper(Strategy):
+    """A strategy around another: everything it does not change, the wrapped one answers.
+
+    Privacy is added this way (``DifferentialPrivacy(FedAdam(...))``), so
+    one server optimiser serves with and without it. Subclasses are
+    dataclasses whose first field is ``strategy``, the wrapped one.
+    """
+
+    strategy: Strategy
+
+    @property  # a class constant elsewhere, the wrapped one's here
+    def keeps_updates(self) -> bool:  # type: ignore[override]
+        return self.strategy.keeps_updates
+
+    @property
+    def applies_min_clients(self) -> bool:  # type: ignore[override]
+        return self.strategy.applies_min_clients
+
+    def check(self, min_clients: int, max_clients: int) -> None:
+        self.strategy.check(min_clients, max_clients)
+
+    def stop_before(self, round: int) -> str | None:
+        return self.strategy.stop_before(round)
+
+    def exclude(self, round: int, samples: Mapping[str, int]) -> dict[str, str]:
+        return self.strategy.exclude(round, samples)
+
+    def sample(self, round: int, nodes: Sequence[str], most: int) -> list[str]:
+        return self.strategy.sample(round, nodes, most)
+
+    def config(self, round: int, node: str) -> dict[str, Any]:
+        return self.strategy.config(round, node)
+
+    def round_memory(self, count: int, state_bytes: int) -> int:
+        return self.strategy.round_memory(count, state_bytes)
+
+    def begin(self, round: int, current: State) -> None:
+        self.strategy.begin(round, current)
+
+    def weight(self, samples: int) -> float:
+        return self.strategy.weight(samples)
+
+    def fold(self, reference: State) -> Fold:
+        return self.strategy.fold(reference)
+
+    def next_state(
+        self, round: int, current: State, combined: dict[str, torch.Tensor]
+    ) -> dict[str, torch.Tensor]:
+        return self.strategy.next_state(round, current, combined)
+
+    def record(self, round: int) -> dict[str, Any]:
+        return self.strategy.record(round)
+
+    def evaluate(self, results: Sequence[tuple[int, Mapping[str, Any]]]) -> dict[str, float]:
+        return self.strategy.evaluate(results)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        return {f"inner.{name}": value for name, value in self.strategy.state_dict().items()}
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        self.strategy.load_state_dict(
+            {
+                name.removeprefix("inner."): value
+                for name, value in state.items()
+                if name.startswith("inner.")
+            }
+        )
+
+    def describe(self) -> dict[str, Any]:
+        described = super().describe()
+        described["strategy"] = self.strategy.describe()
+        return described
 
 
 def described_text(described: Mapping[str, Any]) -> str:

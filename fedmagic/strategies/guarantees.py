@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Mapping
 
-__all__ = ["guarantees", "target_epsilon"]
+__all__ = ["guarantees", "private_training", "target_epsilon"]
 
 
 def guarantees(described: Mapping[str, Any] | None) -> list[str]:
@@ -18,7 +18,17 @@ def guarantees(described: Mapping[str, Any] | None) -> list[str]:
     for layer in _layers(described):
         if layer.get("name") == "DifferentialPrivacy":
             lines.append(_differential_privacy(layer))
+        elif layer.get("name") == "PrivateTraining":
+            lines.append(_private_training(layer))
     return lines
+
+
+def private_training(described: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """The parameters of DP-SGD on participants, if the described strategy asks for it."""
+    for layer in _layers(described):
+        if layer.get("name") == "PrivateTraining":
+            return layer
+    return None
 
 
 def target_epsilon(described: Mapping[str, Any] | None) -> tuple[float, float] | None:
@@ -50,4 +60,13 @@ def _differential_privacy(layer: Mapping[str, Any]) -> str:
     return (
         f"differential privacy: epsilon at most {layer['target_epsilon']:g} at delta "
         f"{layer['delta']:g} ({how})"
+    )
+
+
+def _private_training(layer: Mapping[str, Any]) -> str:
+    return (
+        f"DP-SGD on every participant: each example's gradient clipped to L2 norm "
+        f"{layer['max_grad_norm']:g}, Gaussian noise of {layer['noise_multiplier']:g} x "
+        f"{layer['max_grad_norm']:g} on each batch; each node counts its own epsilon at delta "
+        f"{layer['delta']:g}, which grows with its rounds"
     )

@@ -30,10 +30,10 @@ import torch
 
 from ..errors import ConfigurationError
 from .aggregate import State, accumulator_dtype
-from .base import Strategy, check_positive, check_share
+from .base import Strategy, Wrapper, check_positive, check_share
 from .fedavg import FedAvg
 
-__all__ = ["ClippedSum", "DifferentialPrivacy", "PrivacyAccountant"]
+__all__ = ["ClippedSum", "DifferentialPrivacy", "PrivacyAccountant", "PrivateTraining", "innermost"]
 
 
 class PrivacyAccountant:
@@ -86,7 +86,7 @@ def calibrate(target_epsilon: float, delta: float, q: float, rounds: int) -> flo
 
 
 @dataclass(eq=False)
-class DifferentialPrivacy(Strategy):
+class DifferentialPrivacy(Wrapper):
     """Central differential privacy around a strategy whose round is a mean (FedAvg, FedOpt).
 
     Give either ``noise_multiplier`` or ``target_epsilon`` with ``rounds``,
@@ -150,7 +150,7 @@ class DifferentialPrivacy(Strategy):
                 "must be a strategy to wrap, such as FedAvg() or FedAdam(eta=0.01), "
                 "not another DifferentialPrivacy",
             )
-        if type(inner).fold is not Strategy.fold:
+        if type(innermost(inner)).fold is not Strategy.fold:
             raise ConfigurationError(
                 "strategy",
                 str(inner),
@@ -183,12 +183,6 @@ class DifferentialPrivacy(Strategy):
 
     # What the round loop asks.
 
-    def check(self, min_clients: int, max_clients: int) -> None:
-        self.strategy.check(min_clients, max_clients)
-
-    def exclude(self, round: int, samples: Mapping[str, int]) -> dict[str, str]:
-        return self.strategy.exclude(round, samples)
-
     def sample(self, round: int, nodes: Sequence[str], most: int) -> list[str]:
         """Each of ``nodes`` on its own draw of probability ``sampling``; none is possible."""
         draw = random.SystemRandom()
@@ -198,14 +192,12 @@ class DifferentialPrivacy(Strategy):
         self._truncated = len(drawn) > most
         return draw.sample(drawn, most) if self._truncated else drawn
 
-    def config(self, round: int, node: str) -> dict[str, Any]:
-        return self.strategy.config(round, node)
-
     def weight(self, samples: int) -> float:
         return 1.0  # every clipped update counts the same: their sum's bound is what is noised
 
     def begin(self, round: int, current: State) -> None:
         self._current = current
+        super().begin(round, current)
 
     def fold(self, reference: State) -> ClippedSum:
         return ClippedSum(reference, self)
@@ -231,7 +223,7 @@ class DifferentialPrivacy(Strategy):
 
     def stop_before(self, round: int) -> str | None:
         if self.target_epsilon is None:
-            return None
+            return super().stop_before(round)
         after = self._accountant.epsilon_after(self._z, self.sampling, self.delta)
         if after <= self.target_epsilon:
             return None
@@ -244,6 +236,7 @@ class DifferentialPrivacy(Strategy):
 
     def record(self, round: int) -> dict[str, Any]:
         row: dict[str, Any] = {
+            **super().record(round),
             "epsilon": self._accountant.epsilon(self.delta),
             "delta": self.delta,
             "drawn": self._drawn,
@@ -252,44 +245,69 @@ class DifferentialPrivacy(Strategy):
             row["truncated"] = True
         return row
 
-    def evaluate(self, results: Sequence[tuple[int, Mapping[str, Any]]]) -> dict[str, float]:
-        return self.strategy.evaluate(results)
-
     def state_dict(self) -> dict[str, torch.Tensor]:
         steps = self._accountant.steps
-        state = {f"inner.{name}": value for name, value in self.strategy.state_dict().items()}
+        state = super().state_dict()
         state["accountant"] = torch.tensor(steps, dtype=torch.float64).reshape(len(steps), 2)
         return state
 
     def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
-        self.strategy.load_state_dict(
-            {
-                name.removeprefix("inner."): value
-                for name, value in state.items()
-                if name.startswith("inner.")
-            }
-        )
+        super().load_state_dict(state)
         steps = state.get("accountant")
         self._accountant = PrivacyAccountant(
             [] if steps is None else [(float(z), float(q)) for z, q in steps.tolist()]
         )
 
     def describe(self) -> dict[str, Any]:
-        return {
-            "name": "DifferentialPrivacy",
-            "strategy": self.strategy.describe(),
-            "clip": self.clip,
-            "sampling": self.sampling,
-            "noise_multiplier": self._z,
-            "target_epsilon": self.target_epsilon,
-            "delta": self.delta,
-            "rounds": self.rounds,
-        }
+        return {**super().describe(), "noise_multiplier": self._z}  # the calibrated one too
 
     @property
     def epsilon(self) -> float:
         """Epsilon spent so far, at ``delta``."""
         return self._accountant.epsilon(self.delta)
+
+
+@dataclass(eq=False)
+class PrivateTraining(Wrapper):
+    """Sample-level differential privacy on every participant: DP-SGD (Abadi et al. 2016).
+
+    Each participant's own optimizer, made private with Opacus, clips every
+    example's gradient to L2 norm ``max_grad_norm`` and adds Gaussian noise of
+    ``noise_multiplier * max_grad_norm`` to each batch's sum before it steps.
+    Each node counts its own epsilon, at ``delta``, with Opacus's RDP
+    accountant (its sampling rate is its batch size over its examples) and
+    reports it with every round: a bound on what its updates reveal about one
+    of its own examples, whoever sees them. Nothing changes on the
+    initiator: the wrapped strategy combines the updates.
+
+    The task's scheduler has to keep its optimizer as ``self.optimizer``
+    (the tutorial makes it in ``make_model()``), average its loss over the
+    batch, and use layers Opacus supports (GroupNorm, not BatchNorm); a
+    participant where it cannot fails its verification saying why.
+    Epsilon assumes batches drawn at random; a shuffled loader is the usual
+    stand-in.
+    """
+
+    strategy: Strategy = field(default_factory=FedAvg)
+    noise_multiplier: float = 1.0
+    max_grad_norm: float = 1.0
+    delta: float = 1e-5
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.strategy, Strategy):
+            raise ConfigurationError(
+                "strategy", self.strategy, "must be a strategy to wrap, such as FedAvg()"
+            )
+        check_positive("noise_multiplier", self.noise_multiplier)
+        check_positive("max_grad_norm", self.max_grad_norm)
+        check_share("delta", self.delta, lowest=1e-300)
+
+
+def innermost(strategy: Strategy) -> Strategy:
+    """The strategy at the heart of any wrappers: the one whose fold a round uses."""
+    while isinstance(strategy, Wrapper):
+        strategy = strategy.strategy
+    return strategy
 
 
 class ClippedSum:

@@ -125,6 +125,8 @@ class Trained(Message):
     round: int
     samples: int | None = None
     seconds: float | None = None
+    #: What this node's DP-SGD spent so far, where the task trains privately.
+    epsilon: float | None = None
 
 
 @dataclass(frozen=True)
