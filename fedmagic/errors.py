@@ -13,6 +13,7 @@ Each exception keeps the facts as attributes and builds its message in
     ├── UnsupportedTensor (TypeError)      a state dict value FedAvg cannot average
     ├── UpdateRejected (ValueError)        a participant's update that does not fit
     ├── AggregationError (ValueError)      nothing, or nothing of weight, to average
+    ├── SecureAggregationError (ValueError) a secure round whose sum cannot be revealed
     ├── RemoteError                        an exception raised on another node
     ├── DataNotFound (FileNotFoundError)   a dataset that was meant to be in place
     ├── VerificationFailed                 data that the task's DatasetVerify refused
@@ -33,6 +34,7 @@ __all__ = [
     "ProtocolError",
     "RelayRefused",
     "RemoteError",
+    "SecureAggregationError",
     "TaskDefinitionError",
     "TaskFailed",
     "UnsupportedTensor",
@@ -160,6 +162,24 @@ class AggregationError(FedMagicError, ValueError):
 
     def __str__(self) -> str:
         return f"cannot average: {self.reason}"
+
+
+class SecureAggregationError(FedMagicError, ValueError):
+    """A secure (SecAgg+) round cannot reveal its sum, or one participant cannot take part.
+
+    Too few nodes are left to hold or reveal the shares, or the secrets
+    rebuilt from them do not take the masks off (a share or a masked vector
+    was altered). ``where`` is the participant that gave up, or "the
+    aggregator"; ``reason`` says which and what to do.
+    """
+
+    def __init__(self, where: str, reason: str) -> None:
+        super().__init__(where, reason)
+        self.where = where
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"secure aggregation failed at {self.where}: {self.reason}"
 
 
 class RemoteError(FedMagicError):

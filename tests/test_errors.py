@@ -11,8 +11,9 @@ import pytest
 from fedmagic import errors
 from fedmagic.errors import (AggregationError, CodecError, ConfigurationError, ConnectionLost,
                              DataNotFound, FedMagicError, NotEnoughParticipants, ProtocolError,
-                             RelayRefused, RemoteError, TaskDefinitionError, TaskFailed,
-                             UnsupportedTensor, UpdateRejected, VerificationFailed)
+                             RelayRefused, RemoteError, SecureAggregationError,
+                             TaskDefinitionError, TaskFailed, UnsupportedTensor, UpdateRejected,
+                             VerificationFailed)
 
 MESSAGES = [
     (FedMagicError("something went wrong"),
@@ -45,6 +46,10 @@ MESSAGES = [
      "update from 'alice' in round 3 refused: non-finite values in fc.weight"),
     (AggregationError("no update was given"),
      "cannot average: no update was given"),
+    (SecureAggregationError("the aggregator", "only 2 masked updates arrived, fewer than the "
+                            "threshold t=3; dropped: 'n3' (before uploading its masked update)"),
+     "secure aggregation failed at the aggregator: only 2 masked updates arrived, fewer than "
+     "the threshold t=3; dropped: 'n3' (before uploading its masked update)"),
     (RemoteError("bob", "training", "ZeroDivisionError: division by zero"),
      "'bob' failed during training: ZeroDivisionError: division by zero"),
     (RemoteError("bob", "testing", "KeyError: 'x'",
@@ -113,6 +118,7 @@ BASES = [
     (UnsupportedTensor, TypeError),
     (UpdateRejected, ValueError),
     (AggregationError, ValueError),
+    (SecureAggregationError, ValueError),
     (RemoteError, FedMagicError),
     (DataNotFound, FileNotFoundError),
     (TaskFailed, RuntimeError),
