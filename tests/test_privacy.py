@@ -17,7 +17,7 @@ import torch
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
 from scipy import stats
 
-from fedmagic.errors import ConfigurationError, NotEnoughParticipants
+from fedmagic.errors import ConfigurationError
 from fedmagic.strategies import (
     DifferentialPrivacy,
     FedAdam,
@@ -265,7 +265,7 @@ def test_the_report_states_the_guarantee_and_the_epsilon_the_rounds_spent(tmp_pa
 
 # -- DP-SGD on participants ---------------------------------------------------------------------
 
-def private_run(tmp_path, monkeypatch, task, strategy, rounds: int = 2, join_timeout=60):
+def private_run(tmp_path, monkeypatch, task, strategy, rounds: int = 2):
     """Run ``task`` with one real participant runtime in this process; result and outcome."""
     from fedmagic.engine.joining import start_join
     from fedmagic.engine.launch import start_task
@@ -278,7 +278,7 @@ def private_run(tmp_path, monkeypatch, task, strategy, rounds: int = 2, join_tim
         node = start_join(relay.url, "private", TOKEN, "a", lambda package: True, wait=60,
                           quiet=True)
         run = start_task(task(min_clients=1, max_clients=1, max_rounds=rounds), "private",
-                         relay=relay.url, token=TOKEN, join_timeout=join_timeout, join_grace=0.5,
+                         relay=relay.url, token=TOKEN, join_timeout=60, join_grace=0.5,
                          strategy=strategy)
         try:
             result = run.wait(60)
@@ -326,15 +326,30 @@ def test_dp_sgd_clips_each_examples_gradient_before_the_step(tmp_path, monkeypat
 def test_a_participant_whose_task_cannot_train_privately_fails_verification_saying_why(
         tmp_path, monkeypatch, task, message):
     import private_tiny
+    from conftest import wait_for
+    from fedmagic.engine.joining import start_join
+    from fedmagic.engine.launch import start_task
+    from fedmagic.wire.relay import EmbeddedRelay, Relay
+    from test_rounds import TOKEN
 
+    monkeypatch.chdir(tmp_path)
     strategy = PrivateTraining(FedAvg(), noise_multiplier=1.0)
-    # in this process: the participant is there at once, and the task gives up after 5 s
-    result, node = private_run(tmp_path, monkeypatch, getattr(private_tiny, task), strategy,
-                               join_timeout=5)
+    with EmbeddedRelay("127.0.0.1", 0, Relay()) as relay:
+        node = start_join(relay.url, "private", TOKEN, "a", lambda package: True, wait=60,
+                          quiet=True)
+        run = start_task(getattr(private_tiny, task)(min_clients=1, max_clients=1, max_rounds=1),
+                         "private", relay=relay.url, token=TOKEN, join_timeout=120,
+                         strategy=strategy)
+        try:
+            outcome = node.wait(120)  # its part ends as its verification fails
+            assert wait_for(lambda: any("a failed data verification" in text
+                                        for _, text in run.events), 30), run.events
+        finally:
+            run.stop(now=True)
 
-    outcome = node.wait(1)
     assert not outcome.ok and re.search(message, outcome.reason), outcome.reason
-    assert isinstance(result, NotEnoughParticipants), result
+    (said,) = [text for _, text in run.events if "a failed data verification" in text]
+    assert re.search(message, said), said
 
 
 def test_dp_sgd_is_stated_before_consent_and_an_elected_aggregator_can_rebuild_it():
