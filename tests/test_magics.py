@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import threading
 from typing import Any, Callable
 
@@ -22,6 +23,7 @@ from fedmagic.engine.task import TaskPackage
 from fedmagic.errors import TaskFailed
 from fedmagic.notebook import panel as panel_module
 from fedmagic.notebook.panel import ParticipantPanel, ending_text
+from fedmagic.strategies import DifferentialPrivacy
 from test_tutorial import as_fedmagic_script, tutorial_final_code
 
 
@@ -219,13 +221,13 @@ def test_consent_is_bound_to_the_code_hash_when_a_data_owner_joins_again(
 # The participant panel over what the engine's start_join hands it: the code offered (to
 # consent to) and the events of the node's part, played here as a task would.
 
-def offer(max_rounds: int | None) -> TaskPackage:
+def offer(max_rounds: int | None, strategy: dict[str, Any] | None = None) -> TaskPackage:
     """The code a task offers, launched with ``max_rounds`` (or without saying)."""
     kwargs: dict[str, Any] = {"min_clients": 1, "max_clients": 1}
     if max_rounds is not None:
         kwargs["max_rounds"] = max_rounds
     return TaskPackage("digits", "DigitsScheduler", "class DigitsScheduler: ...\n", "task.py",
-                       [], kwargs)
+                       [], kwargs, strategy=strategy)
 
 
 class Join:
@@ -338,6 +340,37 @@ def test_joining_again_with_the_accepted_code_asks_nothing_and_says_it_is_accept
 
     assert joins[-1].answered() is True
     assert panel.snapshot().accepted and panel.snapshot().max_rounds == 2
+
+
+def test_a_data_owner_reads_the_privacy_guarantees_beside_the_code_before_accepting(joins):
+    private = DifferentialPrivacy(sampling=0.5, noise_multiplier=1.1, target_epsilon=3.0)
+    panel = ParticipantPanel("ws://relay", "digits", "T", "hospital-a")
+    joins[-1].offers(offer(max_rounds=3, strategy=private.describe()))
+    package = panel.wait_for_code(10)
+    code, asked, undecided = panel.code.value, panel.snapshot(), not panel.accept_button.disabled
+    panel.accept()
+    joins[-1].answered()
+
+    assert undecided  # shown while its owner is asked
+    (line,) = package.guarantees
+    assert line.startswith("differential privacy: epsilon at most 3 at delta 1e-05 (each update "
+                           "clipped to L2 norm 1, each participant drawn with probability 0.5")
+    shown = f"<div class='fedmagic-guarantee'><b>privacy</b>: {html.escape(line)}</div>"
+    assert shown in code
+    assert code.index(shown) < code.index("<details>")  # in sight, not folded with the code
+    assert asked.guarantees == (line,) and asked.to_json()["guarantees"] == [line]
+    assert not asked.accepted and panel.snapshot().accepted
+
+
+def test_code_that_promises_no_privacy_shows_no_privacy_section(joins):
+    panel = ParticipantPanel("ws://relay", "digits", "T", "hospital-a")
+    joins[-1].offers(offer(max_rounds=3))
+    panel.wait_for_code(10)
+
+    assert "privacy" not in panel.code.value
+    assert panel.snapshot().guarantees == ()
+    panel.decline()
+    joins[-1].answered()
 
 
 @pytest.mark.parametrize("outcome, error, declined, said", [

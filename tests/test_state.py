@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 from fedmagic.engine.state import (JoinSnapshot, NodeStatus, ParticipantState, TaskSnapshot,
-                                   TaskStatus)
+                                   TaskStatus, epsilon_series)
 from fedmagic.errors import RemoteError, TaskFailed
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,6 +40,25 @@ WAITING = JoinSnapshot(task_id="digits", node="hospital-a", ended=False, detail=
                        verified=None, verification="")
 
 
+#: What DifferentialPrivacy(sampling=0.5, noise_multiplier=1.1, target_epsilon=3.0) promises.
+GUARANTEE = ("differential privacy: epsilon at most 3 at delta 1e-05 (each update clipped to L2 "
+             "norm 1, each participant drawn with probability 0.5 a round, Gaussian noise of "
+             "1.1 x 1 on the sum, added by the initiator)")
+
+
+def private(spent: tuple[float, ...] = (0.61234, 1.2345, 1.5), *,
+            target: float | None = 3.0) -> TaskSnapshot:
+    """A differentially private task after a round per epsilon ``spent``, round 2 tested."""
+    return TaskSnapshot(
+        task_id="dp", status=TaskStatus.RUNNING, error=None, error_traceback="", stopping=False,
+        max_rounds=20, participants=(),
+        history=tuple({"round": n, "participants": 2, "tested": n == 2, "epsilon": epsilon,
+                       "delta": 1e-5, "drawn": 2, **({"accuracy": 0.8} if n == 2 else {})}
+                      for n, epsilon in enumerate(spent, start=1)),
+        join_command="fedmagic join ws://127.0.0.1:8765 --task dp --token T --node NAME",
+        guarantees=(GUARANTEE,), privacy_target=None if target is None else (target, 1e-5))
+
+
 def typescript_interface(name: str) -> dict[str, str]:
     """The fields of one ``export interface`` in federation.ts, with their types."""
     body = re.search(rf"export interface {name} \{{(.*?)\n\}}", FEDERATION_TS.read_text(),
@@ -54,8 +73,13 @@ def test_the_task_state_the_kernel_sends_is_what_the_extension_declares():
     sent = TASK.to_json()
 
     assert set(sent) == set(declared)
+    assert set(private().to_json()) == set(declared)
     assert set(sent["participants"][0]) == set(typescript_interface("IParticipantRow"))
     assert set(re.findall(r"'(\w+)'", declared["status"])) == {str(s) for s in TaskStatus}
+    nulls = {name for name, value in sent.items() if value is None}
+    assert {"epsilon", "target_epsilon", "delta"} <= nulls  # no privacy budget counted
+    assert all(declared[name].endswith("| null") for name in nulls)
+    assert declared["guarantees"] == "string[]" and sent["guarantees"] == []
 
 
 def test_the_join_state_the_kernel_sends_is_what_the_extension_declares():
@@ -64,6 +88,7 @@ def test_the_join_state_the_kernel_sends_is_what_the_extension_declares():
     sent = JOIN.to_json()
 
     assert set(sent) == set(declared)
+    assert declared["guarantees"] == "string[]" and sent["guarantees"] == []
     assert set(re.findall(r"'(\w+)'", declared["status"])) == {"running", "ended"}
     nulls = {name for name, value in WAITING.to_json().items() if value is None}
     assert nulls == {"code_hash", "max_rounds", "verified"}
@@ -75,6 +100,7 @@ def test_the_join_state_the_kernel_sends_is_what_the_extension_declares():
     ("no code yet", dict(code_hash=None, accepted=True)),
     ("no code yet", dict(code_hash=None, declined=True)),
     ("no code yet", dict(code_hash=None, verified=True)),
+    ("no guarantees", dict(code_hash=None, guarantees=(GUARANTEE,))),
 ])
 def test_a_join_snapshot_cannot_contradict_itself(contradiction, fields):
     values = {**JOIN.__dict__, "accepted": False, **fields}
@@ -92,6 +118,37 @@ def test_summary_says_how_the_task_stands_and_each_node_and_round():
         "  round 2: 1 participants",
     ]
     assert TASK.metrics == {"accuracy": 0.81234}  # the last tested round's
+
+
+def test_a_private_task_counts_the_epsilon_every_round_spent_not_only_the_tested_ones():
+    task = private()
+
+    assert epsilon_series(task.history) == [(1, 0.61234), (2, 1.2345), (3, 1.5)]
+    assert task.metrics == {"accuracy": 0.8}  # the round's bookkeeping is not a metric
+    assert task.epsilon_spent == (1.5, 1e-5)
+    sent = task.to_json()
+    assert (sent["epsilon"], sent["target_epsilon"], sent["delta"]) == (1.5, 3.0, 1e-5)
+    assert sent["guarantees"] == [GUARANTEE]
+
+
+@pytest.mark.parametrize("task, said", [
+    (private(), "ε 1.5 of 3 spent at δ 1e-05"),
+    (private((0.61234, 1.2345)), "ε 1.23 of 3 spent at δ 1e-05"),
+    (private(()), "ε 0 of 3 spent at δ 1e-05"),  # before its first round: nothing spent yet
+    (private((0.61234,), target=None), "ε 0.612 spent at δ 1e-05"),
+    (private((), target=None), ""),  # no target and no round: nothing to count from
+    (TASK, ""),
+], ids=["after round 3", "after round 2", "before round 1", "no target", "no target yet",
+        "no privacy"])
+def test_the_budget_line_says_the_epsilon_spent_of_the_target_at_delta(task, said):
+    assert task.budget_line() == said
+
+
+def test_the_summary_of_a_private_task_states_its_guarantee_and_the_budget_spent():
+    lines = private().summary().splitlines()
+
+    assert lines[1:3] == [f"  privacy: {GUARANTEE}", "  ε 1.5 of 3 spent at δ 1e-05"]
+    assert lines[-1] == "  round 3: 2 participants"  # its epsilon is no metric
 
 
 @pytest.mark.parametrize("status, available, ended", [
@@ -253,3 +310,40 @@ def test_verify_data_is_disabled_with_a_reason_until_a_joined_tasks_code_is_here
     assert why([WAITING.to_json(), JOIN.to_json()]) is None
     assert "%load_ext fedmagic" in describe("whyVerifyIsDisabled(false, [])")
     assert describe("verifyTooltip(true, [])") == why([])
+
+
+# A differentially private task: the panel says what the kernel's own texts say.
+
+@pytest.mark.parametrize("snapshot", [
+    private(), private((0.61234, 1.2345)), private(()), private((0.61234,), target=None),
+    private((), target=None), TASK, private((12.3456,), target=12.5),
+], ids=["after round 3", "after round 2", "before round 1", "no target", "no target yet",
+        "no privacy", "large"])
+def test_a_task_card_says_the_budget_spent_as_the_kernel_does(describe, snapshot):
+    assert describe("budgetText(t)", t=snapshot.to_json()) == snapshot.budget_line()
+
+
+def test_numbers_read_as_pythons_general_format_writes_them(describe):
+    values = [3.0, 1e-05, 1e-06, 0.0001, 1.5, 2.0e-7, 123456.0, 1234567.0, 0.61234, 1.2345,
+              12.3456, 100.0, 0.1, 50.0, 8.0, 0.0]
+
+    said = describe("values.map(v => [formatG(v), formatG(v, 3)])", values=values)
+
+    assert said == [[f"{v:g}", f"{v:.3g}"] for v in values]
+
+
+def test_a_private_task_card_shows_its_guarantee_on_one_line_and_in_full_when_opened(describe):
+    shown = describe("headline(guaranteesText(t))", t=private().to_json())
+
+    assert shown["more"] is True
+    assert shown["line"].startswith("differential privacy: epsilon at most 3 at delta 1e-05 (")
+    assert describe("guaranteesText(t)", t=private().to_json()) == GUARANTEE
+    assert describe("guaranteesText(t)", t=TASK.to_json()) == ""  # no privacy row at all
+
+
+def test_a_join_card_shows_what_the_code_offered_promises_about_privacy(describe):
+    offered = join(code_hash="cd34" * 8, accepted=False, round=0, verified=None,
+                   guarantees=(GUARANTEE, "secure aggregation: ..."))
+
+    assert describe("guaranteesText(j)", j=offered) == f"{GUARANTEE}\nsecure aggregation: ..."
+    assert describe("guaranteesText(j)", j=JOIN.to_json()) == ""

@@ -19,11 +19,11 @@ import torch
 
 from fedmagic.engine.joining import start_join
 from fedmagic.engine.launch import TaskRun, start_task
-from fedmagic.engine.state import NodeStatus
+from fedmagic.engine.state import NodeStatus, epsilon_series
 from fedmagic.notebook.charts import MetricCharts, round_ticks, value_ticks
 from fedmagic.notebook.task_html import MASK, STYLE, is_percent_metric, value_text
 from fedmagic.notebook.widget import TaskWidget
-from fedmagic.strategies import FedAvg
+from fedmagic.strategies import DifferentialPrivacy, FedAvg
 from fedmagic.wire.relay import EmbeddedRelay, Relay
 from tiny import SlowTiny, Tiny
 
@@ -148,6 +148,8 @@ def test_the_header_shows_the_task_its_state_and_the_round_count_on_the_bar():
     assert "aria-valuenow='3' aria-valuemax='3'" in header and "width:100.0%" in header
     assert "3 / 3" in text(header)
     assert re.search(r"round 3/3 · \d:\d\d elapsed · \d+\.\d s/round", text(header))
+    assert "fm-budget" not in header and "fm-guarantee" not in header  # no privacy: no section
+    assert "privacy" not in text(header) and "ε" not in text(header)
 
 
 def test_after_the_end_a_summary_replaces_stop_with_best_values_and_the_checkpoint():
@@ -235,6 +237,48 @@ def test_a_task_failed_error_is_not_prefixed_with_its_task_twice():
     assert "log above" not in everything
 
 
+def test_a_private_task_shows_its_guarantee_and_the_epsilon_spent_of_its_target():
+    privacy = DifferentialPrivacy(FedAvg(weighted=False), noise_multiplier=2.0,
+                                  target_epsilon=50.0)
+    headers: list[str] = []
+    with relay("private") as url:
+        run = launch(graded(), "private", url, strategy=privacy)
+        widget = TaskWidget(run)
+        run.subscribe(lambda event: headers.append(widget.header.value))
+        run.wait(30)
+
+    spent = run.history[-1]["epsilon"]
+    header = text(widget.header.value)
+    assert f"ε {spent:.3g} of 50 spent at δ 1e-05" in header
+    assert ("privacy differential privacy: epsilon at most 50 at delta 1e-05 (each update "
+            "clipped to L2 norm 1") in header
+    assert any("ε 0 of 50 spent at δ 1e-05" in text(h) for h in headers)  # before round 1
+    assert re.search(r"<span class='fm-budget'[^>]*>ε ", widget.header.value)
+    assert "epsilon" not in widget.charts.charts  # no metric of test()'s
+
+
+def test_the_epsilon_chart_has_every_rounds_epsilon_under_the_target_line():
+    privacy = DifferentialPrivacy(FedAvg(weighted=False), noise_multiplier=2.0,
+                                  target_epsilon=50.0)
+    widget = widget_of_finished(graded(log_rounds=0), "budget", strategy=privacy)
+
+    chart = widget.charts.epsilon
+    assert chart is not None and widget.charts.children[-1] is chart.figure  # after the metrics
+    assert list(widget.charts.charts["loss"].line.x) == [1, 3]  # the first and last: tested
+    assert list(chart.line.x) == list(chart.dots.x) == [1, 2, 3]  # every round
+    assert list(chart.line.y) == pytest.approx([y for _, y in
+                                                epsilon_series(widget.run.history)])
+    assert 0 < chart.line.y[0] < chart.line.y[1] < chart.line.y[2] < 50
+    assert list(chart.target_line.x) == [1, 3] and list(chart.target_line.y) == [50, 50]
+    assert chart.y_scale.min == 0 and chart.y_scale.max > 50  # the target is in sight
+    assert chart.figure.title == "epsilon spent"
+    assert chart.tooltip.labels == ["round", "epsilon at δ 1e-05"]
+    assert chart.target_line.labels == ["target 50"] and chart.target_line.display_legend
+    assert all(colour.startswith("var(--jp-") for colour in
+               chart.line.colors + chart.dots.colors + chart.target_line.colors)
+    assert chart.target_line.line_style == "dashed"
+
+
 # -- the log -----------------------------------------------------------------------------------
 
 def test_the_newest_log_line_is_in_sight_and_info_lines_read_plainly():
@@ -310,6 +354,7 @@ def test_without_federated_evaluation_charts_have_one_line_and_no_legend():
     chart = widget.charts.charts["accuracy"]
     assert list(chart.federated_line.x) == [] and not chart.line.display_legend
     assert "on its data" not in widget.table.value
+    assert widget.charts.epsilon is None and len(widget.charts.children) == 2  # no privacy
 
 
 def test_where_elected_nodes_aggregate_each_row_says_which_rounds_that_node_aggregated():

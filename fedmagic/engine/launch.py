@@ -26,6 +26,7 @@ from ..background import BackgroundLoop
 from ..errors import ConfigurationError
 from ..log import log_sink
 from ..strategies import Strategy, rebuild, resolve
+from ..strategies.guarantees import guarantees, target_epsilon
 from ..wire.link import Link
 from ..wire.relay import DEFAULT_PORT, EmbeddedRelay, Relay, new_token
 from .checkpoint import Checkpoint
@@ -65,6 +66,9 @@ class TaskRun:
         self.checkpoint: Path | None = None
         #: What the scheduler was built with.
         self.hyperparameters: dict[str, Any] = {}
+        #: Its strategy, described (``Strategy.describe()``, as its data owners consented to
+        #: it): what the privacy guarantees shown are read from. None: FedAvg's defaults.
+        self.strategy: dict[str, Any] | None = None
         self.started = time.time()
         self.ended: float | None = None
         self._resumed_rounds = 0
@@ -195,6 +199,8 @@ class TaskRun:
             time.time(),
             None if self.checkpoint is None else str(self.checkpoint),
             self._resumed_rounds,
+            tuple(guarantees(self.strategy)),
+            target_epsilon(self.strategy),
         )
 
     def summary(self) -> str:
@@ -347,6 +353,7 @@ def start_task(
     run.name = name
     run.checkpoint = checkpoint.directory
     run.hyperparameters = scheduler.hyperparameters()
+    run.strategy = package.strategy
     run._resumed_rounds = len(history)
 
     def record(text: str) -> None:

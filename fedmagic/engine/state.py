@@ -23,7 +23,9 @@ __all__ = [
     "TaskSnapshot",
     "TaskStatus",
     "best_point",
+    "budget_text",
     "clock",
+    "epsilon_series",
     "failure_text",
     "is_number",
     "last_metrics",
@@ -135,6 +137,10 @@ class TaskSnapshot:
     checkpoint: str | None = None
     #: Rounds that came from a checkpoint, not from this run.
     resumed_rounds: int = 0
+    #: What its strategy promises data owners about privacy, a line each; empty for none.
+    guarantees: tuple[str, ...] = ()
+    #: The ``(target_epsilon, delta)`` a differentially private task stays within, if any.
+    privacy_target: tuple[float, float] | None = None
 
     @property
     def round(self) -> int:
@@ -169,6 +175,28 @@ class TaskSnapshot:
         """
         return best_point(metric, metric_series(self.history).get(metric, []))
 
+    @property
+    def epsilon_spent(self) -> tuple[float, float] | None:
+        """The privacy budget spent so far, ``(epsilon, delta)``: the last round's.
+
+        ``(0, delta)`` before the first round of a task with a target; None
+        for a task that counts no budget, or none yet.
+        """
+        for row in reversed(self.history):
+            if "epsilon" in row:
+                return float(row["epsilon"]), float(row["delta"])
+        if self.privacy_target is not None:
+            return 0.0, self.privacy_target[1]
+        return None
+
+    def budget_line(self) -> str:
+        """The privacy budget spent, of any target: ``ε 1.23 of 3 spent at δ 1e-05``; or ""."""
+        spent = self.epsilon_spent
+        if spent is None:
+            return ""
+        target = None if self.privacy_target is None else self.privacy_target[0]
+        return budget_text(spent[0], target, spent[1])
+
     def status_line(self) -> str:
         """One line, as a progress bar's caption: ``round 3/5 · 0:41 elapsed · ~0:27 left``."""
         parts = [f"round {self.round}/{self.max_rounds or '?'}", f"{clock(self.elapsed)} elapsed"]
@@ -190,6 +218,9 @@ class TaskSnapshot:
             f"task {self.task_id!r} {state}: round {self.round}/{self.max_rounds or '?'}, "
             f"{len(self.participants)} participants"
         ]
+        lines += [f"  privacy: {line}" for line in self.guarantees]
+        if self.budget_line():
+            lines.append(f"  {self.budget_line()}")
         lines += [
             f"  {p.node}: {p.status}"
             + (f", {p.samples} samples" if p.samples else "")
@@ -205,6 +236,7 @@ class TaskSnapshot:
 
     def to_json(self) -> dict[str, Any]:
         """What the JupyterLab extension shows (its ``ITaskState``)."""
+        spent = self.epsilon_spent
         return {
             "task_id": self.task_id,
             "status": str(self.status),
@@ -225,6 +257,10 @@ class TaskSnapshot:
             "elapsed": round(self.elapsed, 1),
             "remaining": None if self.remaining is None else round(self.remaining, 1),
             "checkpoint": self.checkpoint,
+            "guarantees": list(self.guarantees),
+            "epsilon": None if spent is None else _finite(spent[0]),
+            "target_epsilon": None if self.privacy_target is None else self.privacy_target[0],
+            "delta": None if spent is None else spent[1],
         }
 
 
@@ -262,13 +298,18 @@ class JoinSnapshot:
     #: Verify data for this code: passed or not, and why; None before any.
     verified: bool | None
     verification: str
+    #: What the code's strategy promises this data owner about privacy, a line each.
+    guarantees: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if self.accepted and self.declined:
             raise ValueError(f"{self.node!r} cannot have both accepted and declined the code")
-        if self.code_hash is None and (self.accepted or self.declined or self.verified is not None):
+        if self.code_hash is None and (
+            self.accepted or self.declined or self.verified is not None or self.guarantees
+        ):
             raise ValueError(
-                f"{self.node!r} has no code yet: nothing to accept, decline or verify data for"
+                f"{self.node!r} has no code yet: nothing to accept, decline or verify data "
+                "for, and no guarantees"
             )
 
     def to_json(self) -> dict[str, Any]:
@@ -285,6 +326,7 @@ class JoinSnapshot:
             "max_rounds": self.max_rounds,
             "verified": self.verified,
             "verification": self.verification,
+            "guarantees": list(self.guarantees),
         }
 
 
@@ -335,6 +377,24 @@ def metric_series(history: Sequence[dict[str, Any]]) -> dict[str, list[tuple[int
                 if is_number(value):
                     series.setdefault(name, []).append((int(row["round"]), float(value)))
     return series
+
+
+def epsilon_series(history: Sequence[dict[str, Any]]) -> list[tuple[int, float]]:
+    """The privacy budget spent after each round, ``(round, epsilon)``, tested or not, in order."""
+    return [
+        (int(row["round"]), float(row["epsilon"]))
+        for row in history
+        if is_number(row.get("epsilon"))
+    ]
+
+
+def budget_text(epsilon: float, target: float | None, delta: float) -> str:
+    """Epsilon spent, of the target if any: ``ε 1.23 of 3 spent at δ 1e-05``.
+
+    The Federation panel's ``budgetText`` (describe.ts) writes the same words.
+    """
+    of = "" if target is None else f" of {target:g}"
+    return f"ε {epsilon:.3g}{of} spent at δ {delta:g}"
 
 
 def best_point(metric: str, points: Sequence[tuple[int, float]]) -> tuple[int, float] | None:
@@ -388,6 +448,11 @@ def size_text(count: float) -> str:
         if value < 1024 or unit == "GiB":
             break
     return f"{value:.1f} {unit}"
+
+
+def _finite(value: float) -> float | None:
+    """``value``, or None where JSON has no number for it (an infinite epsilon)."""
+    return value if math.isfinite(value) else None
 
 
 def _short(value: Any) -> str:

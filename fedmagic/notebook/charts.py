@@ -2,7 +2,9 @@
 
 Where participants evaluate the model on their own data too, a metric's
 chart holds both lines: the initiator's test and the federated one
-(``federated_accuracy`` beside ``accuracy``), with a legend.
+(``federated_accuracy`` beside ``accuracy``), with a legend. A
+differentially private task has one more chart, after the metrics': the
+epsilon spent after every round, tested or not, under its target.
 
 The round axis is fixed to ``1..max_rounds`` from the first point, with
 integer ticks, so it does not rescale as rounds come; each point has a
@@ -19,15 +21,24 @@ from typing import Any, Sequence
 import bqplot
 import ipywidgets as widgets
 
-from ..engine.state import FEDERATED, metric_series
+from ..engine.state import FEDERATED, epsilon_series, metric_series
 from .task_html import is_percent_metric
 
-__all__ = ["MetricChart", "MetricCharts", "round_ticks", "value_domain", "value_ticks"]
+__all__ = [
+    "EpsilonChart",
+    "MetricChart",
+    "MetricCharts",
+    "round_ticks",
+    "value_domain",
+    "value_ticks",
+]
 
 #: The line and its markers; JupyterLab's brand colour reads in the light and dark themes.
 COLOUR = "var(--jp-brand-color1, #1976d2)"
 #: The federated evaluation's line: the theme's warning colour, apart from the brand's.
 FEDERATED_COLOUR = "var(--jp-warn-color1, #f57c00)"
+#: The privacy budget's target: the theme's error colour, a line not to cross.
+TARGET_COLOUR = "var(--jp-error-color1, #d32f2f)"
 WIDTH, HEIGHT = "420px", "260px"
 #: At most this many labelled values on the value axis.
 VALUE_TICKS = 5
@@ -149,7 +160,7 @@ class MetricChart:
         rounds = [x for x, _ in points + federated]
         values = [y for _, y in points + federated]
         percent = is_percent_metric(self.name, values)
-        low, high = value_domain(values, percent)
+        low, high = self._domain(values, percent)
         ticks = value_ticks(low, high)
         # The format first: bqplot redraws an axis with a transition that writes its labels
         # in the format current when the transition began.
@@ -168,6 +179,50 @@ class MetricChart:
                 mark.x, mark.y = [x for x, _ in series], [y for _, y in series]
         self.line.display_legend = self.federated_line.display_legend = bool(federated)
 
+    def _domain(self, values: list[float], percent: bool) -> tuple[float, float]:
+        return value_domain(values, percent)
+
+
+class EpsilonChart(MetricChart):
+    """The privacy budget spent: epsilon after each round, and its target as a dashed line.
+
+    The value axis starts at 0 and reaches past the target, so the line
+    shows how much of the budget is left.
+    """
+
+    def __init__(self, max_rounds: int, delta: float, target: float | None) -> None:
+        super().__init__("epsilon", max_rounds)
+        self.target = target
+        self.figure.title = "epsilon spent"
+        self.tooltip.labels = ["round", f"epsilon at δ {delta:g}"]
+        self.line.labels = ["spent"]
+        self.target_line = bqplot.Lines(
+            x=[],
+            y=[],
+            scales={"x": self.x_scale, "y": self.y_scale},
+            colors=[TARGET_COLOUR],
+            stroke_width=2,
+            line_style="dashed",
+            labels=[f"target {target:g}" if target is not None else "target"],
+            display_legend=target is not None,
+        )
+        self.figure.marks = [*self.figure.marks, self.target_line]
+
+    def show(
+        self, points: list[tuple[int, float]], federated: list[tuple[int, float]] | None = None
+    ) -> None:
+        """Plot epsilon after each round, and the target across every round."""
+        if self.target is not None and points != self._points[0]:
+            last = max(x for x, _ in points)
+            ends = [self.x_scale.min, self.x_scale.max] if self._max_rounds else [1.0, float(last)]
+            self.target_line.x, self.target_line.y = ends, [self.target] * 2
+        super().show(points)
+        self.line.display_legend = self.target is not None
+
+    def _domain(self, values: list[float], percent: bool) -> tuple[float, float]:
+        target = [] if self.target is None else [self.target]
+        return 0.0, value_domain([0.0, *values, *target], False)[1]
+
 
 class MetricCharts(widgets.Box):
     """A chart per numeric metric ``test()`` returned, side by side, wrapping."""
@@ -176,10 +231,17 @@ class MetricCharts(widgets.Box):
         super().__init__(layout=widgets.Layout(flex_flow="row wrap", display="none"), **kwargs)
         self.max_rounds = max_rounds
         self.charts: dict[str, MetricChart] = {}
+        #: The privacy budget's chart, once a round recorded the epsilon it spent.
+        self.epsilon: EpsilonChart | None = None
 
-    def show(self, history: Sequence[dict[str, Any]]) -> None:
+    def show(
+        self,
+        history: Sequence[dict[str, Any]],
+        privacy_target: tuple[float, float] | None = None,
+    ) -> None:
         """Plot the tested rounds of ``history``; a new metric gets a new chart, and a
-        federated one joins its metric's chart."""
+        federated one joins its metric's chart. Rounds that recorded the epsilon they
+        spent get the epsilon chart, with ``privacy_target``'s epsilon as its target."""
         series = metric_series(history)
         for name, points in series.items():
             base = name.removeprefix(FEDERATED)
@@ -188,9 +250,22 @@ class MetricCharts(widgets.Box):
             chart = self.charts.get(name)
             if chart is None:
                 chart = self.charts[name] = MetricChart(name, self.max_rounds)
-                # Shown before its first figure joins it: bqplot sizes a figure as it first
-                # renders, and one rendered in a hidden box gets a plot area of minus its
-                # margins, which the browser logs as errors (negative <rect> sizes).
-                self.layout.display = None
-                self.children = tuple(each.figure for each in self.charts.values())
+                self._place()
             chart.show(points, series.get(FEDERATED + name))
+        spent = epsilon_series(history)
+        if spent:
+            if self.epsilon is None:
+                delta = next(row["delta"] for row in history if "epsilon" in row)
+                target = None if privacy_target is None else privacy_target[0]
+                self.epsilon = EpsilonChart(self.max_rounds, delta, target)
+                self._place()
+            self.epsilon.show(spent)
+
+    def _place(self) -> None:
+        """Show every chart's figure, the metrics' first."""
+        # Shown before its first figure joins it: bqplot sizes a figure as it first
+        # renders, and one rendered in a hidden box gets a plot area of minus its
+        # margins, which the browser logs as errors (negative <rect> sizes).
+        self.layout.display = None
+        charts = [*self.charts.values(), *([self.epsilon] if self.epsilon else [])]
+        self.children = tuple(each.figure for each in charts)

@@ -1,11 +1,13 @@
 """The participant panel: a data owner joins a task from their own notebook.
 
-It shows the task's code and hash, checks the local data with the task's
-``DatasetVerify`` (Verify data), and runs nothing until its owner accepts
-that exact code. Consent is bound to the code's hash: joining again runs the
-same code without asking, and asks again if the code changed. Training runs
-on a thread of its own, so the kernel stays responsive; the panel follows
-the rounds. Every button has a method of the same name, for scripts.
+It shows the task's code and hash, and what its strategy promises about
+privacy ("differential privacy: epsilon at most 3 at delta 1e-05 (...)"),
+checks the local data with the task's ``DatasetVerify`` (Verify data), and
+runs nothing until its owner accepts that exact code. Consent is bound to
+the code's hash: joining again runs the same code without asking, and asks
+again if the code changed. Training runs on a thread of its own, so the
+kernel stays responsive; the panel follows the rounds. Every button has a
+method of the same name, for scripts.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from ..engine.state import JoinSnapshot
 from ..engine.task import TaskPackage
 from ..errors import TaskFailed, VerificationFailed
 
-__all__ = ["ParticipantPanel", "ending_text", "rounds_offered"]
+__all__ = ["ParticipantPanel", "ending_text", "guarantees_html", "rounds_offered"]
 
 LOG_LINES = 8
 #: Longer first lines are cut in the status line; the whole text is one click away.
@@ -192,6 +194,7 @@ class ParticipantPanel(widgets.VBox):
             max_rounds=self.max_rounds,
             verified=passed,
             verification=verification,
+            guarantees=tuple(package.guarantees) if package is not None else (),
         )
 
     def _start(self) -> JoinRun:
@@ -251,7 +254,7 @@ class ParticipantPanel(widgets.VBox):
             else f" and its DatasetVerify ({len(package.verify_source.splitlines())} lines)"
         )
         self.code.value = (
-            f"<div>runs <code>{html.escape(package.call)}</code></div>"
+            f"<div>runs <code>{html.escape(package.call)}</code></div>{guarantees_html(package)}"
             f"<details><summary>the task's code ({len(package.source.splitlines())}"
             f" lines){verify}, sha256 {package.code_hash}</summary><pre>"
             f"{html.escape(package.review())}</pre></details>"
@@ -344,6 +347,18 @@ def rounds_offered(package: TaskPackage) -> int | None:
     if isinstance(rounds, int) and not isinstance(rounds, bool) and rounds > 0:
         return rounds
     return None
+
+
+def guarantees_html(package: TaskPackage) -> str:
+    """What the code offered promises about privacy, a line each, for review before consent.
+
+    In full and outside the folded code: its data owner reads them before
+    accepting. "" for code that promises nothing.
+    """
+    return "".join(
+        f"<div class='fedmagic-guarantee'><b>privacy</b>: {html.escape(line)}</div>"
+        for line in package.guarantees
+    )
 
 
 def ending_text(outcome: JoinOutcome | None, error: BaseException | None, declined: bool) -> str:

@@ -113,6 +113,9 @@ STYLE = """<style>
 .fedmagic-task .fm-stopping { color: var(--fm-warn); --fm-fill: var(--fm-fill-stopping); }
 .fedmagic-task .fm-finished { color: var(--fm-good); --fm-fill: var(--fm-fill-finished); }
 .fedmagic-task .fm-failed { color: var(--fm-bad); --fm-fill: var(--fm-fill-failed); }
+.fedmagic-task .fm-budget { font-weight: 600; font-variant-numeric: tabular-nums; }
+.fedmagic-task .fm-guarantee { margin: 2px 0; padding-left: 8px;
+  border-left: 3px solid var(--fm-rule); overflow-wrap: anywhere; }
 .fedmagic-task .fm-bar { position: relative; height: 18px; margin: 4px 0; border-radius: 3px;
   background: var(--fm-track); overflow: hidden; }
 .fedmagic-task .fm-fill { height: 100%; background: var(--fm-fill); }
@@ -194,20 +197,40 @@ class TaskMarkup:
         return html.escape(text)
 
     def header(self, task: TaskSnapshot) -> str:
-        """Task id, status badge, status line, a bar with the round count, best values so far."""
+        """Task id, status badge, status line, privacy budget spent, a bar with the round
+        count, best values so far, and the privacy guarantees."""
         state = _state_of(task)
         done, total = task.round, task.max_rounds
         share = min(done / total, 1.0) if total else 0.0
         best = self._best(task) if task.status == TaskStatus.RUNNING else []
         so_far = f"<div class='fm-dim'>best so far: {' · '.join(best)}</div>" if best else ""
+        budget = task.budget_line()
+        spent = (
+            f"<span class='fm-budget' title='the privacy budget its rounds spent so far'>"
+            f"{self.text(budget)}</span>"
+            if budget
+            else ""
+        )
         return (
             f"<div class='fm-head'><span class='fm-title'>task <b>{self.text(task.task_id)}</b>"
             f"</span><span class='fm-badge fm-{state}'>{state}</span>"
-            f"<span class='fm-status'>{self.text(task.status_line())}</span></div>"
+            f"<span class='fm-status'>{self.text(task.status_line())}</span>{spent}</div>"
             f"<div class='fm-bar fm-{state}' role='progressbar' aria-label='rounds' "
             f"aria-valuemin='0' aria-valuenow='{done}' aria-valuemax='{total}'>"
             f"<div class='fm-fill' style='width:{share:.1%}'></div>"
             f"<span class='fm-count'>{done} / {total or '?'}</span></div>{so_far}"
+            f"{self.guarantees(task)}"
+        )
+
+    def guarantees(self, task: TaskSnapshot) -> str:
+        """What the task promises its data owners about privacy, a line each; "" for nothing.
+
+        Written in full, never folded: the header is rewritten every second,
+        which would close a disclosure as its reader opens it.
+        """
+        return "".join(
+            f"<div class='fm-guarantee'><span class='fm-dim'>privacy</span> {self.text(line)}</div>"
+            for line in task.guarantees
         )
 
     def join_line(self, command: str) -> str:

@@ -1,10 +1,12 @@
 """The live progress widget of a task, in its author's notebook.
 
 From the top: a status header (task id, badge, ``round 3/5 · 0:41 elapsed
-· ~0:27 left``, a bar with the round count, best values so far); Stop after
-this round, which the final summary replaces once the task ended; the join
-line, token masked, with a Copy button; the participants; a chart per
-metric; the hyperparameters, collapsed; the event log, newest in sight.
+· ~0:27 left``, for a differentially private task ``ε 1.23 of 3 spent at δ
+1e-05``, a bar with the round count, best values so far, the task's privacy
+guarantees); Stop after this round, which the final summary replaces once
+the task ended; the join line, token masked, with a Copy button; the
+participants; a chart per metric, and one of epsilon spent; the
+hyperparameters, collapsed; the event log, newest in sight.
 
 Everything it shows lives in plain widget traits (HTML strings, bqplot
 marks), so a saved notebook replays it without a kernel. It only reads a
@@ -118,7 +120,7 @@ class TaskWidget(widgets.VBox):
             _show(self.join_line, "" if ended else self.markup.join_line(task.join_command))
             self.table.value = self.markup.participants(task)
             _show(self.tracebacks, self.markup.tracebacks(task))
-            self.charts.show(task.history)
+            self.charts.show(task.history, task.privacy_target)
             _show(self.hyperparameters, self.markup.hyperparameters(task))
             events = self.run.events
             if len(events) != self._logged:

@@ -22,6 +22,45 @@ export function clock(seconds: number): string {
     : `${minutes}:${secs}`;
 }
 
+/**
+ * A number as Python's `format(value, 'g')` writes it (`3`, `1.23`, `1e-05`),
+ * so the panel says what the kernel's own texts say.
+ */
+export function formatG(value: number, precision = 6): string {
+  if (!Number.isFinite(value)) {
+    return Number.isNaN(value) ? 'nan' : value > 0 ? 'inf' : '-inf';
+  }
+  const [digits, power] = value.toExponential(precision - 1).split('e');
+  const exponent = Number(power);
+  const trim = (text: string) =>
+    text.includes('.') ? text.replace(/\.?0+$/, '') : text;
+  if (exponent < -4 || exponent >= precision) {
+    const sign = exponent < 0 ? '-' : '+';
+    return `${trim(digits)}e${sign}${String(Math.abs(exponent)).padStart(2, '0')}`;
+  }
+  return trim(value.toFixed(Math.max(precision - 1 - exponent, 0)));
+}
+
+/**
+ * The privacy budget a task spent, of its target: `ε 1.23 of 3 spent at δ 1e-05`
+ * (the kernel's `budget_text`); '' where it counts none.
+ */
+export function budgetText(task: ITaskState): string {
+  if (task.epsilon === null || task.delta === null) {
+    return '';
+  }
+  const of =
+    task.target_epsilon === null ? '' : ` of ${formatG(task.target_epsilon)}`;
+  return `ε ${formatG(task.epsilon, 3)}${of} spent at δ ${formatG(task.delta)}`;
+}
+
+/** What a task or the code offered promises about privacy, a line each; '' for nothing. */
+export function guaranteesText(state: {
+  readonly guarantees: readonly string[];
+}): string {
+  return state.guarantees.join('\n');
+}
+
 /** A join line with its token masked, for showing (the token lets anyone join). */
 export function maskToken(line: string): string {
   return line.replace(/(--token[ =])\S+/g, `$1${TOKEN_MASK}`);

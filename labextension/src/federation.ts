@@ -29,6 +29,14 @@ export interface ITaskState {
   remaining: number | null;
   /** Where the model and history are saved. */
   checkpoint: string | null;
+  /** What its strategy promises data owners about privacy, a line each; empty for none. */
+  guarantees: string[];
+  /** Epsilon spent so far, at `delta`; null where no budget is counted (yet). */
+  epsilon: number | null;
+  /** The most epsilon the task may spend; null for none. */
+  target_epsilon: number | null;
+  /** The delta epsilon is counted at; null where no budget is counted (yet). */
+  delta: number | null;
 }
 
 /**
@@ -54,6 +62,8 @@ export interface IJoinState {
   /** Verify data for this code; null before any. */
   verified: boolean | null;
   verification: string;
+  /** What this code's strategy promises about privacy, a line each; empty for none. */
+  guarantees: string[];
 }
 
 export interface IVerifyResult {

@@ -9,10 +9,12 @@ import type { Message } from '@lumino/messaging';
 import { Widget } from '@lumino/widgets';
 
 import {
+  budgetText,
   codeText,
   collapsedByDefault,
   consentState,
   consentText,
+  guaranteesText,
   headline,
   joinRoundText,
   maskToken,
@@ -41,10 +43,11 @@ const TICK_MS = 1000;
 /**
  * The Federation side panel: the tasks the current notebook's kernel runs
  * (newest first) or has joined. A task card shows its status and clocks,
- * participants, last metrics, the join line (token masked) to copy, and Stop
- * while it runs or its checkpoint once it ended; ended cards start collapsed.
- * A join card shows the code offered, its owner's decision, Verify data and
- * the rounds.
+ * participants, last metrics, for a private task the budget spent and its
+ * guarantees, the join line (token masked) to copy, and Stop while it runs or
+ * its checkpoint once it ended; ended cards start collapsed. A join card shows
+ * the code offered and what it promises about privacy, its owner's decision,
+ * Verify data and the rounds.
  */
 export class FederationPanel extends Widget {
   constructor(verify: () => Promise<void>) {
@@ -195,6 +198,11 @@ export class FederationPanel extends Widget {
       row('participants', participantsText(task)),
       row('last metrics', metricsText(task.metrics) || 'none yet')
     );
+    const budget = budgetText(task);
+    if (budget) {
+      body.append(row('budget', budget));
+    }
+    body.append(...this._privacy(key, guaranteesText(task)));
     if (task.status !== 'running') {
       const path = element(
         'code',
@@ -255,6 +263,7 @@ export class FederationPanel extends Widget {
       element('h3', `${join.task_id} (as ${join.node})`),
       row('status', this._folded(`${key}:status`, join.detail || join.status)),
       row('code', codeText(join)),
+      ...this._privacy(key, guaranteesText(join)),
       consent,
       data,
       row('round', joinRoundText(join))
@@ -269,6 +278,20 @@ export class FederationPanel extends Widget {
     actions.append(verify);
     card.append(actions);
     return card;
+  }
+
+  /** The privacy row, folded to its first line, where there is a guarantee to show. */
+  private _privacy(key: string, guarantees: string): HTMLElement[] {
+    if (!guarantees) {
+      return [];
+    }
+    return [
+      row(
+        'privacy',
+        this._folded(`${key}:privacy`, guarantees),
+        'fedmagic-privacy'
+      )
+    ];
   }
 
   /** `text` as one line; the rest behind a disclosure that stays open across updates. */
