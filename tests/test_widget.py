@@ -521,3 +521,20 @@ def test_where_widgets_do_not_render_the_task_shows_as_text():
     assert bundle["text/plain"] == widget.run.summary()
     assert "application/vnd.jupyter.widget-view+json" in bundle
     assert "fedmagic-task" in widget._dom_classes
+
+
+def test_where_participants_train_with_dp_sgd_each_row_says_the_epsilon_that_node_spent():
+    from fedmagic.engine.state import ParticipantState, TaskSnapshot, TaskStatus
+    from fedmagic.notebook.task_html import TaskMarkup
+
+    def table(*epsilons):
+        rows = tuple(ParticipantState(f"n{i}", NodeStatus.UPLOADED, 64, epsilon=epsilon)
+                     for i, epsilon in enumerate(epsilons))
+        snapshot = TaskSnapshot("private", TaskStatus.RUNNING, None, "", False, 5, rows, (),
+                                "fedmagic join ws://x --task private")
+        return TaskMarkup("").participants(snapshot)
+
+    private = table(1.23456, None)
+    assert "its ε</th>" in private
+    assert "<td class='fm-number'>1.23</td>" in private  # n1 has not trained yet: blank
+    assert "its ε" not in table(None, None)

@@ -55,4 +55,5 @@ class Participant:
             upload_size,
             self.last_seen,
             dict(self.evaluation),
+            self.epsilon,
         )

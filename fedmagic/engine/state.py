@@ -99,6 +99,8 @@ class ParticipantState:
     last_seen: float | None = None
     #: The global model's metrics on its own test data, at the last federated evaluation.
     evaluation: dict[str, Any] = field(default_factory=dict)
+    #: What its own DP-SGD spent so far, where the task trains privately on participants.
+    epsilon: float | None = None
 
     @property
     def progress(self) -> str:

@@ -249,7 +249,10 @@ class TaskMarkup:
             return "<i class='fm-dim'>no data owner has joined yet</i>"
         evaluated = any(p.evaluation for p in task.participants)
         aggregated = _aggregated_rounds(task.history)
-        rows = "".join(self._row(p, task, evaluated, aggregated) for p in task.participants)
+        private = any(p.epsilon is not None for p in task.participants)
+        rows = "".join(
+            self._row(p, task, evaluated, aggregated, private) for p in task.participants
+        )
         own = (
             "<th title='the global model tested on its own data, at the last federated "
             "evaluation'>on its data</th>"
@@ -260,6 +263,11 @@ class TaskMarkup:
             own += (
                 "<th title='the rounds this node was elected to aggregate "
                 "(is_centralized=False)'>aggregated</th>"
+            )
+        if private:
+            own += (
+                "<th class='fm-number' title='what its own DP-SGD spent so far, about the "
+                "examples in its own data'>its ε</th>"
             )
         return (
             "<div class='fm-people'><table class='fedmagic-participants'><tr><th>node</th>"
@@ -362,6 +370,7 @@ class TaskMarkup:
         task: TaskSnapshot,
         evaluated: bool,
         aggregated: dict[str, list[int]],
+        private: bool,
     ) -> str:
         kind = _STATUS_KINDS.get(p.status, "busy")
         seconds = f"{p.train_seconds:.2f}" if p.train_seconds is not None else ""
@@ -369,6 +378,9 @@ class TaskMarkup:
         own = f"<td>{self.text(_own_data(p))}</td>" if evaluated else ""
         if aggregated:
             own += f"<td>{self.text(_rounds_text(aggregated.get(p.node, [])))}</td>"
+        if private:
+            spent = "" if p.epsilon is None else f"{p.epsilon:.3g}"
+            own += f"<td class='fm-number'>{spent}</td>"
         return (
             f"<tr><td>{self.text(p.node)}</td>"
             f"<td class='fm-{kind}'>● {self.text(p.status)}</td>"
