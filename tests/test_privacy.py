@@ -362,3 +362,27 @@ def test_dp_sgd_is_stated_before_consent_and_an_elected_aggregator_can_rebuild_i
         "DP-SGD on every participant: each example's gradient clipped to L2 norm 0.5, "
         "Gaussian noise of 1.1 x 0.5 on each batch; each node counts its own epsilon at "
         "delta 1e-05, which grows with its rounds"]
+
+
+def test_a_round_with_nobody_to_draw_from_releases_nothing_and_spends_nothing():
+    privacy = DifferentialPrivacy(noise_multiplier=1.0)
+    current = {"w": torch.tensor([0.5, -0.5])}
+    fold = privacy.fold(current)
+    assert started(privacy, current, []) == []  # every participant sits the round out
+
+    new = privacy.next_state(1, current, fold.combine())
+
+    assert new["w"].tolist() == [0.5, -0.5]
+    assert privacy.epsilon == 0.0
+
+
+def test_a_node_sitting_out_is_not_taken_back_early_into_a_poisson_draw(tmp_path):
+    from test_rounds import never_trains
+
+    privacy = DifferentialPrivacy(noise_multiplier=1.0)
+    result, events, _ = run_task(tmp_path, {"a": never_trains}, rounds=2, strategy=privacy,
+                                 calculation_timeout=0.5)
+
+    assert not any("back early" in event for event in events), events
+    assert [row["drawn"] for row in result.history] == [1, 0]  # round 2: a sits out
+    assert result.history[1]["epsilon"] == result.history[0]["epsilon"]  # nothing released

@@ -503,7 +503,8 @@ class Aggregator:
         rested = [p.node for p in available if p.sits_out_until < number]
         resting = [p.node for p in available if p.sits_out_until >= number]
         selected = self.strategy.sample(number, rested, scheduler.max_clients)
-        if len(selected) < scheduler.min_clients and resting:
+        # A strategy that draws at random (Poisson, for privacy) takes the draw as it fell
+        if self.strategy.applies_min_clients and len(selected) < scheduler.min_clients and resting:
             back = random.sample(resting, min(len(resting), scheduler.min_clients - len(selected)))
             self._event(
                 f"round {number}: taking {', '.join(back)} back early, since too few "
