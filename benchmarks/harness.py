@@ -3,6 +3,7 @@ and what task code needs when its participants share this process."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import contextvars
 import os
@@ -11,11 +12,19 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 
+from fedmagic import FedAvgScheduler
 from fedmagic.digits import Party
+from fedmagic.engine.checkpoint import Checkpoint
+from fedmagic.engine.participant import ParticipantRuntime
+from fedmagic.engine.policy import RoundPolicy
+from fedmagic.engine.rounds import Aggregator, TaskResult
+from fedmagic.engine.task import TaskPackage
+from fedmagic.strategies import Strategy
+from fedmagic.wire.memory import MemoryRelay
 
 #: The party whose code runs, when parties share this process: set in each one's coroutine,
 #: and asyncio.to_thread carries it into the task's methods. It lives here, not in the task's
@@ -73,3 +82,59 @@ def relay_with_participants(task: str, token: str, workdirs: Sequence[Path],
             process.wait(timeout=120)
         relay.terminate()
         relay.wait(timeout=30)
+
+
+def run_in_memory(
+    scheduler: FedAvgScheduler,
+    strategy: Strategy,
+    initiator: Party,
+    nodes: Sequence[Party],
+    checkpoint: Path,
+    on_event: Callable[[str], None] | None = None,
+    policy: RoundPolicy | None = None,
+    task_id: str = "benchmark",
+) -> TaskResult:
+    """Run a task to its end with the initiator and every node in this process: the
+    initiator's ``Aggregator`` and one ``ParticipantRuntime`` per node over a ``MemoryRelay``,
+    each node building the task from its source as ``fedmagic join`` does.
+
+    Args:
+        policy: how the initiator runs rounds; by default it starts as soon as
+            ``min_clients`` are in (``join_grace=0``).
+
+    Raises:
+        SystemExit: if a participant's part ended in failure.
+    """
+    relay, token = MemoryRelay(), "benchmark"
+    scheduler._setup(task_id)
+    strategy.check(scheduler.min_clients, scheduler.max_clients)
+    package = TaskPackage.from_scheduler(scheduler, task_id, strategy=strategy.describe())
+
+    async def initiate() -> TaskResult:
+        PARTY.set(initiator)
+        link = await relay.open(role="initiator", task=task_id, token=token)
+        aggregator = Aggregator(
+            scheduler,
+            package,
+            link,
+            checkpoint=Checkpoint(checkpoint),
+            policy=policy or RoundPolicy(join_grace=0),
+            strategy=strategy,
+            on_event=on_event,
+        )
+        return await aggregator.run()
+
+    async def participate(party: Party) -> None:
+        PARTY.set(party)
+        link = await relay.open(
+            role="participant", task=task_id, token=token, node=party.name, wait=10
+        )
+        outcome = await ParticipantRuntime(link, party.name, lambda package: True).run()
+        if not outcome.ok:
+            raise SystemExit(f"{party.name} failed: {outcome.reason}")
+
+    async def everyone() -> TaskResult:
+        result, *_ = await asyncio.gather(initiate(), *map(participate, nodes))
+        return result
+
+    return asyncio.run(everyone())

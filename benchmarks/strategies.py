@@ -29,7 +29,6 @@ scaled to a participant's batches in a round.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import contextvars
 import functools
 import inspect
@@ -50,16 +49,11 @@ if __name__ == "__main__":  # this tree's fedmagic, not a copy installed from an
 import numpy as np
 import torch
 import torchvision
-from harness import PARTY, TRAINING
+from harness import PARTY, TRAINING, run_in_memory
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedmagic import FedAvgScheduler
 from fedmagic.digits import Party, write_mnist, write_partitions
-from fedmagic.engine.checkpoint import Checkpoint
-from fedmagic.engine.participant import ParticipantRuntime
-from fedmagic.engine.policy import RoundPolicy
-from fedmagic.engine.rounds import Aggregator, TaskResult
-from fedmagic.engine.task import TaskPackage
 from fedmagic.examples.digits_task import NORMALIZE, ConvNet, DigitsScheduler
 from fedmagic.strategies import (
     FedAdagrad,
@@ -74,7 +68,6 @@ from fedmagic.strategies import (
     Strategy,
     proximal_term,
 )
-from fedmagic.wire.memory import MemoryRelay
 
 #: FedProx's mu, from Li et al.'s grid {0.001, 0.01, 0.1, 1}.
 MU = 0.01
@@ -110,9 +103,6 @@ OVERHEAD: dict[str, StrategyMaker] = {
     f"Krum(f={KRUM_F})": functools.partial(Krum, f=KRUM_F),
     CONTROL: FedAvg,
 }
-
-TOKEN = "benchmark"
-
 
 class NodeDigits(DigitsScheduler):
     """The digits task for parties sharing one process: each reads its own party's data,
@@ -155,54 +145,6 @@ class Echo(FedAvgScheduler):
 
     def test(self) -> dict:
         return {}
-
-
-def run_in_memory(
-    scheduler: FedAvgScheduler,
-    strategy: Strategy,
-    initiator: Party,
-    nodes: Sequence[Party],
-    checkpoint: Path,
-    on_event: Callable[[str], None] | None = None,
-) -> TaskResult:
-    """Run a task to its end with the initiator and every node in this process.
-
-    Raises:
-        SystemExit: if a participant's part ended in failure.
-    """
-    relay, task_id = MemoryRelay(), "strategies"
-    scheduler._setup(task_id)
-    strategy.check(scheduler.min_clients, scheduler.max_clients)
-    package = TaskPackage.from_scheduler(scheduler, task_id, strategy=strategy.describe())
-
-    async def initiate() -> TaskResult:
-        PARTY.set(initiator)
-        link = await relay.open(role="initiator", task=task_id, token=TOKEN)
-        aggregator = Aggregator(
-            scheduler,
-            package,
-            link,
-            checkpoint=Checkpoint(checkpoint),
-            policy=RoundPolicy(join_grace=0),
-            strategy=strategy,
-            on_event=on_event,
-        )
-        return await aggregator.run()
-
-    async def participate(party: Party) -> None:
-        PARTY.set(party)
-        link = await relay.open(
-            role="participant", task=task_id, token=TOKEN, node=party.name, wait=10
-        )
-        outcome = await ParticipantRuntime(link, party.name, lambda package: True).run()
-        if not outcome.ok:
-            raise SystemExit(f"{party.name} failed: {outcome.reason}")
-
-    async def everyone() -> TaskResult:
-        result, *_ = await asyncio.gather(initiate(), *map(participate, nodes))
-        return result
-
-    return asyncio.run(everyone())
 
 
 # -- accuracy --------------------------------------------------------------------------------
