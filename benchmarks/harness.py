@@ -12,7 +12,7 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
+from typing import Callable, Iterator, Mapping, Sequence, TypeVar
 
 import torch
 
@@ -138,3 +138,20 @@ def run_in_memory(
         return result
 
     return asyncio.run(everyone())
+
+
+Measured = TypeVar("Measured")
+
+
+def alternated(
+    subjects: Mapping[str, Measured], repeats: int, measure: Callable[[Measured], list[float]]
+) -> dict[str, list[float]]:
+    """Each subject's figures over ``repeats`` repetitions, their order rotated each time,
+    so whatever else the machine does falls on every subject alike."""
+    figures: dict[str, list[float]] = {label: [] for label in subjects}
+    labels = list(subjects)
+    for repeat in range(repeats):
+        shift = repeat % len(labels)
+        for label in labels[shift:] + labels[:shift]:
+            figures[label] += measure(subjects[label])
+    return figures

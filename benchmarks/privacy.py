@@ -52,7 +52,7 @@ if __name__ == "__main__":  # this tree's fedmagic, not a copy installed from an
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch
-from harness import run_in_memory
+from harness import alternated, run_in_memory
 from strategies import NodeDigits, StrategyMaker, round_seconds
 
 from fedmagic.digits import Layout, write_partitions
@@ -99,12 +99,8 @@ def overhead_table(workdir: Path, counts: Sequence[int], repeats: int, rounds: i
     )
     for count in counts:
         round_seconds(FedAvg, count, 2, workdir)  # a first run's imports and caches: not timed
-        times: dict[str, list[float]] = {label: [] for label in OVERHEAD}
-        for repeat in range(repeats):
-            labels = list(OVERHEAD)
-            shift = repeat % len(labels)
-            for label in labels[shift:] + labels[:shift]:
-                times[label] += round_seconds(OVERHEAD[label], count, rounds, workdir)
+        measure = functools.partial(round_seconds, count=count, rounds=rounds, workdir=workdir)
+        times = alternated(OVERHEAD, repeats, measure)
         fedavg = statistics.median(times["FedAvg"])
         for label, seconds in times.items():
             median = statistics.median(seconds)

@@ -49,7 +49,7 @@ if __name__ == "__main__":  # this tree's fedmagic, not a copy installed from an
 import numpy as np
 import torch
 import torchvision
-from harness import PARTY, TRAINING, run_in_memory
+from harness import PARTY, TRAINING, alternated, run_in_memory
 from torch.utils.data import DataLoader, TensorDataset
 
 from fedmagic import FedAvgScheduler
@@ -277,12 +277,8 @@ def overhead_table(workdir: Path, counts: Sequence[int], repeats: int, rounds: i
     )
     print(f"{'N':>3} {'strategy':<24} {'median round':>13} {'vs FedAvg, per participant':>27}")
     for count in counts:
-        times: dict[str, list[float]] = {label: [] for label in OVERHEAD}
-        for repeat in range(repeats):
-            labels = list(OVERHEAD)
-            shift = repeat % len(labels)
-            for label in labels[shift:] + labels[:shift]:
-                times[label] += round_seconds(OVERHEAD[label], count, rounds, workdir)
+        measure = functools.partial(round_seconds, count=count, rounds=rounds, workdir=workdir)
+        times = alternated(OVERHEAD, repeats, measure)
         fedavg = statistics.median(times["FedAvg"])
         for label, seconds in times.items():
             median = statistics.median(seconds)
