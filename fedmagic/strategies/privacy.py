@@ -133,7 +133,10 @@ class DifferentialPrivacy(Wrapper):
             the round's global model, over every floating-point tensor) is
             scaled down to.
         sampling: ``q``, each available participant's chance to take part in
-            a round, drawn on its own. 1: everyone, every round.
+            a round, drawn on its own. 1: everyone, every round. A draw of
+            more than ``max_clients`` is cut down to it at random, which the
+            accountant does not model (the history row says ``truncated``):
+            keep ``max_clients`` at least the number of participants.
         noise_multiplier: ``z``; the noise on the sum has standard deviation
             ``z * clip``.
         target_epsilon: the most epsilon the task may spend, at ``delta``.
