@@ -21,12 +21,13 @@ from ..errors import (
     DataNotFound,
     ProtocolError,
     RelayRefused,
+    SecureAggregationError,
     TaskDefinitionError,
     TaskFailed,
     VerificationFailed,
 )
 from ..strategies import FedAvg, rebuild
-from ..strategies.guarantees import private_training
+from ..strategies.guarantees import private_training, secure_aggregation
 from ..wire.codec import Frame, Kind, StateReader
 from ..wire.frames import INITIATOR
 from ..wire.messages import (
@@ -38,6 +39,7 @@ from ..wire.messages import (
     LeftOut,
     Progress,
     Round,
+    Secure,
     Status,
     Trained,
     Upload,
@@ -47,6 +49,7 @@ from ..wire.transport import Transport
 from .dp_sgd import PrivateOptimizer
 from .elected import AggregatorRoom
 from .scheduler import Scheduler, test_metrics
+from .secure_round import SecureParty
 from .task import TaskPackage
 
 __all__ = ["JoinOutcome", "ParticipantRuntime", "describe_failure"]
@@ -119,6 +122,8 @@ class ParticipantRuntime:
         self._room: AggregatorRoom | None = None
         self._room_task: asyncio.Task[None] | None = None
         self._strategy: dict[str, Any] = FedAvg().describe()
+        #: The secure round this node is in, where the task's strategy aggregates securely.
+        self._party: SecureParty | None = None
 
     async def run(self) -> JoinOutcome:
         """Take part until the task ends, and say how it ended.
@@ -247,6 +252,23 @@ class ParticipantRuntime:
 
     async def _upload(self, round: int) -> None:
         update = await asyncio.to_thread(self._scheduler.state_dict)
+        party = self._party
+        if secure_aggregation(self._strategy) is not None and (
+            party is None or party.round != round
+        ):
+            log.warning(
+                "round %d: not uploading: the task this node consented to aggregates securely, "
+                "and the initiator asked for the update without setting up a secure round",
+                round,
+            )
+            return
+        if party is not None:
+            start = self._scheduler.global_state
+            assert start is not None, "a round's training keeps the global state it began from"
+            masked = await party.masked(update, start)
+            if masked is None:  # the round moved on, or this node gave up on it (and said why)
+                return
+            update = masked
         try:
             await self.link.send_state(update, round=round, **self._to())
         except ConnectionLost:
@@ -355,6 +377,11 @@ class ParticipantRuntime:
     def _for_room(self, frame: Frame) -> bool:
         """Take a frame of the round this node was elected to aggregate; whether it was one."""
         origin = frame.header.get("from")
+        if origin == INITIATOR and frame.kind == Kind.SECURE:
+            self._on_secure(frame)
+            return True
+        if origin == INITIATOR and frame.kind in (Kind.ROUND, Kind.FINISH):
+            self._end_party(f"the initiator moved on ({frame.kind})", frame.header.get("round"))
         if origin == INITIATOR and frame.kind == Kind.AGGREGATE:
             self._open_room(frame)
             return True
@@ -370,6 +397,46 @@ class ParticipantRuntime:
         else:
             log.debug("ignored %s from peer %r: this node aggregates no round", frame, origin)
         return True
+
+    def _on_secure(self, frame: Frame) -> None:
+        """A stage of a secure round: a setup starts this node's side of it."""
+        try:
+            message = parse(frame)
+        except ProtocolError as malformed:
+            log.warning("ignored a secure frame: %s", malformed)
+            return
+        assert isinstance(message, Secure)
+        if message.stage != "setup":
+            if self._party is not None and self._party.round == message.round:
+                self._party.receive(message)
+            else:
+                log.debug("ignored a secure %s of round %d", message.stage, message.round)
+            return
+        self._end_party("a new secure round began")
+        try:
+            layer = secure_aggregation(self._strategy)
+            if layer is None:
+                raise ProtocolError(
+                    "initiator",
+                    "set up a secure round, but the task this node consented to does not "
+                    "aggregate securely",
+                )
+            self._party = SecureParty(self.node, layer, message, self._send_secure)
+        except (ProtocolError, SecureAggregationError) as refused:
+            log.warning("round %d: cannot take part in the secure round: %s", message.round,
+                        refused)
+            gave_up = Secure(message.round, "abort", {"reason": str(refused)})
+            asyncio.ensure_future(self._send_secure(gave_up.to_frame()))
+
+    async def _send_secure(self, frame: Frame) -> None:
+        with contextlib.suppress(ConnectionLost):  # the next frame read finds out
+            await self.link.send(frame)
+
+    def _end_party(self, why: str, round: Any = None) -> None:
+        """Stop this node's side of a secure round that is over (not the one ``round`` is)."""
+        if self._party is not None and self._party.round != round:
+            self._party.abandon(why)
+            self._party = None
 
     def _open_room(self, frame: Frame) -> None:
         message = parse(frame)
@@ -405,6 +472,7 @@ class ParticipantRuntime:
             self._reader.cancel()
             self._reader = None
         self._close_room()
+        self._end_party("the link is going")
 
     async def _reconnect(self, failure: Exception, why: str) -> None:
         """Get back to the task within the reconnect window, or raise ``failure``."""

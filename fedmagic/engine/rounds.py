@@ -36,6 +36,7 @@ from ..errors import (
     ProtocolError,
     RelayRefused,
     RemoteError,
+    SecureAggregationError,
     TaskFailed,
     UpdateRejected,
 )
@@ -55,6 +56,7 @@ from ..wire.messages import (
     PeerLeft,
     Progress,
     Round,
+    Secure,
     Status,
     Trained,
     Upload,
@@ -68,6 +70,7 @@ from .export import TORCHSCRIPT, RunReport, example_input, export_torchscript, w
 from .policy import RoundPolicy
 from .roster import Participant
 from .scheduler import Scheduler, test_metrics
+from .secure_round import SecureRound
 from .state import (
     FEDERATED,
     NodeStatus,
@@ -145,7 +148,7 @@ class Aggregator:
         self.reconnect_window = reconnect_window
         self.participants: dict[str, Participant] = {}
         self._task_header = package.to_header()
-        self._current: RoundUploads | DelegatedRound | None = None
+        self._current: RoundUploads | DelegatedRound | SecureRound | None = None
         #: Rounds run again after their elected aggregator was lost: how many times.
         self._attempts: dict[int, int] = {}
         #: While participants evaluate a round's model: each one's answer, None until it comes.
@@ -338,13 +341,29 @@ class Aggregator:
             )
         global_state = scheduler.state_dict()
         self.strategy.begin(number, global_state)
+        weights = {node: self.strategy.weight(self.participants[node].samples) for node in selected}
+        plan = self.strategy.protect(number, global_state, weights) if selected else None
         state_bytes = sum(t.numel() * t.element_size() for t in global_state.values())
         keep = self.strategy.keeps_updates
         if keep:
             selected = self._within_memory(number, selected, state_bytes)
         slots = len(selected) if keep else self.policy.upload_slots(state_bytes)
-        current: RoundUploads | DelegatedRound
-        if scheduler.is_centralized:
+        current: RoundUploads | DelegatedRound | SecureRound
+        if plan is not None:  # the updates travel masked, and only their sum is revealed
+            aggregator = None
+            slots = len(selected)
+            current = SecureRound(
+                number,
+                plan,
+                set(selected),
+                self.participants,
+                self.policy,
+                train_deadline=loop.time() + scheduler.calculation_timeout,
+                calculation_timeout=scheduler.calculation_timeout,
+                event=self._event,
+                stage_seconds=self.policy.upload_seconds(0),
+            )
+        elif scheduler.is_centralized:
             aggregator = None
             if self._fold is None:
                 self._fold = self.strategy.fold(global_state)
@@ -414,10 +433,12 @@ class Aggregator:
                 await self.link.send(frame)
 
         try:
-            if isinstance(current, DelegatedRound):
-                await current.collect(self._changed, check, send)
-            else:
+            if isinstance(current, RoundUploads):
                 await current.collect(self._changed, check, grant)
+            else:
+                await current.collect(self._changed, check, send)
+        except SecureAggregationError as failed:
+            raise TaskFailed(self.task_id, str(failed), number) from None
         finally:
             self._current = None
 
@@ -430,8 +451,8 @@ class Aggregator:
             raise NotEnoughParticipants(
                 self.task_id, contributions, scheduler.min_clients, round=number
             )
-        if isinstance(current, DelegatedRound):
-            combined = current.combined  # what the elected aggregator sent
+        if isinstance(current, (DelegatedRound, SecureRound)):
+            combined = current.combined  # what the elected aggregator sent, or the secure sum
         else:
             combined = await asyncio.to_thread(fold.combine)
         assert combined is not None, "a round with contributions has their combination"
@@ -753,6 +774,9 @@ class Aggregator:
                     participant.epoch, participant.epochs = epoch, epochs
             case Trained():
                 self._on_trained(participant, message)
+            case Secure():
+                if isinstance(self._current, SecureRound):
+                    self._current.secure(node, message)
             case Aggregated():
                 if isinstance(self._current, DelegatedRound):
                     self._current.aggregated(node, message)

@@ -353,6 +353,10 @@ _ROUND_KEYS = frozenset(
         "delta",
         "drawn",
         "truncated",
+        # What a secure round revealed its sum with, and how far quantisation may move it.
+        "threshold",
+        "error_bound",
+        "dropped_draw",
     }
 )
 

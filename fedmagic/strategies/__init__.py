@@ -20,6 +20,8 @@ Pass one to ``launch_task``::
 ``Privacy``        Gaussian noise, with a privacy budget spent per round
 ``Private``        a wrapper: DP-SGD on every participant, each counting
 ``Training``       its own epsilon
+``Secure``         a wrapper: SecAgg+, so the initiator sees each round's
+``Aggregation``    sum only; around DifferentialPrivacy, distributed DP
 =================  ======================================================
 
 :class:`Strategy` is the seam the round loop asks; subclass it for a rule
@@ -36,6 +38,7 @@ from .fedavg import FedAvg, FedAvgM, FedProx, proximal_term
 from .fedopt import FedAdagrad, FedAdam, FedOpt, FedYogi
 from .privacy import DifferentialPrivacy, PrivateTraining
 from .robust import FedMedian, FedTrimmedAvg, Krum, MultiKrum
+from .secure import SecureAggregation
 
 __all__ = [
     "BY_NAME",
@@ -52,6 +55,7 @@ __all__ = [
     "Krum",
     "MultiKrum",
     "PrivateTraining",
+    "SecureAggregation",
     "Strategy",
     "proximal_term",
     "rebuild",
@@ -116,6 +120,14 @@ def rebuild(described: Mapping[str, Any]) -> Strategy:
         ConfigurationError: for a strategy that is not one of fedmagic's.
     """
     name = described.get("name")
+    if name == SecureAggregation.__name__:
+        raise ConfigurationError(
+            "strategy",
+            name,
+            "runs its protocol between the initiator and the participants; with "
+            "is_centralized=False the elected participant would receive the updates "
+            "instead; use is_centralized=True",
+        )
     if name == DifferentialPrivacy.__name__:
         raise ConfigurationError(
             "strategy",

@@ -10,6 +10,8 @@ round loop asks it these things, and nothing else, about aggregation:
                           config()                   what each node is told with the round
                           round_memory()             what keeping the round's updates costs
                           begin()                    the global state the round starts from
+                          protect()                  a protocol the updates travel under, so
+                                                     only their sum is seen (secure aggregation)
     for each update       weight(), fold()           how much it counts; fold it in or keep it
     after the round       next_state()               the new global state (a server optimiser)
                           record()                   what it adds to the round's history row
@@ -88,6 +90,11 @@ class Strategy:
 
     def begin(self, round: int, current: State) -> None:
         """The round starts from ``current``, the global state its nodes receive."""
+
+    def protect(self, round: int, current: State, weights: Mapping[str, float]) -> Any:
+        """A secure round the updates of ``weights``' nodes (by their weights) travel under,
+        so the initiator sees only their sum; None: they travel in the clear, and fold."""
+        return None
 
     # Each update.
 
@@ -192,6 +199,9 @@ class Wrapper(Strategy):
 
     def begin(self, round: int, current: State) -> None:
         self.strategy.begin(round, current)
+
+    def protect(self, round: int, current: State, weights: Mapping[str, float]) -> Any:
+        return self.strategy.protect(round, current, weights)
 
     def weight(self, samples: int) -> float:
         return self.strategy.weight(samples)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Iterator, Mapping
 
-__all__ = ["guarantees", "private_training", "target_epsilon"]
+__all__ = ["guarantees", "private_training", "secure_aggregation", "target_epsilon"]
 
 
 def guarantees(described: Mapping[str, Any] | None) -> list[str]:
@@ -27,6 +27,15 @@ def private_training(described: Mapping[str, Any] | None) -> Mapping[str, Any] |
     """The parameters of DP-SGD on participants, if the described strategy asks for it."""
     for layer in _layers(described):
         if layer.get("name") == "PrivateTraining":
+            return layer
+    return None
+
+
+def secure_aggregation(described: Mapping[str, Any] | None) -> Mapping[str, Any] | None:
+    """The parameters of secure aggregation, if the described strategy aggregates securely:
+    then no update of this node may leave it unmasked."""
+    for layer in _layers(described):
+        if layer.get("name") == "SecureAggregation":
             return layer
     return None
 

@@ -175,6 +175,14 @@ class DifferentialPrivacy(Wrapper):
                 "must be a strategy to wrap, such as FedAvg() or FedAdam(eta=0.01), "
                 "not another DifferentialPrivacy",
             )
+        if any(type(layer).__name__ == "SecureAggregation" for layer in _layers(inner)):
+            raise ConfigurationError(
+                "strategy",
+                str(inner),
+                "holds SecureAggregation, which must be the outermost wrapper so the "
+                "participants add the noise before masking: write "
+                "SecureAggregation(DifferentialPrivacy(...))",
+            )
         if type(innermost(inner)).fold is not Strategy.fold:
             raise ConfigurationError(
                 "strategy",
@@ -235,6 +243,17 @@ class DifferentialPrivacy(Wrapper):
         A round with nobody to draw from (all sat out) leaves the model as it
         was: it releases nothing, so it spends nothing.
         """
+        return self.release(round, current, combined)
+
+    def release(
+        self,
+        round: int,
+        current: State,
+        combined: dict[str, torch.Tensor],
+        noised: bool = False,
+    ) -> dict[str, torch.Tensor]:
+        """Noise the sum (unless the participants did: ``noised``, distributed DP), divide
+        it by the expected count, count the round, and let the wrapped strategy step."""
         if self._expected <= 0:
             return {name: tensor.clone() for name, tensor in current.items()}
         noise = torch.Generator().manual_seed(secrets.randbits(63))
@@ -246,11 +265,18 @@ class DifferentialPrivacy(Wrapper):
                 mean[name] = tensor.clone()
                 continue
             total = combined[name]
-            total.add_(torch.randn(total.shape, generator=noise, dtype=total.dtype), alpha=std)
+            if not noised:
+                noisy = torch.randn(total.shape, generator=noise, dtype=total.dtype)
+                total.add_(noisy, alpha=std)
             start = tensor.detach().to(dtype=total.dtype)
             mean[name] = (start + total / expected).to(tensor.dtype)
         self._accountant.step(self._z, self.sampling)
         return self.strategy.next_state(round, current, mean)
+
+    @property
+    def expected(self) -> float:
+        """This round's expected number of participants, ``q N``: what the sum is divided by."""
+        return self._expected
 
     def stop_before(self, round: int) -> str | None:
         if self.target_epsilon is None:
@@ -332,6 +358,13 @@ class PrivateTraining(Wrapper):
         check_positive("noise_multiplier", self.noise_multiplier)
         check_positive("max_grad_norm", self.max_grad_norm)
         check_share("delta", self.delta, lowest=1e-300)
+
+
+def _layers(strategy: Strategy) -> list[Strategy]:
+    layers = [strategy]
+    while isinstance(layers[-1], Wrapper):
+        layers.append(layers[-1].strategy)
+    return layers
 
 
 def innermost(strategy: Strategy) -> Strategy:

@@ -33,7 +33,7 @@ __all__ = [
     "PROTOCOL_VERSION",
 ]
 
-PROTOCOL_VERSION = 4
+PROTOCOL_VERSION = 5
 #: How the relay names a task's initiator, in ``from`` and a participant's ``to``.
 INITIATOR = "@initiator"
 MAX_HEADER_BYTES = 1 << 20
@@ -70,6 +70,8 @@ class Kind(enum.StrEnum):
     AGGREGATE = "aggregate"
     LEFT_OUT = "left_out"
     AGGREGATED = "aggregated"
+    # with secure aggregation: a stage of the round's SecAgg+ protocol, either way
+    SECURE = "secure"
     FINISH = "finish"
 
 

@@ -36,6 +36,7 @@ __all__ = [
     "Progress",
     "Refusal",
     "Round",
+    "Secure",
     "Status",
     "TaskClosed",
     "Trained",
@@ -221,6 +222,23 @@ class Aggregated(Message):
 
 
 @dataclass(frozen=True)
+class Secure(Message):
+    """A stage of a secure round's SecAgg+ protocol, between the initiator and one participant.
+
+    The initiator sends ``setup``, ``keys``, ``shares`` and ``unmask``; a
+    participant answers ``advertise``, ``share`` and ``reveal`` (or
+    ``abort``, saying why it cannot go on). ``body`` is the stage's message,
+    as :mod:`fedmagic.strategies.secagg` writes and checks it; the masked
+    update itself travels as a state.
+    """
+
+    KIND = Kind.SECURE
+    round: int
+    stage: str
+    body: dict
+
+
+@dataclass(frozen=True)
 class Finish(Message):
     """Initiator to everyone: the task is over."""
 
@@ -271,6 +289,7 @@ _MESSAGES: dict[str, type[Message]] = {
         Aggregate,
         LeftOut,
         Aggregated,
+        Secure,
         Finish,
         PeerJoined,
         PeerLeft,
