@@ -15,9 +15,13 @@ __all__ = ["guarantees", "private_training", "secure_aggregation", "target_epsil
 def guarantees(described: Mapping[str, Any] | None) -> list[str]:
     """One line per privacy guarantee of the described strategy, outermost first; [] for none."""
     lines = []
+    distributed = False
     for layer in _layers(described):
-        if layer.get("name") == "DifferentialPrivacy":
-            lines.append(_differential_privacy(layer))
+        if layer.get("name") == "SecureAggregation":
+            lines.append(_secure_aggregation(layer))
+            distributed = True
+        elif layer.get("name") == "DifferentialPrivacy":
+            lines.append(_differential_privacy(layer, distributed))
         elif layer.get("name") == "PrivateTraining":
             lines.append(_private_training(layer))
     return lines
@@ -55,11 +59,30 @@ def _layers(described: Mapping[str, Any] | None) -> Iterator[Mapping[str, Any]]:
         described = described.get("strategy")
 
 
-def _differential_privacy(layer: Mapping[str, Any]) -> str:
+def _secure_aggregation(layer: Mapping[str, Any]) -> str:
+    threshold = layer.get("threshold")
+    t = (
+        f"t={threshold}"
+        if threshold is not None
+        else "t (a majority of each node's neighbours and itself, e.g. 3 of 5)"
+    )
+    return (
+        "secure aggregation (SecAgg+): the initiator and the relay see each round's sum of "
+        f"the updates, never one update, and only with at least {t} in it; updates "
+        f"quantised to {layer.get('bits', 16)} bits"
+    )
+
+
+def _differential_privacy(layer: Mapping[str, Any], distributed: bool = False) -> str:
+    by = (
+        "by the participants before masking, each its share (distributed)"
+        if distributed
+        else "by the initiator"
+    )
     how = (
         f"each update clipped to L2 norm {layer['clip']:g}, each participant drawn with "
         f"probability {layer['sampling']:g} a round, Gaussian noise of "
-        f"{layer['noise_multiplier']:.3g} x {layer['clip']:g} on the sum, added by the initiator"
+        f"{layer['noise_multiplier']:.3g} x {layer['clip']:g} on the sum, added {by}"
     )
     if layer.get("target_epsilon") is None:
         return (
