@@ -347,8 +347,7 @@ def test_a_share_with_a_flipped_bit_is_refused_naming_sender_and_recipient():
 
     assert str(refused.value) == (
         "protocol error with node-0: the share it sent 'node-1' does not authenticate for "
-        "this round: it was altered, sealed for another node, or replayed from another round; "
-        "leave 'node-0' out of the round as dropped"
+        "this round: it was altered, sealed for another node, or replayed from another round"
     )
 
 

@@ -156,10 +156,10 @@ class SecureRound:
             )
 
     def leave(self, node: str, why: str) -> None:
-        """``node`` is out of the round (it left, failed or came back anew)."""
+        """``node`` is out of the round (it left, failed or came back anew); what it sent
+        for the stage under way still counts, as SecAgg+ expects of a node that drops."""
         if node in self.owed:
             self.owed.discard(node)
-            self._received.pop(node, None)
             self._readers.pop(node, None)
             log.debug("round %d: %s %s", self.number, node, why)
 
@@ -199,6 +199,13 @@ class SecureRound:
         revealed = await self._apply(server.finish)
         self.combined = plan.combined(revealed)
         self._revealed_nodes = revealed.nodes
+        if server.dropped:
+            self.event(
+                f"round {self.number}: the secure sum of {len(revealed.nodes)} updates was "
+                f"revealed without "
+                + "; ".join(f"{node}, which left {when}" for node, when in server.dropped.items()),
+                logging.INFO,
+            )
         for node in revealed.nodes:
             participant = self.participants[node]
             if node in uploaded and participant.status not in (NodeStatus.DROPPED,
@@ -248,7 +255,7 @@ class SecureRound:
         vector per node); a node whose message it refuses is out, and the rest are handed
         over again without it."""
         while True:
-            messages = {node: body for node, body in self._received.items() if node in self.owed}
+            messages = dict(self._received)
             try:
                 return await asyncio.to_thread(step, messages)
             except ProtocolError as refused:
@@ -282,6 +289,7 @@ class SecureRound:
     def _refuse(self, node: str, why: str) -> None:
         participant = self.participants[node]
         participant.status, participant.detail = NodeStatus.REFUSED, why
+        self._received.pop(node, None)
         self.leave(node, "refused")
         self.event(f"round {self.number}: {node} refused: {why}", logging.WARNING)
 
@@ -354,7 +362,8 @@ class SecureParty:
                 from None
         self.scale = float(scale)
         self.client = SecAggClient(node, nodes, self.settings.parameters, nonce)
-        self._shares: asyncio.Future[Mapping[str, bytes]] = (
+        #: The shares sealed for this node, once they come; None if the round went on without it.
+        self._shares: asyncio.Future[Mapping[str, bytes] | None] = (
             asyncio.get_running_loop().create_future())
         self._inbox: asyncio.Queue[Secure] = asyncio.Queue()
         self._task = asyncio.create_task(self._run())
@@ -367,16 +376,16 @@ class SecureParty:
         """The round moved on (a new round, the task's end, a lost link): stop waiting."""
         self._task.cancel()
         if not self._shares.done():
-            self._shares.set_exception(_Abandoned(why))
+            self._shares.set_result(None)
+        log.debug("round %d: the secure round went on without this node: %s", self.round, why)
 
     async def masked(
         self, trained: Mapping[str, torch.Tensor], start: Mapping[str, torch.Tensor]
     ) -> dict[str, torch.Tensor] | None:
         """This node's masked update to upload, once its shares are in; None when the round
         was abandoned or this node gave up on it (it said why)."""
-        try:
-            shares = await self._shares
-        except _Abandoned:
+        shares = await self._shares
+        if shares is None:
             return None
         try:
             words = await asyncio.to_thread(self._mask, trained, start, shares)
@@ -413,7 +422,7 @@ class SecureParty:
                     raise ProtocolError("initiator", f"sent a secure {message.stage!r} out of turn")
         except (ProtocolError, SecureAggregationError) as failure:
             if not self._shares.done():
-                self._shares.set_exception(_Abandoned(str(failure)))
+                self._shares.set_result(None)
             await self._abort(failure)
 
     async def _say(self, stage: str, body: dict[str, Any]) -> None:
@@ -423,7 +432,3 @@ class SecureParty:
     async def _abort(self, failure: Exception) -> None:
         log.warning("round %d: gave up on the secure round: %s", self.round, failure)
         await self._say("abort", {"reason": str(failure)})
-
-
-class _Abandoned(Exception):
-    """The secure round moved on without this node's upload."""

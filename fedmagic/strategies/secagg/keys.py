@@ -109,8 +109,7 @@ def open_share(
         raise ProtocolError(
             sender,
             f"the share it sent {recipient!r} does not authenticate for this round: it was "
-            f"altered, sealed for another node, or replayed from another round; leave "
-            f"{sender!r} out of the round as dropped",
+            "altered, sealed for another node, or replayed from another round",
         ) from None
 
 
