@@ -1,4 +1,4 @@
-"""Differential privacy's cost on the digits task: round overhead, and accuracy at epsilon 1, 3, 8.
+"""Privacy's cost on the digits task: DP's round overhead and accuracy, secure aggregation's round.
 
 Round overhead: ``DifferentialPrivacy(FedAvg(), noise_multiplier=1, clip=1, sampling=1)``
 beside plain FedAvg on the digits task's ConvNet with nothing to train (strategies.py's
@@ -32,13 +32,26 @@ its last bits (a figure may move by a point); DP's do not, since its draw and it
 from the operating system's randomness, as they must: each DP figure is one run, reported as
 it came out. torch runs on one thread: participants train one at a time on batches of 14 images,
 where more threads only contend.
+
+Secure aggregation: a round of ``SecureAggregation(FedAvg())`` (SecAgg+: keys, shares, masked
+uploads, unmasking, on top of FedAvg's round) beside plain FedAvg at N = 3, 10 and 50
+participants in this process, alternated, median round, as for DP. Two rounds: the ConvNet with
+nothing to train (``Echo``), where the difference is the protocol's cost alone, and the
+tutorial's round: DigitsScheduler training the ConvNet for the demo's 2 local epochs on an IID
+split of the digits among the N (the initiator tests the model each round; participants skip
+federated evaluation, which would only lengthen both rounds alike). Target: a secure round at
+most 2x FedAvg's at N = 10 on the tutorial model, judged on the round that trains; and the
+added time growing no worse than n log n: from N = 10 to 50 the SecAgg+ default of
+``2 ceil(log2 n) + 2`` neighbours gives ``n * degree`` a growth of 7.8, n log n's is 8.5, n^2's 25.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import itertools
 import logging
+import math
 import os
 import statistics
 import sys
@@ -58,7 +71,8 @@ from strategies import NodeDigits, StrategyMaker, round_seconds
 from fedmagic.digits import Layout, write_partitions
 from fedmagic.engine.policy import RoundPolicy
 from fedmagic.examples.digits_task import ConvNet
-from fedmagic.strategies import DifferentialPrivacy, FedAvg, Strategy
+from fedmagic.strategies import DifferentialPrivacy, FedAvg, SecureAggregation, Strategy
+from fedmagic.strategies.secure import round_settings
 
 #: The settings DP's round overhead is measured with: the brief's, every participant a round.
 OVERHEAD_DP = {"noise_multiplier": 1.0, "clip": 1.0, "sampling": 1.0}
@@ -82,6 +96,18 @@ SAMPLING = 0.5
 #: by round 20, so one below that range, one inside it, one at its top.
 CLIPS = (0.1, 0.3, 1.0)
 EPOCHS = 5
+
+SECURE = "SecAgg(FedAvg)"
+SECURE_STRATEGIES: dict[str, StrategyMaker] = {
+    "FedAvg": FedAvg,
+    SECURE: functools.partial(SecureAggregation, FedAvg()),
+    CONTROL: FedAvg,
+}
+#: Target: a secure round takes at most this many times FedAvg's, at this N, on a round that
+#: trains the tutorial's model.
+SECURE_TARGET, SECURE_TARGET_COUNT = 2.0, 10
+#: The tutorial's local epochs a round: the demo's.
+TUTORIAL_EPOCHS = 2
 
 
 # -- round overhead --------------------------------------------------------------------------
@@ -200,6 +226,116 @@ def accountant_lines(rounds: int) -> None:
         )
 
 
+# -- secure aggregation ----------------------------------------------------------------------
+
+
+def tutorial_round_seconds(
+    maker: StrategyMaker, layout: Layout, rounds: int, workdir: Path
+) -> list[float]:
+    """Seconds of each round but the first of the tutorial's task (the ConvNet trained for
+    the demo's epochs) among ``layout``'s nodes, from one round's end to the next's."""
+    ended: list[float] = []
+
+    def on_event(text: str) -> None:
+        if text.startswith("round ") and "averaged" in text:
+            ended.append(time.perf_counter())
+
+    count = len(layout.nodes)
+    scheduler = NodeDigits(
+        count, count, name="digits", max_rounds=rounds + 1, merge_epochs=TUTORIAL_EPOCHS
+    )
+    checkpoint = Path(tempfile.mkdtemp(dir=workdir, prefix="models-"))
+    policy = RoundPolicy(join_grace=0, federated_evaluation=False)
+    run_in_memory(
+        scheduler, maker(), layout.initiator, layout.nodes, checkpoint, on_event, policy
+    )
+    return [later - earlier for earlier, later in itertools.pairwise(ended)]
+
+
+def _n_log_n(count: int) -> float:
+    return count * math.log(count)
+
+
+def secure_table(
+    workdir: Path, counts: Sequence[int], repeats: int, rounds: int, training_rounds: int
+) -> None:
+    """Print secure aggregation's round beside FedAvg's, its verdict on the target at N = 10,
+    and how its added time grows with N."""
+    print(
+        f"\nsecure aggregation: a round's wall time under {SECURE}, SecureAggregation(FedAvg()) "
+        f"with its defaults (degree: neighbours each node agrees keys with, t: the threshold), "
+        f"beside FedAvg's, strategies alternated; nothing trained: the ConvNet with nothing to "
+        f"train (median of {repeats} repetitions of {rounds} rounds), the protocol's cost "
+        f"alone; tutorial: DigitsScheduler's ConvNet trained {TUTORIAL_EPOCHS} local epochs on "
+        f"an IID split of the digits among the N (median of {repeats} repetitions of "
+        f"{training_rounds} rounds)"
+    )
+    print(
+        f"{'N':>3} {'degree':>6} {'t':>3} {'round':<14} {'FedAvg':>10} {SECURE:>15} "
+        f"{'secure / FedAvg':>16} {'added':>11}"
+    )
+    added: dict[str, dict[int, float]] = {"nothing trained": {}, "tutorial": {}}
+    ratios: dict[str, dict[int, float]] = {"nothing trained": {}, "tutorial": {}}
+    for count in counts:
+        parameters = round_settings(SECURE_STRATEGIES[SECURE]().describe(), count).parameters
+        for maker in (FedAvg, SECURE_STRATEGIES[SECURE]):  # first runs' imports: not timed
+            round_seconds(maker, count, 2, workdir)
+        echo = functools.partial(round_seconds, count=count, rounds=rounds, workdir=workdir)
+        layout = write_partitions(workdir / f"tutorial-{count}", count, split="iid")
+        tutorial = functools.partial(
+            tutorial_round_seconds, layout=layout, rounds=training_rounds, workdir=workdir
+        )
+        measured = {
+            "nothing trained": alternated(SECURE_STRATEGIES, repeats, echo),
+            "tutorial": alternated(
+                {label: SECURE_STRATEGIES[label] for label in ("FedAvg", SECURE)},
+                repeats,
+                tutorial,
+            ),
+        }
+        for kind, times in measured.items():
+            fedavg, secure = (statistics.median(times[label]) for label in ("FedAvg", SECURE))
+            ratios[kind][count], added[kind][count] = secure / fedavg, secure - fedavg
+            noise = ""
+            if CONTROL in times:
+                again = statistics.median(times[CONTROL])
+                noise = f"  (FedAvg against itself: {(again - fedavg) * 1000:+.1f} ms)"
+            print(
+                f"{count:3d} {parameters.degree:6d} {parameters.threshold:3d} {kind:<14} "
+                f"{fedavg * 1000:7.1f} ms {secure * 1000:12.1f} ms {secure / fedavg:15.2f}x "
+                f"{(secure - fedavg) * 1000:+8.1f} ms{noise}",
+                flush=True,
+            )
+    if SECURE_TARGET_COUNT in ratios["tutorial"]:
+        ratio = ratios["tutorial"][SECURE_TARGET_COUNT]
+        verdict = "met" if ratio <= SECURE_TARGET else "NOT met"
+        print(
+            f"target, judged on the tutorial's round at N={SECURE_TARGET_COUNT}, which trains: "
+            f"{SECURE} takes {ratio:.2f}x FedAvg's round, {verdict} (at most "
+            f"{SECURE_TARGET:g}x); on a round that trains nothing, where FedAvg's is the "
+            f"framework alone, {ratios['nothing trained'][SECURE_TARGET_COUNT]:.2f}x"
+        )
+    low, high = SECURE_TARGET_COUNT, max(counts)
+    if low in added["nothing trained"] and high > low:
+        n_log_n = _n_log_n(high) / _n_log_n(low)
+        squared = (high / low) ** 2
+        degrees = [round_settings(SECURE_STRATEGIES[SECURE]().describe(), n).parameters.degree
+                   for n in (low, high)]
+        pairwise = high * degrees[1] / (low * degrees[0])
+        for kind, by_count in added.items():
+            growth = by_count[high] / by_count[low] if by_count[low] > 0 else math.inf
+            verdict = "no worse than n log n" if growth <= n_log_n else "WORSE than n log n"
+            if growth > squared:
+                verdict += ", and than n^2"
+            print(
+                f"growth of the added time from N={low} to N={high}, {kind}: "
+                f"{by_count[low] * 1000:+.1f} ms to {by_count[high] * 1000:+.1f} ms, "
+                f"x{growth:.1f}; n log n grows x{n_log_n:.1f}, n^2 x{squared:.0f}, "
+                f"n * degree x{pairwise:.1f}: {verdict}",
+                flush=True,
+            )
+
+
 # -- accuracy --------------------------------------------------------------------------------
 
 
@@ -313,7 +449,7 @@ def main() -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run: 20 participants, 3 rounds, one clip, fewer repeats",
+        help="a smoke run: 20 participants, 3 rounds, one clip, fewer repeats and rounds",
     )
     options = parser.parse_args()
     logging.getLogger("fedmagic").setLevel(logging.WARNING)
@@ -353,6 +489,14 @@ def main() -> None:
         f"round of {training_round:.2f} s with training (the accuracy table's): "
         f"{share:+.2%}, {verdict} {OVERHEAD_TARGET:.0%}"
     )
+    with tempfile.TemporaryDirectory(prefix="fedmagic-secure-") as temporary:
+        secure_table(
+            Path(temporary),
+            counts=(3, 10, 50),
+            repeats=2 if options.quick else 3,
+            rounds=3 if options.quick else 8,
+            training_rounds=2 if options.quick else 4,
+        )
     print(f"\nelapsed: {time.perf_counter() - started:.0f} s")
 
 

@@ -148,6 +148,7 @@ class SecureRound:
                 masked = reader.finish(frame)["masked"]
                 self._received[node] = {"masked": masked.numpy().tobytes()}
                 del self._readers[node]
+                self.participants[node].status = NodeStatus.UPLOADED
         except CodecError as exc:
             self._refuse(
                 node,
@@ -193,7 +194,6 @@ class SecureRound:
         upload = self.policy.upload_seconds(self.masked_bytes)
         await self._gather("masked", max(self.train_deadline, loop.time()) + upload, changed,
                            check)
-        uploaded = set(self._received)
         await self._answer("unmask", await self._apply(server.request_unmasking), send)
         await self._gather("reveal", loop.time() + self.stage_seconds, changed, check)
         revealed = await self._apply(server.finish)
@@ -208,9 +208,8 @@ class SecureRound:
             )
         for node in revealed.nodes:
             participant = self.participants[node]
-            if node in uploaded and participant.status not in (NodeStatus.DROPPED,
-                                                               NodeStatus.FAILED):
-                participant.status, participant.strikes = NodeStatus.UPLOADED, 0
+            if participant.status == NodeStatus.UPLOADED:
+                participant.strikes = 0
             participant.rounds += 1
             self.samples += participant.samples
 
