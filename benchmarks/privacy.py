@@ -43,6 +43,8 @@ federated evaluation, which would only lengthen both rounds alike). Target: a se
 most 2x FedAvg's at N = 10 on the tutorial model, judged on the round that trains; and the
 added time growing no worse than n log n: from N = 10 to 50 the SecAgg+ default of
 ``2 ceil(log2 n) + 2`` neighbours gives ``n * degree`` a growth of 7.8, n log n's is 8.5, n^2's 25.
+Every participant masks its update in this process, on its cores, so the added time here is the
+whole federation's protocol work; deployed, each participant does its own part on its machine.
 """
 
 from __future__ import annotations

@@ -159,6 +159,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         "calibrated to spend at most EPS over the rounds at delta 1e-5; prints the epsilon spent",
     )
     demo.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="secure aggregation (SecureAggregation around the strategy, SecAgg+): the "
+        "initiator sees only each round's sum of masked updates; with --dp-epsilon the "
+        "participants add the noise (distributed DP)",
+    )
+    demo.add_argument(
         "--decentralized",
         action="store_true",
         help="each round, a participant elected in turn aggregates it (is_centralized=False)",
@@ -373,7 +380,7 @@ def _demo(options: argparse.Namespace) -> int:
     from .digits import write_partitions
     from .wire.relay import new_token
 
-    sizes = _demo_sizes(options.strategy, options.participants)
+    sizes = _demo_sizes(options.strategy, options.participants, options.secure_aggregation)
     if isinstance(sizes, str):
         print(f"fedmagic demo: {sizes}", file=sys.stderr)
         return 2
@@ -388,6 +395,14 @@ def _demo(options: argparse.Namespace) -> int:
             "fedmagic demo: --dp-epsilon adds its noise where a round is combined, so with "
             "--decentralized the elected participant would see the updates without it; "
             "drop one of them",
+            file=sys.stderr,
+        )
+        return 2
+    if options.secure_aggregation and options.decentralized:
+        print(
+            "fedmagic demo: --secure-aggregation runs its protocol between the initiator and "
+            "the participants, so with --decentralized the elected participant would receive "
+            "the updates instead; drop one of them",
             file=sys.stderr,
         )
         return 2
@@ -406,6 +421,7 @@ def _demo(options: argparse.Namespace) -> int:
     what = [options.strategy or "fedavg"]
     what += ["FedSGD"] if options.fedsgd else []
     what += ["a participant aggregates each round"] if options.decentralized else []
+    what += ["secure aggregation"] if options.secure_aggregation else []
     what += [f"differential privacy, epsilon {options.dp_epsilon:g}"] if options.dp_epsilon else []
     print(
         f"demo in {workdir}: {participants} participants ({options.split} split), "
@@ -448,6 +464,7 @@ def _demo(options: argparse.Namespace) -> int:
         example += ["--strategy", options.strategy] if options.strategy else []
         example += ["--fedsgd"] if options.fedsgd else []
         example += ["--decentralized"] if options.decentralized else []
+        example += ["--secure-aggregation"] if options.secure_aggregation else []
         example += ["--dp-epsilon", str(options.dp_epsilon)] if options.dp_epsilon else []
         initiator = subprocess.run(example, cwd=layout.initiator.workdir, env=env)
         # Participants hear the task end at once; give them a moment to say so.
@@ -468,31 +485,38 @@ def _demo(options: argparse.Namespace) -> int:
     return initiator.returncode or max(process.returncode for _, _, process in joins)
 
 
-def _demo_sizes(strategy: str | None, participants: int | None) -> tuple[int, int] | str:
+def _demo_sizes(
+    strategy: str | None, participants: int | None, secure: bool = False
+) -> tuple[int, int] | str:
     """How many participants the demo starts, and how many each round needs (min_clients);
     or why the strategy cannot run with that many.
 
     Three, of which two make a round. Krum and Multi-Krum tell ``f`` arbitrary
     updates apart only among more than ``2f + 2``: the demo starts that many
-    by default, and every round waits for them.
+    by default, and every round waits for them. Secure aggregation needs
+    three a round.
     """
     from .errors import ConfigurationError
-    from .strategies import BY_NAME, MultiKrum
+    from .strategies import BY_NAME, MultiKrum, SecureAggregation, Strategy
 
-    chosen = BY_NAME[strategy or "fedavg"]()
-    needed = 2 * chosen.f + 3 if isinstance(chosen, MultiKrum) else 2
+    chosen: Strategy = BY_NAME[strategy or "fedavg"]()
+    needed = 2 * chosen.f + 3 if isinstance(chosen, MultiKrum) else 3 if secure else 2
+    name = f"--strategy {strategy or 'fedavg'}" + (" --secure-aggregation" if secure else "")
     if participants is None:
         participants = max(3, needed)
-    elif isinstance(chosen, MultiKrum) and participants < needed:
+    elif participants < needed:
         return (
-            f"--strategy {strategy} ({chosen}) needs more than 2f+2 = {needed - 1} updates "
-            f"every round: pass --participants {needed} or more"
-        )
+            f"{name} ({chosen}) needs more than 2f+2 = {needed - 1} updates every round: "
+            if isinstance(chosen, MultiKrum)
+            else f"{name} needs {needed} participants every round: "
+        ) + f"pass --participants {needed} or more"
     min_clients = min(needed, participants)
     try:
+        if secure:
+            chosen = SecureAggregation(chosen)
         chosen.check(min_clients, participants)
     except ConfigurationError as refused:
-        return f"--strategy {strategy} cannot run with {participants} participants: {refused}"
+        return f"{name} cannot run with {participants} participants: {refused}"
     return participants, min_clients
 
 

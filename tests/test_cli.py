@@ -165,9 +165,44 @@ def test_demo_with_dp_epsilon_spends_no_more_than_it_and_says_what_participants_
     assert "privacy: differential privacy: epsilon at most 8 at delta 1e-05" in join_log
 
 
+@pytest.mark.slow
+def test_demo_with_secure_aggregation_reveals_only_sums_and_says_so_before_consent(tmp_path):
+    result, report = demo(tmp_path, "--secure-aggregation", "--rounds", "2")
+
+    assert "secure aggregation" in result.stdout.splitlines()[0]
+    assert "the initiator saw 2 rounds' sums of 3 masked updates, revealed with threshold " \
+           "t=2, and never one update" in result.stdout
+    assert float(re.search(r"final accuracy ([\d.]+)%", result.stdout).group(1)) > 50
+    assert report["strategy"]["name"] == "SecureAggregation"
+    assert all(row["threshold"] == 2 for row in report["history"])
+    join_log = (tmp_path / "node-1/join.log").read_text()
+    assert "privacy: secure aggregation (SecAgg+): the initiator and the relay see" in join_log
+
+
+@pytest.mark.slow
+def test_demo_with_secure_aggregation_and_dp_epsilon_has_the_participants_add_the_noise(
+        tmp_path):
+    result, report = demo(tmp_path, "--secure-aggregation", "--dp-epsilon", "8",
+                          "--rounds", "2")
+
+    spent = re.search(r"epsilon ([\d.]+) spent at delta 1e-05", result.stdout)
+    assert spent and 0 < float(spent.group(1)) <= 8, result.stdout
+    assert "added by the participants" in result.stdout
+    assert report["strategy"]["strategy"]["name"] == "DifferentialPrivacy"
+    join_log = (tmp_path / "node-1/join.log").read_text()
+    assert "added by the participants before masking" in join_log
+
+
 @pytest.mark.parametrize("arguments, message", [
     (["--dp-epsilon", "0"], "--dp-epsilon must be above 0, not 0"),
     (["--dp-epsilon", "3", "--decentralized"], "the elected participant would see the updates"),
+    (["--secure-aggregation", "--decentralized"],
+     "the elected participant would receive the updates instead"),
+    (["--secure-aggregation", "--participants", "2"],
+     "--strategy fedavg --secure-aggregation needs 3 participants every round: pass "
+     "--participants 3 or more"),
+    (["--secure-aggregation", "--strategy", "median"],
+     "needs every update in the clear; secure aggregation reveals only their sum"),
 ])
 def test_demo_refuses_a_privacy_it_cannot_give_before_anything_starts(
         tmp_path, capsys, arguments, message):

@@ -42,6 +42,7 @@ from ..errors import (
     ConnectionLost,
     ProtocolError,
     SecureAggregationError,
+    UnsupportedTensor,
 )
 from ..strategies.secagg import SecAggClient
 from ..strategies.secure import RoundSettings, SecureRoundPlan, round_settings
@@ -388,8 +389,8 @@ class SecureParty:
             return None
         try:
             words = await asyncio.to_thread(self._mask, trained, start, shares)
-        except (ProtocolError, SecureAggregationError) as failure:
-            await self._abort(failure)
+        except (ProtocolError, SecureAggregationError, UnsupportedTensor) as failure:
+            await self._abort(failure)  # a diverged (NaN) update is refused here, as in the clear
             return None
         return {"masked": torch.from_numpy(words)}
 

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader
 
 from fedmagic import logger
 from fedmagic.fed_avg import FedAvgScheduler, FedSGDScheduler
-from fedmagic.strategies import BY_NAME, DifferentialPrivacy
+from fedmagic.strategies import BY_NAME, DifferentialPrivacy, SecureAggregation
 
 NORMALIZE = torchvision.transforms.Compose(
     [
@@ -172,6 +172,10 @@ class DatasetVerify:
         return len(torchvision.datasets.MNIST(root, train=True, download=False)) > 0
 
 
+#: The L2 norm each update is clipped to under --dp-epsilon: small, so that the noise on the
+#: mean of a few participants, z * clip / participants per weight, does not swamp the model.
+DP_CLIP = 0.1
+
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--task", default="digits", help="the task id participants join")
@@ -193,11 +197,16 @@ if __name__ == "__main__":
         help="each round, a participant elected in turn aggregates it (is_centralized=False)",
     )
     parser.add_argument(
+        "--secure-aggregation",
+        action="store_true",
+        help="SecureAggregation around the strategy: the initiator sees only each round's sum",
+    )
+    parser.add_argument(
         "--dp-epsilon",
         type=float,
         metavar="EPS",
         help="differential privacy: noise calibrated to spend at most EPS over the rounds, "
-        "at delta 1e-5, each update clipped to L2 norm 1",
+        f"at delta 1e-5, each update clipped to L2 norm {DP_CLIP:g}",
     )
     options = parser.parse_args()
     if options.fedsgd:
@@ -224,21 +233,40 @@ if __name__ == "__main__":
     if options.dp_epsilon is not None:
         strategy = DifferentialPrivacy(
             BY_NAME[strategy or "fedavg"](),
-            clip=1.0,
+            clip=DP_CLIP,
             target_epsilon=options.dp_epsilon,
             delta=1e-5,
             rounds=scheduler.max_rounds,
         )
+    if options.secure_aggregation:
+        inner = strategy if isinstance(strategy, DifferentialPrivacy) else None
+        strategy = SecureAggregation(inner or BY_NAME[options.strategy or "fedavg"]())
     result = scheduler.launch_task(task_id=options.task, strategy=strategy)
     print(
         f"final accuracy {result.metrics['accuracy']:.1%} after {result.rounds} rounds; "
         f"checkpoint in {result.checkpoint}"
     )
+    secure = [row for row in result.history if "error_bound" in row]
+    if secure:
+        counts = sorted({row["participants"] for row in secure})
+        print(
+            f"secure aggregation: the initiator saw {len(secure)} rounds' sums of "
+            f"{' or '.join(map(str, counts))} masked updates, revealed with threshold "
+            f"t={min(row['threshold'] for row in secure)}, and never one update; quantisation "
+            f"moved the mean by at most {max(row['error_bound'] for row in secure):.2g} per weight"
+        )
     if options.dp_epsilon is not None and result.history:
         # The noise on each weight of the mean: z * clip over the expected participants
-        z, expected = strategy.describe()["noise_multiplier"], options.max_clients
+        private = strategy.strategy if options.secure_aggregation else strategy
+        z, expected = private.describe()["noise_multiplier"], options.max_clients
+        last = result.history[-1]
+        # Distributed: each of the round's m updates carries z / sqrt(t) of its own
+        spread = (last["participants"] / last["threshold"]) ** 0.5 if last in secure else 1
         print(
-            f"epsilon {result.history[-1]['epsilon']:.3g} spent at delta 1e-05; the noise "
-            f"on each weight of the mean had sd {z * 1.0 / expected:.3g} (noise multiplier "
-            f"{z:.3g}, clip 1, {expected} participants): it shrinks with more participants"
+            f"epsilon {last['epsilon']:.3g} spent at delta 1e-05; the noise on each weight of "
+            f"the mean had sd {z * DP_CLIP * spread / expected:.3g} (noise multiplier {z:.3g}, "
+            f"clip {DP_CLIP:g}, "
+            f"{expected} participants"
+            + (", added by the participants" if options.secure_aggregation else "")
+            + "): it shrinks with more participants"
         )
