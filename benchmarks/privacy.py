@@ -248,9 +248,7 @@ def tutorial_round_seconds(
     )
     checkpoint = Path(tempfile.mkdtemp(dir=workdir, prefix="models-"))
     policy = RoundPolicy(join_grace=0, federated_evaluation=False)
-    run_in_memory(
-        scheduler, maker(), layout.initiator, layout.nodes, checkpoint, on_event, policy
-    )
+    run_in_memory(scheduler, maker(), layout.initiator, layout.nodes, checkpoint, on_event, policy)
     return [later - earlier for earlier, later in itertools.pairwise(ended)]
 
 
@@ -321,8 +319,10 @@ def secure_table(
     if low in added["nothing trained"] and high > low:
         n_log_n = _n_log_n(high) / _n_log_n(low)
         squared = (high / low) ** 2
-        degrees = [round_settings(SECURE_STRATEGIES[SECURE]().describe(), n).parameters.degree
-                   for n in (low, high)]
+        degrees = [
+            round_settings(SECURE_STRATEGIES[SECURE]().describe(), n).parameters.degree
+            for n in (low, high)
+        ]
         pairwise = high * degrees[1] / (low * degrees[0])
         for kind, by_count in added.items():
             growth = by_count[high] / by_count[low] if by_count[low] > 0 else math.inf

@@ -323,6 +323,32 @@ def test_a_task_card_says_the_budget_spent_as_the_kernel_does(describe, snapshot
     assert describe("budgetText(t)", t=snapshot.to_json()) == snapshot.budget_line()
 
 
+def secure(*counts: int) -> TaskSnapshot:
+    """A securely aggregated task after a round per count of updates in its sum."""
+    return TaskSnapshot(
+        task_id="secure", status=TaskStatus.RUNNING, error=None, error_traceback="",
+        stopping=False, max_rounds=5, participants=(),
+        history=tuple({"round": n, "participants": count, "tested": True, "threshold": 3,
+                       "error_bound": 1e-4, "accuracy": 0.9}
+                      for n, count in enumerate(counts, start=1)),
+        join_command="fedmagic join ws://127.0.0.1:8765 --task secure --token T --node NAME")
+
+
+@pytest.mark.parametrize("snapshot", [secure(5, 4), secure(), TASK],
+                         ids=["after round 2", "before round 1", "not secure"])
+def test_a_task_card_says_what_the_initiator_saw_of_a_secure_round_as_the_kernel_does(
+        describe, snapshot):
+    assert describe("secureText(t)", t=snapshot.to_json()) == snapshot.secure_line()
+
+
+def test_a_secure_tasks_last_sum_and_threshold_are_in_its_summary_and_not_its_metrics():
+    snapshot = secure(5, 4)
+
+    assert snapshot.secure_line() == "seen: only the sum of 4 masked updates (t=3)"
+    assert "  seen: only the sum of 4 masked updates (t=3)" in snapshot.summary().splitlines()
+    assert snapshot.metrics == {"accuracy": 0.9}
+
+
 def test_numbers_read_as_pythons_general_format_writes_them(describe):
     values = [3.0, 1e-05, 1e-06, 0.0001, 1.5, 2.0e-7, 123456.0, 1234567.0, 0.61234, 1.2345,
               12.3456, 100.0, 0.1, 50.0, 8.0, 0.0]

@@ -23,7 +23,7 @@ from fedmagic.engine.state import NodeStatus, epsilon_series
 from fedmagic.notebook.charts import MetricCharts, round_ticks, value_ticks
 from fedmagic.notebook.task_html import MASK, STYLE, is_percent_metric, value_text
 from fedmagic.notebook.widget import TaskWidget
-from fedmagic.strategies import DifferentialPrivacy, FedAvg
+from fedmagic.strategies import DifferentialPrivacy, FedAvg, SecureAggregation
 from fedmagic.wire.relay import EmbeddedRelay, Relay
 from tiny import SlowTiny, Tiny
 
@@ -255,6 +255,19 @@ def test_a_private_task_shows_its_guarantee_and_the_epsilon_spent_of_its_target(
     assert any("ε 0 of 50 spent at δ 1e-05" in text(h) for h in headers)  # before round 1
     assert re.search(r"<span class='fm-budget'[^>]*>ε ", widget.header.value)
     assert "epsilon" not in widget.charts.charts  # no metric of test()'s
+
+
+def test_a_secure_task_shows_its_guarantee_and_what_the_initiator_saw_of_each_round():
+    with relay("secure", nodes=("a", "b", "c")) as url:
+        widget = TaskWidget(launch(graded(min_clients=3, max_clients=3), "secure", url,
+                                   strategy=SecureAggregation(FedAvg(weighted=False))))
+        widget.run.wait(30)
+
+    header = text(widget.header.value)
+    assert "seen: only the sum of 3 masked updates (t=2)" in header
+    assert "privacy secure aggregation (SecAgg+): the initiator and the relay see each " \
+           "round's sum of the updates, never one update" in header
+    assert "threshold" not in widget.charts.charts and "error_bound" not in widget.charts.charts
 
 
 def test_the_epsilon_chart_has_every_rounds_epsilon_under_the_target_line():

@@ -410,6 +410,8 @@ class Aggregator:
                     number, samples, slots, upload_seconds, scheduler.calculation_timeout
                 )
                 await self.link.send(aggregate.to_frame(to=[aggregator]))
+            if isinstance(current, SecureRound):
+                await current.open(self.link.send)
             upload_now = slots >= len(selected)
             for config, nodes in self._configs(number, selected):
                 message = Round(number, scheduler.merge_epochs, upload_now, config, aggregator)

@@ -172,6 +172,12 @@ class SecureRound:
 
     # The stages.
 
+    async def open(self, send: Callable[[Frame], Awaitable[None]]) -> None:
+        """Tell each node the round is secure, before the round itself: a participant then
+        has its side of the round set up before it could be asked for its update."""
+        for node in sorted(self.owed):
+            await send(Secure(self.number, "setup", self.plan.setup(node)).to_frame(to=[node]))
+
     async def collect(
         self,
         changed: asyncio.Event,
@@ -186,8 +192,6 @@ class SecureRound:
         """
         server, plan = self.plan.server, self.plan
         loop = asyncio.get_running_loop()
-        for node in sorted(self.owed):
-            await send(Secure(self.number, "setup", plan.setup(node)).to_frame(to=[node]))
         await self._gather("advertise", loop.time() + self.stage_seconds, changed, check)
         await self._answer("keys", await self._apply(server.route_keys), send)
         await self._gather("share", loop.time() + self.stage_seconds, changed, check)

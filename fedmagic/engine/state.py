@@ -199,6 +199,21 @@ class TaskSnapshot:
         target = None if self.privacy_target is None else self.privacy_target[0]
         return budget_text(spent[0], target, spent[1])
 
+    @property
+    def secure_sum(self) -> tuple[int, int] | None:
+        """The last secure round's ``(updates in its sum, threshold t)``; None for a task that
+        does not aggregate securely, or before its first round."""
+        for row in reversed(self.history):
+            if "threshold" in row:
+                return int(row["participants"]), int(row["threshold"])
+        return None
+
+    def secure_line(self) -> str:
+        """What the initiator saw of the last secure round: ``seen: only the sum of 4 masked
+        updates (t=3)``; or ""."""
+        seen = self.secure_sum
+        return "" if seen is None else secure_text(*seen)
+
     def status_line(self) -> str:
         """One line, as a progress bar's caption: ``round 3/5 · 0:41 elapsed · ~0:27 left``."""
         parts = [f"round {self.round}/{self.max_rounds or '?'}", f"{clock(self.elapsed)} elapsed"]
@@ -221,8 +236,7 @@ class TaskSnapshot:
             f"{len(self.participants)} participants"
         ]
         lines += [f"  privacy: {line}" for line in self.guarantees]
-        if self.budget_line():
-            lines.append(f"  {self.budget_line()}")
+        lines += [f"  {line}" for line in (self.budget_line(), self.secure_line()) if line]
         lines += [
             f"  {p.node}: {p.status}"
             + (f", {p.samples} samples" if p.samples else "")
@@ -263,6 +277,7 @@ class TaskSnapshot:
             "epsilon": None if spent is None else _finite(spent[0]),
             "target_epsilon": None if self.privacy_target is None else self.privacy_target[0],
             "delta": None if spent is None else spent[1],
+            "secure_sum": None if self.secure_sum is None else list(self.secure_sum),
         }
 
 
@@ -401,6 +416,14 @@ def budget_text(epsilon: float, target: float | None, delta: float) -> str:
     """
     of = "" if target is None else f" of {target:g}"
     return f"ε {epsilon:.3g}{of} spent at δ {delta:g}"
+
+
+def secure_text(updates: int, threshold: int) -> str:
+    """What the initiator saw of a secure round: ``seen: only the sum of 4 masked updates (t=3)``.
+
+    The Federation panel's ``secureText`` (describe.ts) writes the same words.
+    """
+    return f"seen: only the sum of {updates} masked updates (t={threshold})"
 
 
 def best_point(metric: str, points: Sequence[tuple[int, float]]) -> tuple[int, float] | None:

@@ -211,6 +211,12 @@ class TaskMarkup:
             if budget
             else ""
         )
+        seen = task.secure_line()
+        if seen:
+            spent += (
+                "<span class='fm-budget' title='all the initiator held of the last round: "
+                f"the sum, never one update'>{self.text(seen)}</span>"
+            )
         return (
             f"<div class='fm-head'><span class='fm-title'>task <b>{self.text(task.task_id)}</b>"
             f"</span><span class='fm-badge fm-{state}'>{state}</span>"

@@ -54,6 +54,18 @@ export function budgetText(task: ITaskState): string {
   return `ε ${formatG(task.epsilon, 3)}${of} spent at δ ${formatG(task.delta)}`;
 }
 
+/**
+ * What the initiator saw of a secure task's last round: `seen: only the sum of 4 masked
+ * updates (t=3)` (the kernel's `secure_text`); '' for a task that does not aggregate securely.
+ */
+export function secureText(task: ITaskState): string {
+  if (task.secure_sum === null || task.secure_sum === undefined) {
+    return '';
+  }
+  const [updates, threshold] = task.secure_sum;
+  return `seen: only the sum of ${updates} masked updates (t=${threshold})`;
+}
+
 /** What a task or the code offered promises about privacy, a line each; '' for nothing. */
 export function guaranteesText(state: {
   readonly guarantees: readonly string[];

@@ -37,6 +37,8 @@ export interface ITaskState {
   target_epsilon: number | null;
   /** The delta epsilon is counted at; null where no budget is counted (yet). */
   delta: number | null;
+  /** The last secure round's [updates in its sum, threshold t]; null for none. */
+  secure_sum: [number, number] | null;
 }
 
 /**

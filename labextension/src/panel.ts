@@ -10,6 +10,7 @@ import { Widget } from '@lumino/widgets';
 
 import {
   budgetText,
+  secureText,
   codeText,
   collapsedByDefault,
   consentState,
@@ -201,6 +202,10 @@ export class FederationPanel extends Widget {
     const budget = budgetText(task);
     if (budget) {
       body.append(row('budget', budget));
+    }
+    const seen = secureText(task);
+    if (seen) {
+      body.append(row('secure', seen));
     }
     body.append(...this._privacy(key, guaranteesText(task)));
     if (task.status !== 'running') {
