@@ -423,8 +423,9 @@ class ParticipantRuntime:
                 )
             self._party = SecureParty(self.node, layer, message, self._send_secure)
         except (ProtocolError, SecureAggregationError) as refused:
-            log.warning("round %d: cannot take part in the secure round: %s", message.round,
-                        refused)
+            log.warning(
+                "round %d: cannot take part in the secure round: %s", message.round, refused
+            )
             gave_up = Secure(message.round, "abort", {"reason": str(refused)})
             asyncio.ensure_future(self._send_secure(gave_up.to_frame()))
 

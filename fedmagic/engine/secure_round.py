@@ -115,8 +115,9 @@ class SecureRound:
     def secure(self, node: str, message: Secure) -> None:
         """A stage message from ``node``: kept for the stage, or the node is refused."""
         if message.round != self.number or node not in self.owed:
-            log.debug("ignored a secure %s from %r: not of round %d", message.stage, node,
-                      self.number)
+            log.debug(
+                "ignored a secure %s from %r: not of round %d", message.stage, node, self.number
+            )
             return
         if message.stage == "abort":
             reason = message.body.get("reason")
@@ -132,8 +133,10 @@ class SecureRound:
 
     def feed(self, node: str, frame: Frame) -> None:
         """A frame of ``node``'s masked update."""
-        if node not in self.owed or frame.header.get("round") != self.number or (
-            self._stage != "masked" or node in self._received
+        if (
+            node not in self.owed
+            or frame.header.get("round") != self.number
+            or (self._stage != "masked" or node in self._received)
         ):
             log.debug("ignored state data %s from %r", frame, node)
             return
@@ -197,8 +200,7 @@ class SecureRound:
         await self._gather("share", loop.time() + self.stage_seconds, changed, check)
         await self._answer("shares", await self._apply(server.route_shares), send)
         upload = self.policy.upload_seconds(self.masked_bytes)
-        await self._gather("masked", max(self.train_deadline, loop.time()) + upload, changed,
-                           check)
+        await self._gather("masked", max(self.train_deadline, loop.time()) + upload, changed, check)
         await self._answer("unmask", await self._apply(server.request_unmasking), send)
         await self._gather("reveal", loop.time() + self.stage_seconds, changed, check)
         revealed = await self._apply(server.finish)
@@ -234,14 +236,20 @@ class SecureRound:
             if stage == "masked" and now >= self.train_deadline:
                 for node in sorted(self.owed):
                     if self.participants[node].status == NodeStatus.TRAINING:
-                        self._strike(node, f"did not finish training within "
-                                           f"{self.calculation_timeout:g} s (calculation_timeout)")
+                        self._strike(
+                            node,
+                            f"did not finish training within "
+                            f"{self.calculation_timeout:g} s (calculation_timeout)",
+                        )
             if self.owed <= set(self._received):
                 return
             if now >= deadline:
                 for node in sorted(self.owed - set(self._received)):
-                    self._strike(node, f"did not send its {_STAGES[stage]} for the secure "
-                                       f"round within {waits:.0f} s")
+                    self._strike(
+                        node,
+                        f"did not send its {_STAGES[stage]} for the secure "
+                        f"round within {waits:.0f} s",
+                    )
                 return
             if now >= next_progress:
                 self.event(f"round {self.number}: {self.waiting_for(now)}", logging.INFO)
@@ -280,15 +288,19 @@ class SecureRound:
         for node in missing:
             participant = self.participants[node]
             if node in self._readers:
-                parts.append(f"{node} (uploading: {size_text(self._bytes_in.get(node, 0))} of "
-                             f"{size_text(self.masked_bytes)})")
+                parts.append(
+                    f"{node} (uploading: {size_text(self._bytes_in.get(node, 0))} of "
+                    f"{size_text(self.masked_bytes)})"
+                )
             elif participant.status == NodeStatus.TRAINING:
                 parts.append(f"{node} (training, {max(self.train_deadline - now, 0):.0f} s left)")
             else:
                 parts.append(node)
         left = max(self._deadline - now, 0)
-        return (f"secure aggregation waits for the {_STAGES[self._stage]} of "
-                f"{', '.join(parts)} ({left:.0f} s left)")
+        return (
+            f"secure aggregation waits for the {_STAGES[self._stage]} of "
+            f"{', '.join(parts)} ({left:.0f} s left)"
+        )
 
     def _refuse(self, node: str, why: str) -> None:
         participant = self.participants[node]
@@ -322,8 +334,9 @@ def masked_update(
     noise = torch.Generator().manual_seed(secrets.randbits(63))
     for tensor in update.values():
         tensor.mul_(factor)
-        tensor.add_(torch.randn(tensor.shape, generator=noise, dtype=tensor.dtype),
-                    alpha=settings.noise_sd)
+        tensor.add_(
+            torch.randn(tensor.shape, generator=noise, dtype=tensor.dtype), alpha=settings.noise_sd
+        )
     return update
 
 
@@ -352,23 +365,25 @@ class SecureParty:
         nodes, nonce, scale = body.get("nodes"), body.get("nonce"), body.get("scale")
         if not (isinstance(nodes, list) and all(isinstance(n, str) for n in nodes)):
             raise ProtocolError("initiator", "a secure setup's 'nodes' must be a list of names")
-        if not (isinstance(scale, (int, float)) and not isinstance(scale, bool)
-                and 0 < scale <= 1):
+        if not (isinstance(scale, (int, float)) and not isinstance(scale, bool) and 0 < scale <= 1):
             raise ProtocolError(
-                "initiator", f"a secure setup's 'scale' must be above 0 and at most 1, not "
-                             f"{scale!r}")
+                "initiator",
+                f"a secure setup's 'scale' must be above 0 and at most 1, not {scale!r}",
+            )
         if not isinstance(nonce, bytes):
             raise ProtocolError("initiator", "a secure setup's 'nonce' must be bytes")
         try:
             self.settings = round_settings(described, len(nodes))
         except ConfigurationError as refused:
-            raise SecureAggregationError(node, f"a round of {len(nodes)} nodes: {refused}") \
-                from None
+            raise SecureAggregationError(
+                node, f"a round of {len(nodes)} nodes: {refused}"
+            ) from None
         self.scale = float(scale)
         self.client = SecAggClient(node, nodes, self.settings.parameters, nonce)
         #: The shares sealed for this node, once they come; None if the round went on without it.
         self._shares: asyncio.Future[Mapping[str, bytes] | None] = (
-            asyncio.get_running_loop().create_future())
+            asyncio.get_running_loop().create_future()
+        )
         self._inbox: asyncio.Queue[Secure] = asyncio.Queue()
         self._task = asyncio.create_task(self._run())
 
@@ -410,17 +425,22 @@ class SecureParty:
                 message = await self._inbox.get()
                 if message.stage == "keys":
                     keys = message.body.get("neighbour_keys")
-                    await self._say("share", self.client.share(keys if isinstance(
-                        keys, Mapping) else {}))
+                    await self._say(
+                        "share", self.client.share(keys if isinstance(keys, Mapping) else {})
+                    )
                 elif message.stage == "shares" and not self._shares.done():
                     shares = message.body.get("shares")
                     self._shares.set_result(shares if isinstance(shares, Mapping) else {})
                 elif message.stage == "unmask":
                     survivors = message.body.get("survivors")
                     dropped = message.body.get("dropped")
-                    await self._say("reveal", self.client.unmask(
-                        survivors if isinstance(survivors, list) else [],
-                        dropped if isinstance(dropped, list) else []))
+                    await self._say(
+                        "reveal",
+                        self.client.unmask(
+                            survivors if isinstance(survivors, list) else [],
+                            dropped if isinstance(dropped, list) else [],
+                        ),
+                    )
                     return
                 else:
                     raise ProtocolError("initiator", f"sent a secure {message.stage!r} out of turn")

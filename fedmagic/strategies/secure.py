@@ -74,7 +74,9 @@ def round_settings(described: Mapping[str, Any], participants: int) -> RoundSett
     """
     bits = described.get("bits", 16)
     first = SecAggParameters(
-        participants, threshold=described.get("threshold"), degree=described.get("degree"),
+        participants,
+        threshold=described.get("threshold"),
+        degree=described.get("degree"),
         bits=bits,
     )
     privacy = _privacy_layer(described.get("strategy"))
@@ -207,9 +209,7 @@ class SecureAggregation(Wrapper):
             total = sum(weights.values())
             scales = {node: weights[node] / total for node in nodes}
         server = SecAggServer(nodes, settings.parameters, nonce, template)
-        self._last = SecureRoundPlan(
-            round, settings, nonce, server, scales, current, denominator
-        )
+        self._last = SecureRoundPlan(round, settings, nonce, server, scales, current, denominator)
         return self._last
 
     def next_state(
