@@ -9,6 +9,7 @@ computation. Killing participant processes is in test_federation.
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import Any
 
 import numpy as np
@@ -296,3 +297,40 @@ def test_distributed_dp_noise_on_the_revealed_mean_has_the_calibrated_deviation(
     chi2 = np.sum(residuals ** 2) / sd ** 2
     assert stats.chi2.ppf(5e-7, residuals.size) < chi2 < stats.chi2.isf(5e-7, residuals.size)
     assert result.history[0]["epsilon"] > 0
+
+
+# -- what data owners and authors read, and what is refused at launch ------------------------
+
+def test_the_review_before_consent_states_secure_aggregation_and_the_hash_covers_it():
+    def package(strategy):
+        scheduler = SecureTiny(min_clients=3, max_clients=5, max_rounds=2)
+        return TaskPackage.from_scheduler(scheduler, "secure", strategy=strategy.describe())
+
+    planned = package(SecureAggregation(DifferentialPrivacy(clip=0.5, noise_multiplier=1.0)))
+    lines = [line for line in planned.review().splitlines() if line.startswith("# privacy: ")]
+
+    assert lines[0].startswith("# privacy: secure aggregation (SecAgg+): the initiator and "
+                               "the relay see each round's sum of the updates, never one")
+    assert lines[1].endswith("added by the participants before masking, each its share "
+                             "(distributed))")
+    assert package(SecureAggregation(threshold=3)).code_hash \
+        != package(SecureAggregation()).code_hash
+    assert package(SecureAggregation(bits=12)).code_hash != package(SecureAggregation()).code_hash
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"min_clients": 2}, "secure aggregation needs at least 3 participants a round"),
+    ({"is_centralized": False}, "with is_centralized=False the elected participant would "
+                                "receive the updates instead"),
+    ({"strategy": SecureAggregation(threshold=2), "max_clients": 8},
+     "threshold=2: must be above half of the degree + 1 = 4 nodes"),
+])
+def test_a_secure_task_that_cannot_work_is_refused_at_launch(options, message):
+    from fedmagic.engine.launch import start_task
+    from fedmagic.errors import ConfigurationError
+
+    strategy = options.pop("strategy", SecureAggregation())
+    scheduler = SecureTiny(**{"min_clients": 3, "max_clients": 5, "max_rounds": 1, **options})
+    with pytest.raises(ConfigurationError, match=re.escape(message)):
+        start_task(scheduler, "refused", relay="ws://127.0.0.1:9", token=TOKEN,
+                   strategy=strategy)
