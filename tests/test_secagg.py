@@ -239,7 +239,8 @@ def test_unmasking_refuses_a_subset_whose_partners_neither_survived_nor_dropped(
         match="masked with 'node-1', yet neither uploaded nor had its mask key rebuilt",
     ):
         unmask_sum(
-            one,
+            one["node-1"],
+            ["node-1"],
             {"node-1": round.clients["node-1"]._seed},
             {},
             everyone_else,
@@ -401,7 +402,8 @@ def test_the_server_never_rebuilds_both_secrets_of_one_node():
 
     with pytest.raises(SecureAggregationError, match="'b' would have both secrets rebuilt"):
         unmask_sum(
-            {"a": vector, "b": vector},
+            vector + vector,
+            ["a", "b"],
             {"a": bytes(32), "b": bytes(32)},
             {"b": bytes(32)},
             {"a": {"b"}, "b": {"a"}},

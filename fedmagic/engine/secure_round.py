@@ -150,9 +150,13 @@ class SecureRound:
                 self._bytes_in[node] = self._bytes_in.get(node, 0) + frame.payload_size
             else:
                 masked = reader.finish(frame)["masked"]
-                self._received[node] = {"masked": masked.numpy().tobytes()}
                 del self._readers[node]
+                # Into the server's running sum now: the round holds one vector, not n
+                self.plan.server.receive_masked(node, {"masked": masked.numpy()})
+                self._received[node] = {}
                 self.participants[node].status = NodeStatus.UPLOADED
+        except ProtocolError as refused:
+            self._refuse(node, refused.what)
         except CodecError as exc:
             self._refuse(
                 node,
@@ -201,7 +205,7 @@ class SecureRound:
         await self._answer("shares", await self._apply(server.route_shares), send)
         upload = self.policy.upload_seconds(self.masked_bytes)
         await self._gather("masked", max(self.train_deadline, loop.time()) + upload, changed, check)
-        await self._answer("unmask", await self._apply(server.request_unmasking), send)
+        await self._answer("unmask", await self._apply(lambda _: server.request_unmasking()), send)
         await self._gather("reveal", loop.time() + self.stage_seconds, changed, check)
         revealed = await self._apply(server.finish)
         self.combined = plan.combined(revealed)

@@ -66,7 +66,9 @@ class SecAggServer:
         self.dropped: dict[str, str] = {}
         self._keys: dict[str, dict[str, bytes]] = {}
         self._partners: dict[str, frozenset[str]] = {}
-        self._masked: dict[str, np.ndarray] = {}
+        #: The masked vectors' running sum, and whose it holds: one vector however many come.
+        self._masked_total = np.zeros(self._size, dtype=parameters.word)
+        self._uploaded: set[str] = set()
 
     def route_keys(self, adverts: Mapping[str, Mapping[str, bytes]]) -> dict[str, dict[str, Any]]:
         """Stage 1 to 2: to each node that advertised, ``{"neighbour_keys": {neighbour: keys}}``."""
@@ -129,34 +131,51 @@ class SecAggServer:
             for recipient, partners in self._partners.items()
         }
 
+    def receive_masked(self, node: str, message: Mapping[str, Any]) -> None:
+        """One masked upload, ``{"masked": bytes}``, added to the running sum as it arrives.
+
+        Raises:
+            ProtocolError: for a node that did not share, a second upload, or a vector
+                of the wrong length.
+        """
+        self._expect("request_unmasking")
+        self._known(node)
+        if node not in self._partners:
+            raise ProtocolError(node, "uploaded a masked update without having shared")
+        if node in self._uploaded:
+            raise ProtocolError(node, "uploaded a second masked update in one round")
+        data = message.get("masked") if isinstance(message, Mapping) else None
+        word = self.parameters.word
+        size = memoryview(data).nbytes if isinstance(data, (bytes, np.ndarray)) else -1
+        if size != self._size * word.itemsize:
+            raise ProtocolError(
+                node,
+                f"uploaded a masked update that is not {self._size} words of "
+                f"{self.parameters.modulus_bits} bits: its update has other tensors than "
+                "the template's",
+            )
+        self._masked_total += np.frombuffer(data, dtype=word)
+        self._uploaded.add(node)
+
     def request_unmasking(
-        self, masked: Mapping[str, Mapping[str, Any]]
+        self, masked: Mapping[str, Mapping[str, Any]] | None = None
     ) -> dict[str, dict[str, Any]]:
         """Stage 3 to 4: to each node that uploaded, ``{"survivors": [...], "dropped": [...]}``.
+
+        Args:
+            masked: uploads not yet given to :meth:`receive_masked`, by sender.
 
         Raises:
             SecureAggregationError: for fewer than ``t`` uploads, naming ``t`` and who dropped.
         """
+        for sender, message in (masked or {}).items():
+            self.receive_masked(sender, message)
         self._expect("request_unmasking")
-        word = self.parameters.word
-        for sender, message in masked.items():
-            self._known(sender)
-            if sender not in self._partners:
-                raise ProtocolError(sender, "uploaded a masked update without having shared")
-            data = message.get("masked") if isinstance(message, Mapping) else None
-            if not isinstance(data, bytes) or len(data) != self._size * word.itemsize:
-                raise ProtocolError(
-                    sender,
-                    f"uploaded a masked update that is not {self._size} words of "
-                    f"{self.parameters.modulus_bits} bits: its update has other tensors than "
-                    "the template's",
-                )
-            self._masked[sender] = np.frombuffer(data, dtype=word)
-        self._left(set(self._partners) - set(self._masked), "before uploading its masked update")
-        self._require(len(self._masked), "masked updates arrived")
+        self._left(set(self._partners) - self._uploaded, "before uploading its masked update")
+        self._require(len(self._uploaded), "masked updates arrived")
         self._stage = "finish"
-        survivors = sorted(self._masked)
-        dropped = sorted(set(self._partners) - set(self._masked))
+        survivors = sorted(self._uploaded)
+        dropped = sorted(set(self._partners) - self._uploaded)
         return {node: {"survivors": survivors, "dropped": dropped} for node in survivors}
 
     def finish(self, reveals: Mapping[str, Mapping[str, Any]]) -> SecureSum:
@@ -169,7 +188,7 @@ class SecAggServer:
                 shares that disagree, or a sum that does not unmask.
         """
         self._expect("finish")
-        survivors = set(self._masked)
+        survivors = set(self._uploaded)
         gone = set(self._partners) - survivors
         revealed: dict[str, dict[str, list[tuple[int, bytes]]]] = {"seed": {}, "key": {}}
         for sender, message in sorted(reveals.items()):
@@ -211,7 +230,8 @@ class SecAggServer:
                 )
             keys[node] = key
         total = unmask_sum(
-            self._masked,
+            self._masked_total,
+            survivors,
             seeds,
             keys,
             self._partners,

@@ -90,7 +90,8 @@ def dequantise(total: np.ndarray, count: int, parameters: SecAggParameters) -> n
 
 
 def unmask_sum(
-    masked: Mapping[str, np.ndarray],
+    masked: np.ndarray,
+    survivors: Collection[str],
     self_mask_seeds: Mapping[str, bytes],
     dropped_mask_keys: Mapping[str, bytes],
     partners: Mapping[str, Collection[str]],
@@ -98,11 +99,12 @@ def unmask_sum(
     parameters: SecAggParameters,
     round_nonce: bytes,
 ) -> np.ndarray:
-    """The sum of the survivors' quantised updates: their ``masked`` vectors summed, every mask
-    removed.
+    """The sum of the survivors' quantised updates: their ``masked`` vectors' sum, with every
+    mask removed.
 
     Args:
-        masked: each survivor's masked vector.
+        masked: the sum of the survivors' masked vectors (modulo the word's size).
+        survivors: the nodes whose masked vectors it sums.
         self_mask_seeds: each survivor's rebuilt ``b_i``.
         dropped_mask_keys: the rebuilt mask private key of each node that
             dropped after sharing and was a survivor's partner.
@@ -115,25 +117,24 @@ def unmask_sum(
             partner without its key, or a sum out of range (a wrong share or
             vector; for any but the tiniest model the check catches it almost surely).
     """
-    both = sorted(set(masked) & set(dropped_mask_keys))
+    both = sorted(set(survivors) & set(dropped_mask_keys))
     if both:
         raise SecureAggregationError(
             "the aggregator",
             f"{_names(both)} would have both secrets rebuilt, as survivors and as dropped, "
             "which reveals their updates; a node is one or the other",
         )
-    unseeded = sorted(set(masked) - set(self_mask_seeds))
+    unseeded = sorted(set(survivors) - set(self_mask_seeds))
     if unseeded:
         raise SecureAggregationError(
             "the aggregator", f"no self-mask seed was rebuilt for {_names(unseeded)}"
         )
     word = parameters.word
-    total = np.zeros(len(next(iter(masked.values()))) if masked else 0, dtype=word)
-    for node, vector in masked.items():
-        total += vector
+    total = masked.astype(word, copy=True)
+    for node in survivors:
         total -= expand(self_mask_seeds[node], total.size, word)
-    for node in masked:
-        for partner in sorted(set(partners[node]) - set(masked)):
+    for node in survivors:
+        for partner in sorted(set(partners[node]) - set(survivors)):
             if partner not in dropped_mask_keys:
                 raise SecureAggregationError(
                     "the aggregator",
@@ -146,12 +147,12 @@ def unmask_sum(
                 total -= expand(seed, total.size, word)
             else:
                 total += expand(seed, total.size, word)
-    largest = len(masked) * (parameters.levels - 1)
+    largest = len(survivors) * (parameters.levels - 1)
     wrong = int(np.count_nonzero(total > largest))
     if wrong:
         raise SecureAggregationError(
             "the aggregator",
             f"{wrong} coordinates of the unmasked sum are above the largest sum of "
-            f"{len(masked)} updates: a share or a masked vector was altered",
+            f"{len(survivors)} updates: a share or a masked vector was altered",
         )
     return total
