@@ -202,7 +202,7 @@ def test_demo_with_secure_aggregation_and_dp_epsilon_has_the_participants_add_th
      "--strategy fedavg --secure-aggregation needs 3 participants every round: pass "
      "--participants 3 or more"),
     (["--secure-aggregation", "--strategy", "median"],
-     "needs every update in the clear; secure aggregation reveals only their sum"),
+     "needs every update in the clear; secure aggregation reveals their sum"),
 ])
 def test_demo_refuses_a_privacy_it_cannot_give_before_anything_starts(
         tmp_path, capsys, arguments, message):

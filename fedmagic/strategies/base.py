@@ -34,7 +34,7 @@ import torch
 from ..errors import ConfigurationError
 from .aggregate import Fold, State, WeightedMean
 
-__all__ = ["Strategy", "Wrapper", "described_text"]
+__all__ = ["Strategy", "Wrapper", "described_text", "innermost", "layers", "require_mean"]
 
 
 class Strategy:
@@ -236,6 +236,34 @@ class Wrapper(Strategy):
         described = super().describe()
         described["strategy"] = self.strategy.describe()
         return described
+
+
+def layers(strategy: Strategy) -> list[Strategy]:
+    """The strategy and every one it wraps, outermost first."""
+    found = [strategy]
+    while isinstance(found[-1], Wrapper):
+        found.append(found[-1].strategy)
+    return found
+
+
+def innermost(strategy: Strategy) -> Strategy:
+    """The strategy at the heart of any wrappers: the one whose fold a round uses."""
+    return layers(strategy)[-1]
+
+
+def require_mean(strategy: Strategy, why: str) -> None:
+    """Refuse, for a wrapper, a strategy whose round is not a mean of the updates.
+
+    Raises:
+        ConfigurationError: saying ``why`` the wrapper needs a mean, and what would do.
+    """
+    if type(innermost(strategy)).fold is not Strategy.fold:
+        raise ConfigurationError(
+            "strategy",
+            str(strategy),
+            f"combines updates by a rule of its own (median, trimmed mean, Krum), {why}; "
+            "wrap FedAvg, FedProx, FedAvgM or an adaptive FedOpt",
+        )
 
 
 def described_text(described: Mapping[str, Any]) -> str:

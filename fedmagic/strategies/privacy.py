@@ -30,7 +30,7 @@ import torch
 
 from ..errors import ConfigurationError
 from .aggregate import State, accumulator_dtype
-from .base import Strategy, Wrapper, check_positive, check_share
+from .base import Strategy, Wrapper, check_positive, check_share, innermost, layers, require_mean
 from .fedavg import FedAvg
 
 __all__ = ["ClippedSum", "DifferentialPrivacy", "PrivacyAccountant", "PrivateTraining", "innermost"]
@@ -175,7 +175,7 @@ class DifferentialPrivacy(Wrapper):
                 "must be a strategy to wrap, such as FedAvg() or FedAdam(eta=0.01), "
                 "not another DifferentialPrivacy",
             )
-        if any(type(layer).__name__ == "SecureAggregation" for layer in _layers(inner)):
+        if any(type(layer).__name__ == "SecureAggregation" for layer in layers(inner)):
             raise ConfigurationError(
                 "strategy",
                 str(inner),
@@ -183,14 +183,9 @@ class DifferentialPrivacy(Wrapper):
                 "participants add the noise before masking: write "
                 "SecureAggregation(DifferentialPrivacy(...))",
             )
-        if type(innermost(inner)).fold is not Strategy.fold:
-            raise ConfigurationError(
-                "strategy",
-                str(inner),
-                "combines updates by a rule of its own (median, trimmed mean, Krum), "
-                "whose sensitivity to one participant has no bound to calibrate noise to; "
-                "wrap FedAvg, FedProx, FedAvgM or an adaptive FedOpt",
-            )
+        require_mean(
+            inner, "whose sensitivity to one participant has no bound to calibrate noise to"
+        )
         check_positive("clip", self.clip)
         check_share("sampling", self.sampling, lowest=0.0, below=1.0 + 1e-12)
         if self.sampling <= 0:
@@ -358,20 +353,6 @@ class PrivateTraining(Wrapper):
         check_positive("noise_multiplier", self.noise_multiplier)
         check_positive("max_grad_norm", self.max_grad_norm)
         check_share("delta", self.delta, lowest=1e-300)
-
-
-def _layers(strategy: Strategy) -> list[Strategy]:
-    layers = [strategy]
-    while isinstance(layers[-1], Wrapper):
-        layers.append(layers[-1].strategy)
-    return layers
-
-
-def innermost(strategy: Strategy) -> Strategy:
-    """The strategy at the heart of any wrappers: the one whose fold a round uses."""
-    while isinstance(strategy, Wrapper):
-        strategy = strategy.strategy
-    return strategy
 
 
 class ClippedSum:

@@ -35,9 +35,9 @@ import torch
 
 from ..errors import ConfigurationError
 from .aggregate import State
-from .base import Strategy, Wrapper, check_positive
+from .base import Strategy, Wrapper, check_positive, layers, require_mean
 from .fedavg import FedAvg
-from .privacy import DifferentialPrivacy, innermost
+from .privacy import DifferentialPrivacy
 from .secagg import SecAggParameters, SecAggServer, SecureSum
 
 __all__ = ["RoundSettings", "SecureAggregation", "SecureRoundPlan", "round_settings"]
@@ -133,21 +133,18 @@ class SecureAggregation(Wrapper):
 
     def __post_init__(self) -> None:
         inner = self.strategy
-        if not isinstance(inner, Strategy) or _has(inner, SecureAggregation):
+        if not isinstance(inner, Strategy) or any(
+            isinstance(layer, SecureAggregation) for layer in layers(inner)
+        ):
             raise ConfigurationError(
                 "strategy",
                 inner,
                 "must be a strategy to wrap, such as FedAvg() or DifferentialPrivacy(...), "
                 "not another SecureAggregation",
             )
-        if type(innermost(inner)).fold is not Strategy.fold:
-            raise ConfigurationError(
-                "strategy",
-                str(inner),
-                "combines updates by a rule of its own (median, trimmed mean, Krum), which "
-                "needs every update in the clear; secure aggregation reveals only their sum: "
-                "wrap FedAvg, FedProx, FedAvgM or an adaptive FedOpt",
-            )
+        require_mean(
+            inner, "which needs every update in the clear; secure aggregation reveals their sum"
+        )
         if self.clip is not None:
             check_positive("clip", self.clip)
         SecAggParameters(FEWEST, bits=self.bits)  # bits now; threshold and degree in check()
@@ -155,12 +152,8 @@ class SecureAggregation(Wrapper):
     @property
     def privacy(self) -> DifferentialPrivacy | None:
         """The differential privacy inside, whose noise the participants add."""
-        layer: Strategy = self.strategy
-        while isinstance(layer, Wrapper):
-            if isinstance(layer, DifferentialPrivacy):
-                return layer
-            layer = layer.strategy
-        return None
+        found = [layer for layer in layers(self.strategy) if isinstance(layer, DifferentialPrivacy)]
+        return found[0] if found else None
 
     def check(self, min_clients: int, max_clients: int) -> None:
         super().check(min_clients, max_clients)
@@ -300,12 +293,3 @@ def _privacy_layer(described: Any) -> Mapping[str, Any] | None:
             return described
         described = described.get("strategy")
     return None
-
-
-def _has(strategy: Strategy, kind: type[Strategy]) -> bool:
-    layer: Strategy | None = strategy
-    while layer is not None:
-        if isinstance(layer, kind):
-            return True
-        layer = layer.strategy if isinstance(layer, Wrapper) else None
-    return False
