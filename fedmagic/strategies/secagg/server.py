@@ -146,8 +146,11 @@ class SecAggServer:
             raise ProtocolError(node, "uploaded a second masked update in one round")
         data = message.get("masked") if isinstance(message, Mapping) else None
         word = self.parameters.word
-        size = memoryview(data).nbytes if isinstance(data, (bytes, np.ndarray)) else -1
-        if size != self._size * word.itemsize:
+        if (
+            not isinstance(data, (bytes, np.ndarray))
+            or (data.nbytes if isinstance(data, np.ndarray) else len(data))
+            != self._size * word.itemsize
+        ):
             raise ProtocolError(
                 node,
                 f"uploaded a masked update that is not {self._size} words of "
