@@ -331,6 +331,114 @@ def test_the_quickstart_in_jupyterlab_with_its_widget_and_the_federation_panel(t
     assert errors == []
 
 
+# The epsilon chart of the widget: its points and its round axis's labels; null if none.
+EPSILON_CHART = """() => {
+    const chart = [...document.querySelectorAll('.fedmagic-task .bqplot')].find(figure =>
+        figure.querySelector('.mainheading')?.textContent === 'epsilon spent');
+    return chart ? {points: chart.querySelectorAll('.dot').length,
+        rounds: [...chart.querySelector('.axis').querySelectorAll('.tick text')]
+            .map(t => t.textContent)} : null;
+}"""
+
+
+def epsilon_chart(page, points: int) -> dict | None:
+    """The epsilon chart, once it has ``points`` points (or, after 30 s, as it is)."""
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
+    with contextlib.suppress(PlaywrightTimeout):  # bqplot draws a moment after the data comes
+        page.wait_for_function(f"() => ({EPSILON_CHART})()?.points === {points}",
+                               timeout=30_000)
+    return page.evaluate(EPSILON_CHART)
+
+
+def card_rows(page, card: str) -> dict[str, str]:
+    """The rows of a Federation panel's card, by name: ``{'budget': 'ε 1.23 of ...'}``."""
+    return page.evaluate("""card => Object.fromEntries([...document.querySelector(card)
+        .querySelectorAll('.fedmagic-row')].map(row => [row.dataset.row,
+        row.querySelector('.fedmagic-value').innerText]))""", card)
+
+
+def words(text: str) -> str:
+    """``text`` with its white space as one reads it: single spaces."""
+    return " ".join(text.split())
+
+
+def test_a_secure_task_with_distributed_privacy_shows_its_budget_and_guarantees_in_jupyterlab(
+        tmp_path, page):
+    from opacus.accountants import RDPAccountant
+
+    quickstart = nbformat.read(NOTEBOOKS / "en" / "quickstart.ipynb", as_version=4)
+    task = next(cell.source for cell in quickstart.cells
+                if cell.source.startswith("%%fedavg_task"))
+    launch = "scheduler = QuickstartScheduler("
+    assert launch in task, "the quickstart's task cell no longer builds a QuickstartScheduler"
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("%load_ext fedmagic"),
+        nbformat.v4.new_code_cell("participants = %fedavg_local 3 --task private-digits"),
+        nbformat.v4.new_code_cell(  # the quickstart's task, 3 rounds, under distributed DP
+            task[:task.index(launch)] +
+            "from fedmagic.strategies import DifferentialPrivacy, FedAvg, SecureAggregation\n"
+            "\n"
+            "# epsilon 9.01 after 3 rounds of z=1: the target of 50 stops none of them\n"
+            "private = SecureAggregation(DifferentialPrivacy(\n"
+            "    FedAvg(), clip=0.1, noise_multiplier=1.0, target_epsilon=50.0))\n"
+            "scheduler = QuickstartScheduler(min_clients=3, max_clients=3, name='demo_task',\n"
+            "                                max_rounds=3)\n"
+            "scheduler.launch_task(task_id='private-digits', strategy=private)")])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                       "language": "python"}
+    accountant = RDPAccountant()  # Opacus's own count of 3 rounds: all drawn, z=1
+    for _ in range(3):
+        accountant.step(noise_multiplier=1.0, sample_rate=1.0)
+    epsilon = accountant.get_epsilon(delta=1e-5)
+    card = "section.fedmagic-TaskCard[data-task-id='private-digits']"
+
+    with serve("lab", tmp_path) as lab:
+        nbformat.write(notebook, lab.workdir / "private.ipynb")
+
+        open_notebook(page, lab.open("private.ipynb"))
+        page.click("li.lm-TabBar-tab[data-id='fedmagic-federation']")
+        run_all_cells(page)
+        # three participant kernels start and import torch before the widget's first round
+        wait_without_tracebacks(page, ".fedmagic-task", timeout=START_MS)
+        page.wait_for_selector(".fedmagic-task .fm-summary", timeout=START_MS + 180_000)
+        summary = page.inner_text(".fedmagic-task .fm-summary")
+        budget = page.locator(".fedmagic-task .fm-head .fm-budget").all_inner_texts()
+        guarantees = [words(line) for line in
+                      page.locator(".fedmagic-task .fm-guarantee").all_inner_texts()]
+        chart = epsilon_chart(page, points=3)
+        page.wait_for_selector(f"{card}[data-status='finished']", timeout=30_000)
+        page.click(f"{card} .fedmagic-card-toggle")  # an ended card starts folded
+        page.click(f"{card} [data-row='privacy'] summary")  # the lines past the first
+        privacy_rows = page.inner_text(f"{card} [data-row='privacy'] pre").splitlines()
+        rows = card_rows(page, card)
+        # tall enough that the picture holds the whole widget, down to its epsilon chart
+        page.set_viewport_size({"width": 1280, "height": 2400})
+        unreadable = in_each_theme(page, "privacy", ".fedmagic-task", ".fedmagic-FederationPanel")
+        errors = list(page.console_errors)
+
+    spent = f"ε {epsilon:.3g} of 50 spent at δ 1e-05"
+    seen = "seen: only the sum of 3 masked updates (t=2)"
+    secure = ("secure aggregation (SecAgg+): the initiator and the relay see each round's sum "
+              "of the updates, never one update, and only with at least t (a majority of each "
+              "node's neighbours and itself, e.g. 3 of 5) in it; updates quantised to 16 bits")
+    private = ("differential privacy: epsilon at most 50 at delta 1e-05 (each update clipped "
+               "to L2 norm 0.1, each participant drawn with probability 1 a round, Gaussian "
+               "noise of 1 x 0.1 on the sum, added by the participants before masking, each "
+               "its share (distributed))")
+    assert "Finished all 3 rounds" in summary, summary  # the budget stopped no round
+    # The widget's header: the budget spent, what the initiator saw, both guarantees
+    assert budget == [spent, seen], budget
+    assert guarantees == [f"privacy {secure}", f"privacy {private}"], guarantees
+    assert chart == {"points": 3, "rounds": ["1", "2", "3"]}, chart
+    # The Federation panel's card says the same
+    assert (rows.get("budget"), rows.get("secure")) == (spent, seen), rows
+    assert privacy_rows == [secure, private], privacy_rows
+    # Readable in both themes: every text at 4.5:1 or better
+    assert unreadable == {"light": [], "dark": []}
+    assert errors == []
+
+
 def test_stop_in_the_federation_panel_ends_a_task_still_waiting_for_participants(
         jupyterlab, page):
     notebook = nbformat.v4.new_notebook(cells=[
