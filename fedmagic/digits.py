@@ -18,10 +18,11 @@ import numpy as np
 import torch
 
 from .errors import ConfigurationError
+from .partition import SCHEMES, split_indices
 
 __all__ = ["SPLITS", "Layout", "Party", "mnist_like_digits", "write_mnist", "write_partitions"]
 
-SPLITS = ("iid", "by-label")
+SPLITS = SCHEMES
 _IMAGES_MAGIC, _LABELS_MAGIC = 0x00000803, 0x00000801
 
 
@@ -162,6 +163,7 @@ def write_partitions(
     participants: int,
     *,
     split: str = "iid",
+    alpha: float = 0.5,
     seed: int = 0,
     test_fraction: float = 0.2,
     data_dir: str = "data",
@@ -169,8 +171,10 @@ def write_partitions(
     """Write the digits for an initiator and ``participants`` nodes, the same way for a seed.
 
     Every party gets the same held-out test set; the initiator gets an empty training set (it
-    never trains, but MNIST needs all four files). ``by-label`` is McMahan et al.'s non-IID
-    scheme: training images sorted by label, cut into ``2 * participants`` shards, two each.
+    never trains, but MNIST needs all four files). ``split`` is a scheme of
+    :mod:`fedmagic.partition`: ``iid``; ``dirichlet``, each label shared out in
+    Dirichlet(``alpha``) proportions; or ``by-label``, McMahan et al.'s non-IID scheme:
+    training images sorted by label, cut into ``2 * participants`` shards, two each.
 
     Args:
         workdir: holds one working directory per party: ``initiator``, ``node-1`` ...
@@ -196,22 +200,7 @@ def write_partitions(
     images, labels = mnist_like_digits()
     rng = np.random.default_rng(seed)
     train, test = _split_test(labels, test_fraction, rng)
-    shards_needed = participants * (2 if split == "by-label" else 1)
-    if shards_needed > len(train):
-        raise ConfigurationError(
-            "participants",
-            participants,
-            f"{split!r} needs {shards_needed} training images for "
-            f"{participants} nodes but there are {len(train)}: "
-            "use fewer participants or a smaller test_fraction",
-        )
-    if split == "iid":
-        parts = np.array_split(train, participants)
-    else:
-        by_label = train[np.argsort(labels[train], kind="stable")]
-        shards = np.array_split(by_label, 2 * participants)
-        pairs = rng.permutation(2 * participants).reshape(participants, 2)
-        parts = [np.concatenate([shards[a], shards[b]]) for a, b in pairs]
+    parts = split_indices(train, labels, participants, split, rng, alpha=alpha)
 
     workdir = Path(workdir)
     test_x, test_y = images[test], labels[test]
