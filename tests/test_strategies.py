@@ -20,6 +20,7 @@ from fedmagic.engine.policy import RoundPolicy
 from fedmagic.errors import AggregationError, ConfigurationError, TaskDefinitionError
 from fedmagic.strategies import (
     BY_NAME,
+    DifferentialPrivacy,
     FedAdagrad,
     FedAdam,
     FedAvg,
@@ -424,3 +425,43 @@ def test_the_strategy_and_its_parameters_are_part_of_the_code_hash_and_of_what_c
     again = TaskPackage.from_header(packages[2].to_header())
     assert again.strategy == {"name": "FedProx", "weighted": True, "max_weight_share": None,
                               "mu": 0.1}
+
+
+# -- folds apart, merged: what a worker folding many participants sends ------------------------
+
+@pytest.mark.parametrize("strategy", [
+    FedAvg(), FedAvg(weighted=False), FedAdam(eta=0.1), FedMedian(), Krum(f=1),
+    DifferentialPrivacy(clip=0.5, noise_multiplier=1e-9),
+], ids=lambda strategy: type(strategy).__name__)
+def test_folds_merged_from_their_partials_give_what_one_fold_of_every_update_gives(strategy):
+    generator = torch.Generator().manual_seed(0)
+    start = {"w": torch.zeros(3, 4), "steps": torch.tensor(7)}
+    updates = [({"w": torch.randn(3, 4, generator=generator), "steps": torch.tensor(8 + i)},
+                strategy.weight(10 * (i + 1))) for i in range(7)]
+    strategy.begin(1, start)
+
+    whole = strategy.fold(start)
+    for state, weight in updates:
+        whole.add(state, weight)
+    merged = strategy.fold(start)
+    for part in (updates[:2], updates[2:3], updates[3:]):  # three workers
+        apart = strategy.fold(start)
+        for state, weight in part:
+            apart.add(state, weight)
+        merged.merge(apart.partial())
+        assert apart.count == 0  # a partial empties its fold, for the next round
+
+    assert merged.count == whole.count == 7
+    expected, got = whole.combine(), merged.combine()
+    assert set(got) == set(expected)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=1e-6, atol=1e-6)
+
+
+def test_a_partial_of_other_tensors_is_refused():
+    fold = FedAvg().fold({"w": torch.zeros(2)})
+    other = FedAvg().fold({"w": torch.zeros(3)})
+    other.add({"w": torch.ones(3)}, 1.0)
+
+    with pytest.raises(AggregationError, match="partial sum's tensor 'w' has shape"):
+        fold.merge(other.partial())

@@ -14,6 +14,7 @@ flag.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 from typing import Callable, ClassVar, Iterable, Mapping, Protocol, Sequence
 
 import torch
@@ -24,8 +25,10 @@ from ..wire.codec import DTYPES
 __all__ = [
     "Fold",
     "KeptUpdates",
+    "Partial",
     "WeightedMean",
     "accumulator_dtype",
+    "check_sums",
     "check_state",
     "coordinate_median",
     "krum_scores",
@@ -115,11 +118,31 @@ def accumulator_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64
 
 
+@dataclass
+class Partial:
+    """What a fold took in so far, to merge into another fold of the same round.
+
+    Where many updates are folded apart (a simulation worker folding its
+    virtual participants, say) and then brought together: a running sum
+    travels as its sums, its total weight and its count, one model's worth
+    however many it holds; a fold that keeps updates whole sends them all.
+    """
+
+    #: The running sums, by tensor name (empty for a fold that keeps updates).
+    sums: dict[str, torch.Tensor] = field(default_factory=dict)
+    weight: float = 0.0
+    count: int = 0
+    #: The updates a keeping fold holds, with their weights.
+    kept: list[tuple[State, float]] = field(default_factory=list)
+
+
 class Fold(Protocol):
     """A round's updates on their way to one state: what the round loop folds each into.
 
     A fold is made once per task and reset each round, so its memory is
-    reused from round to round.
+    reused from round to round. Folds of the same round merge: ``partial()``
+    of one, ``merge()`` into another, gives what one fold of all their
+    updates would.
     """
 
     #: Whether it holds the updates' own tensors (so their buffers cannot be reused).
@@ -139,6 +162,14 @@ class Fold(Protocol):
     def reset(self) -> None: ...
 
     def shares_memory_with(self, state: State) -> bool: ...
+
+    def partial(self) -> Partial:
+        """What it took in so far, in new tensors; the fold is empty afterwards."""
+        ...
+
+    def merge(self, partial: Partial) -> None:
+        """Take in another fold's ``partial()`` of the same round."""
+        ...
 
 
 class WeightedMean:
@@ -229,6 +260,29 @@ class WeightedMean:
         for total in self._sums.values():
             total.zero_()
         self.total_weight, self.count = 0.0, 0
+
+    def partial(self) -> Partial:
+        taken = Partial(
+            {name: total.clone() for name, total in self._sums.items()},
+            self.total_weight,
+            self.count,
+        )
+        self.reset()
+        return taken
+
+    def merge(self, partial: Partial) -> None:
+        """Add another mean's weighted sums in.
+
+        Raises:
+            AggregationError: for sums whose names or shapes differ from the reference's.
+        """
+        if partial.count == 0:
+            return
+        check_sums(partial.sums, self._sums)
+        for name, total in self._sums.items():
+            total.add_(partial.sums[name].to(dtype=total.dtype))
+        self.total_weight += partial.weight
+        self.count += partial.count
 
     def _check_not_empty(self) -> None:
         if self.count == 0:
@@ -369,6 +423,33 @@ class KeptUpdates:
 
     def shares_memory_with(self, state: State) -> bool:
         return False  # each round's updates are new tensors, let go once combined
+
+    def partial(self) -> Partial:
+        taken = Partial(
+            weight=sum(self._weights),
+            count=self.count,
+            kept=list(zip(self._states, self._weights, strict=True)),
+        )
+        self.reset()
+        return taken
+
+    def merge(self, partial: Partial) -> None:
+        for state, weight in partial.kept:
+            self.add(state, weight)
+
+
+def check_sums(sums: State, reference: State) -> None:
+    if set(sums) != set(reference):
+        raise AggregationError(
+            f"a partial sum's tensors differ from the reference's: "
+            f"{sorted(set(sums) ^ set(reference))}"
+        )
+    for name, total in reference.items():
+        if sums[name].shape != total.shape:
+            raise AggregationError(
+                f"a partial sum's tensor {name!r} has shape {tuple(sums[name].shape)}, the "
+                f"reference has {tuple(total.shape)}"
+            )
 
 
 def krum_scores(states: Sequence[State], f: int) -> list[float]:

@@ -29,7 +29,7 @@ from typing import Any, ClassVar, Mapping, Sequence
 import torch
 
 from ..errors import ConfigurationError
-from .aggregate import State, accumulator_dtype
+from .aggregate import Partial, State, accumulator_dtype, check_sums
 from .base import Strategy, Wrapper, check_positive, check_share, innermost, layers, require_mean
 from .fedavg import FedAvg
 
@@ -401,3 +401,18 @@ class ClippedSum:
 
     def shares_memory_with(self, state: State) -> bool:
         return False  # combine() hands out copies
+
+    def partial(self) -> Partial:
+        taken = Partial(
+            {name: total.clone() for name, total in self._sums.items()}, count=self.count
+        )
+        self.reset()
+        return taken
+
+    def merge(self, partial: Partial) -> None:
+        """Add another fold's sum of clipped updates in (each was clipped where it was folded)."""
+        if partial.count == 0:
+            return
+        check_sums(partial.sums, self._sums)
+        torch._foreach_add_(list(self._sums.values()), [partial.sums[n] for n in self._sums])
+        self.count += partial.count
