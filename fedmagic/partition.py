@@ -37,12 +37,12 @@ _DIRICHLET_TRIES = 100
 
 
 def labels_of(dataset: Any) -> np.ndarray:
-    """Every example's label: a dataset's ``targets`` (torchvision's), else each item's second
-    element, else the labels themselves when ``dataset`` is a sequence of them."""
+    """Every example's label: a dataset's ``targets`` (torchvision's), the labels themselves
+    (an array, a tensor or a sequence of them), else each item's second element."""
     targets = getattr(dataset, "targets", None)
     if targets is not None:
         return np.asarray(targets).reshape(-1)
-    if isinstance(dataset, np.ndarray) or (
+    if getattr(dataset, "ndim", None) == 1 or (  # an array or a tensor of labels
         isinstance(dataset, Sequence) and all(np.isscalar(item) for item in dataset)
     ):
         return np.asarray(dataset).reshape(-1)

@@ -1,14 +1,13 @@
 """Secure aggregation over the round loop: only the sum of the round's updates is revealed.
 
-The initiator and real participant runtimes run in this process, over the
-in-memory relay and a websocket relay on 127.0.0.1; each node's training
+The initiator and real participant runtimes run in this process (``inprocess``),
+over the in-memory relay and a websocket relay on 127.0.0.1; each node's training
 leaves its weights at a value of its own, so each round's model is a hand
 computation. Killing participant processes is in test_federation.
 """
 
 from __future__ import annotations
 
-import asyncio
 import re
 from typing import Any
 
@@ -17,20 +16,18 @@ import pytest
 import torch
 from scipy import stats
 
-from fedmagic.engine.checkpoint import Checkpoint
 from fedmagic.engine.participant import ParticipantRuntime
-from fedmagic.engine.policy import RoundPolicy
-from fedmagic.engine.rounds import Aggregator, TaskResult
+from fedmagic.engine.rounds import TaskResult
 from fedmagic.engine.task import TaskPackage
-from fedmagic.errors import ConnectionLost, TaskFailed
+from fedmagic.errors import TaskFailed
 from fedmagic.strategies import DifferentialPrivacy, FedAvg, SecureAggregation, Strategy
 from fedmagic.strategies.secagg.keys import SEALED_BYTES
 from fedmagic.wire.codec import StateReader
 from fedmagic.wire.frames import Kind
-from fedmagic.wire.messages import Secure, parse, sender
-from party import NODE
+from fedmagic.wire.messages import parse
+from inprocess import run_over_relay
 from secure_tiny import SAMPLES, VALUES, SecureTiny
-from test_rounds import TOKEN, a_relay
+from test_rounds import TOKEN
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -39,61 +36,16 @@ FRAMES_IN: list[tuple[str, Any]] = []
 
 
 def run_secure(tmp_path, nodes: list[str], *, rounds: int = 1,
-               strategy: Strategy | None = None, transport: str = "memory",
-               runtimes: dict[str, type[ParticipantRuntime]] | None = None,
-               min_clients: int = 3, consented: Strategy | None = None,
-               upload_timeout: float = 10) -> tuple[TaskResult | TaskFailed, list[str], dict]:
+               strategy: Strategy | None = None, min_clients: int = 3,
+               **options) -> tuple[TaskResult | TaskFailed, list[str], dict]:
     """Run SecureTiny under ``strategy`` (SecureAggregation() by default); the result (or
-    the failure), the task's events and each node's outcome. ``consented``: what the
-    participants are shown, when the initiator runs something else."""
-    strategy = strategy or SecureAggregation()
-    consented = consented or strategy
-    events: list[str] = []
+    the failure), the task's events and each node's outcome (see ``run_over_relay``).
+    ``FRAMES_IN`` gets every frame the initiator received."""
     FRAMES_IN.clear()
-
-    async def scenario():
-        async with a_relay(transport) as connect:
-            scheduler = SecureTiny(min_clients=min_clients, max_clients=len(nodes),
-                                   max_rounds=rounds, calculation_timeout=20)
-            scheduler._setup("secure")
-            package = TaskPackage.from_scheduler(scheduler, "secure",
-                                                 strategy=consented.describe())
-            link = await connect(role="initiator", task="secure", token=TOKEN)
-            recv = link.recv
-
-            async def watched_recv():
-                frame = await recv()
-                FRAMES_IN.append((sender(frame), frame))
-                return frame
-
-            link.recv = watched_recv
-            aggregator = Aggregator(scheduler, package, link,
-                                    checkpoint=Checkpoint(tmp_path / "models" / "secure"),
-                                    policy=RoundPolicy(join_timeout=20, join_grace=2,
-                                                       upload_timeout=upload_timeout),
-                                    strategy=strategy, on_event=events.append)
-
-            async def take_part(node: str):
-                NODE.set(node)
-                joined = await connect(role="participant", task="secure", token=TOKEN,
-                                       node=node, wait=10)
-                kind = (runtimes or {}).get(node, ParticipantRuntime)
-                runtime = kind(joined, node, lambda package: True, reconnect_window=0)
-                try:
-                    return await runtime.run()
-                except ConnectionLost as lost:
-                    return lost
-
-            parties = [asyncio.create_task(take_part(node)) for node in nodes]
-            try:
-                result = await aggregator.run()
-            except TaskFailed as failed:
-                result = failed
-            outcomes = await asyncio.wait_for(asyncio.gather(*parties), 20)
-            return result, dict(zip(nodes, outcomes))
-
-    result, outcomes = asyncio.run(asyncio.wait_for(scenario(), 50))
-    return result, events, outcomes
+    scheduler = SecureTiny(min_clients=min_clients, max_clients=len(nodes), max_rounds=rounds,
+                           calculation_timeout=20)
+    return run_over_relay(tmp_path, scheduler, nodes, strategy=strategy or SecureAggregation(),
+                          frames=FRAMES_IN, **options)
 
 
 def weighted_mean(nodes: list[str]) -> float:
@@ -284,7 +236,7 @@ def test_distributed_dp_noise_on_the_revealed_mean_has_the_calibrated_deviation(
 
     assert not isinstance(result, Exception), result
     t = result.history[0]["threshold"]
-    model = torch.load(tmp_path / "models" / "secure" / "model.pt", weights_only=True)
+    model = torch.load(tmp_path / "models" / "inprocess" / "model.pt", weights_only=True)
     weights = model["weight"].double().reshape(-1).numpy()
     # Each node's update (every weight at its value, norm 32 * value) is clipped to norm
     # 0.5, so 0.5 / 32 per weight; each adds noise of z C / sqrt(t); the mean is the sum

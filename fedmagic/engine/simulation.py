@@ -1,0 +1,203 @@
+"""A task run with many virtual participants on this machine: the same scheduler, unchanged.
+
+:class:`Simulation` shares the task's training set out among ``participants``
+virtual participants (:mod:`fedmagic.partition`), says what each holds, and
+runs the task's rounds as the relay path does, on the same strategy seam:
+who takes part (``sample``), what each is told (``config``), how updates
+weigh and fold, the server step (``next_state``), the history row
+(``record``). Workers (:class:`~fedmagic.engine.virtual.VirtualParticipants`)
+each fold their virtual participants' updates into one partial sum, which
+the round merges.
+
+The ``local`` engine runs one worker in this process. Secure aggregation is
+refused: its protocol among virtual participants of one process would hide
+nothing from anyone.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from ..errors import ConfigurationError, NotEnoughParticipants
+from ..partition import Partition, labels_of, partition
+from ..strategies import Strategy, resolve
+from ..strategies.base import layers
+from ..strategies.secure import SecureAggregation
+from .checkpoint import Checkpoint
+from .rounds import TaskResult
+from .scheduler import Scheduler, test_metrics
+from .state import NodeStatus, metrics_text
+from .task import TaskPackage
+from .virtual import Outcome, VirtualParticipants
+
+__all__ = ["ENGINES", "Simulation"]
+
+log = logging.getLogger("fedmagic")
+
+ENGINES = ("local",)
+
+
+class Simulation:
+    """A task's rounds with ``participants`` virtual participants.
+
+    Args:
+        scheduler: the author's scheduler, as for ``launch_task``; its
+            ``make_train_dataloader()`` gives the whole training set to share out.
+        participants: how many virtual participants.
+        partition: ``iid``, ``dirichlet`` or ``by-label`` (see :mod:`fedmagic.partition`).
+        alpha: Dirichlet's concentration; ``seed``: the partition's.
+        per_round: how many take part each round, drawn by the strategy; None: all.
+        strategy: as ``launch_task`` takes it.
+        engine: where the workers run: ``local`` (this process).
+        on_event: called with every event line.
+
+    Raises:
+        ConfigurationError: for a strategy or parameter a simulation cannot run with.
+    """
+
+    def __init__(
+        self,
+        scheduler: Scheduler,
+        participants: int,
+        *,
+        task_id: str,
+        partition: str = "iid",
+        alpha: float = 0.5,
+        seed: int = 0,
+        per_round: int | None = None,
+        strategy: Strategy | str | None = None,
+        engine: str = "local",
+        on_event: Callable[[str], None] | None = None,
+    ) -> None:
+        self.scheduler = scheduler
+        self.task_id = task_id
+        self.strategy = resolve(strategy)
+        if any(isinstance(layer, SecureAggregation) for layer in layers(self.strategy)):
+            raise ConfigurationError(
+                "strategy",
+                str(self.strategy),
+                "secure aggregation among virtual participants of one process would hide "
+                "nothing from anyone, so a simulation does not pretend to run it: simulate "
+                "the strategy it wraps, and measure what the protocol costs with "
+                "benchmarks/privacy.py",
+            )
+        if engine not in ENGINES:
+            raise ConfigurationError("engine", engine, f"choose one of {', '.join(ENGINES)}")
+        self.engine = engine
+        self.participants = participants
+        self.per_round = participants if per_round is None else per_round
+        self.on_event = on_event
+        self.scheme, self.alpha, self.seed = partition, alpha, seed
+        self.history: list[dict[str, Any]] = []
+        self.outcomes: dict[str, Outcome] = {}
+
+    def share_out(self) -> Partition:
+        """Each virtual participant's share of the training set, before anything runs."""
+        dataset = self.scheduler.make_train_dataloader().dataset
+        return partition(
+            labels_of(dataset),
+            self.participants,
+            scheme=self.scheme,
+            alpha=self.alpha,
+            seed=self.seed,
+            min_size=0 if self.scheme == "dirichlet" else 1,
+        )
+
+    def run(self) -> TaskResult:
+        """Run the task to its end, and say how it went."""
+        scheduler, strategy = self.scheduler, self.strategy
+        scheduler._setup(self.task_id)
+        strategy.check(min(scheduler.min_clients, self.per_round), self.per_round)
+        package = TaskPackage.from_scheduler(scheduler, self.task_id, strategy=strategy.describe())
+        shares = self.share_out()
+        self._event(shares.summary(rows=5))
+        nodes = [f"virtual-{index + 1}" for index in range(self.participants)]
+        worker = VirtualParticipants(
+            package, {node: shares.shares[i].tolist() for i, node in enumerate(nodes)}, strategy
+        )
+        name = scheduler.name
+        assert name is not None, "the scheduler was set up, which names the task"
+        checkpoint = Checkpoint((Path("models") / name).absolute())
+        reason = "finished"
+        while True:
+            number = scheduler.current_round + 1
+            why = strategy.stop_before(number)
+            if why is not None:
+                reason = f"stopped before round {number} by {why}"
+                self._event(f"task {self.task_id!r} {reason}")
+                break
+            self._round(number, nodes, worker, checkpoint, package)
+            if scheduler.is_task_finished():
+                break
+        self._event(f"task {self.task_id!r} {reason} after round {scheduler.current_round}")
+        return TaskResult(
+            self.task_id, name, scheduler.current_round, self.history, checkpoint.directory
+        )
+
+    def _round(
+        self,
+        number: int,
+        nodes: list[str],
+        worker: VirtualParticipants,
+        checkpoint: Checkpoint,
+        package: TaskPackage,
+    ) -> None:
+        scheduler, strategy = self.scheduler, self.strategy
+        started = time.perf_counter()
+        selected = strategy.sample(number, nodes, self.per_round)
+        global_state = scheduler.state_dict()
+        strategy.begin(number, global_state)
+        configs = {node: strategy.config(number, node) for node in selected}
+        done = worker.run_round(number, global_state, selected, configs)
+        fold = strategy.fold(global_state)
+        fold.merge(done.partial)
+        for outcome in done.outcomes:
+            self.outcomes[outcome.node] = outcome
+            if outcome.status != NodeStatus.UPLOADED:
+                self._event(f"round {number}: {outcome.node} {outcome.detail}", logging.WARNING)
+        needed = scheduler.min_clients if strategy.applies_min_clients else 0
+        if fold.count < needed or (fold.count == 0 and strategy.applies_min_clients):
+            raise NotEnoughParticipants(self.task_id, fold.count, needed, round=number)
+        combined = fold.combine()  # DP's clipped sum of none is zeros, which it noises
+        scheduler.load_state_dict(strategy.next_state(number, global_state, combined))
+        scheduler.current_round = number
+        finished = scheduler.is_task_finished()
+        folded = [o for o in done.outcomes if o.status == NodeStatus.UPLOADED]
+        row: dict[str, Any] = {
+            "round": number,
+            "participants": len(folded),
+            "samples": sum(o.samples for o in folded),
+        }
+        row.update(strategy.record(number))
+        log_rounds = scheduler.log_rounds
+        row["tested"] = tested = (
+            number == 1 or finished or (log_rounds > 0 and number % log_rounds == 0)
+        )
+        row["train_seconds"] = max((o.seconds for o in folded), default=None)
+        if tested:
+            row.update(test_metrics(scheduler.test()))
+        row["seconds"] = time.perf_counter() - started
+        self.history.append(row)
+        checkpoint.save(
+            scheduler.state_dict(),
+            number,
+            self.history,
+            self.task_id,
+            package.code_hash,
+            finished,
+            strategy,
+        )
+        shown = metrics_text(row)
+        self._event(
+            f"round {number}/{scheduler.max_rounds or '?'}: averaged {row['participants']} of "
+            f"{len(selected)} virtual participants' updates in {row['seconds']:.2f} s"
+            + (f"; {shown}" if shown else "")
+        )
+
+    def _event(self, text: str, level: int = logging.INFO) -> None:
+        log.log(level, text, extra={"event": True})
+        if self.on_event is not None:
+            self.on_event(text)
