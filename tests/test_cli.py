@@ -262,3 +262,18 @@ def test_a_script_whose_task_fails_ends_with_one_clear_message_not_fedmagics_int
         "NotEnoughParticipants: task 'lonely' failed: only 0 of the 2 participants needed "
         "(min_clients) joined and verified their data within 1 s; start more participants, "
         "lower min_clients, or raise join_timeout")
+
+
+@pytest.mark.slow
+def test_simulate_shares_the_digits_out_says_how_and_trains_them_all(tmp_path):
+    result = fedmagic("simulate", "--participants", "20", "--partition", "by-label",
+                      "--rounds", "2", "--workdir", str(tmp_path), timeout=START_TIMEOUT)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("20 participants, by-label (seed 0): 1438 examples")
+    assert "round 2/2: averaged 20 of 20 virtual participants' updates" in result.stdout
+    assert re.search(r"final accuracy [\d.]+% after 2 rounds with 20 virtual participants",
+                     result.stdout)
+    history = json.loads((tmp_path / "node-1/models/demo_task/history.json").read_text())
+    assert [row["participants"] for row in history] == [20, 20]
