@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import math
 import secrets
@@ -100,7 +101,7 @@ class SecureRound:
         """Updates in the revealed sum (0 before it is)."""
         return len(self._revealed_nodes)
 
-    @property
+    @functools.cached_property
     def masked_bytes(self) -> int:
         template = self.plan.masked_template()["masked"]
         return template.numel() * template.element_size()
