@@ -17,7 +17,7 @@ import torch.nn.functional as F
 import torchvision
 from torch.utils.data import DataLoader
 
-from fedmagic import logger
+from fedmagic.log import logger
 from fedmagic.fed_avg import FedAvgScheduler, FedSGDScheduler
 from fedmagic.strategies import BY_NAME, DifferentialPrivacy, SecureAggregation
 
