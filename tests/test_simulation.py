@@ -2,37 +2,57 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
 import pytest
 import torch
 
+from fedmagic.engine.dask_workers import balance, pack_round, unpack_round
 from fedmagic.engine.simulation import Simulation
+from fedmagic.engine.state import NodeStatus
+from fedmagic.engine.virtual import Outcome, WorkerRound
 from fedmagic.errors import ConfigurationError
-from fedmagic.strategies import DifferentialPrivacy, FedAdam, FedAvg, SecureAggregation
+from fedmagic.strategies import (DifferentialPrivacy, FedAdam, FedAvg, FedMedian,
+                                 SecureAggregation)
+from fedmagic.strategies.aggregate import Partial
 from inprocess import run_over_relay
 from shared_data import SharedData, shares
 
 pytestmark = pytest.mark.timeout(120)
 
 
-def simulated(tmp_path, monkeypatch, participants: int, strategy, rounds: int = 3, **options):
+def simulated(tmp_path, monkeypatch, participants: int, strategy, rounds: int = 3,
+              engine: str = "local", on_event_too=None, **options):
     tmp_path.mkdir(parents=True, exist_ok=True)
     monkeypatch.chdir(tmp_path)
     scheduler = SharedData(min_clients=1, max_clients=participants, max_rounds=rounds,
                            participants=participants, **options)
     events: list[str] = []
+
+    def on_event(event: str) -> None:
+        events.append(event)
+        if on_event_too is not None:
+            on_event_too(event)
+
     simulation = Simulation(scheduler, participants, task_id="simulated", seed=5,
-                            strategy=strategy, on_event=events.append)
+                            strategy=strategy, engine=engine, on_event=on_event,
+                            **({"workers": 2} if engine == "dask" else {}))
     result = simulation.run()
     return result, scheduler.state_dict(), events, simulation
 
 
+@pytest.mark.parametrize("engine", ["local", pytest.param("dask", marks=pytest.mark.slow)])
 @pytest.mark.parametrize("make", [FedAvg, lambda: FedAdam(eta=0.1)], ids=["FedAvg", "FedAdam"])
 def test_a_simulation_reaches_the_relay_paths_model_on_the_same_shares(
-        tmp_path, monkeypatch, make):
+        tmp_path, monkeypatch, make, engine):
     relay_scheduler = SharedData(min_clients=3, max_clients=3, max_rounds=3, participants=3)
     relayed, _, _ = run_over_relay(tmp_path / "relay", relay_scheduler, ["a", "b", "c"],
                                    strategy=make())
-    result, state, _, _ = simulated(tmp_path / "sim", monkeypatch, 3, make())
+    result, state, _, _ = simulated(tmp_path / "sim", monkeypatch, 3, make(), engine=engine)
 
     assert [row["participants"] for row in result.history] == [3, 3, 3]
     for name, tensor in relay_scheduler.state_dict().items():
@@ -73,3 +93,72 @@ def test_secure_aggregation_is_refused_rather_than_pretended(tmp_path):
     with pytest.raises(ConfigurationError, match="would hide nothing from anyone"):
         Simulation(SharedData(min_clients=3, max_clients=3), 3, task_id="refused",
                    strategy=SecureAggregation())
+
+
+@pytest.mark.slow
+def test_a_dask_worker_killed_mid_round_costs_its_participants_not_the_task(
+        tmp_path, monkeypatch):
+    tickets = tmp_path / "tickets"
+    tickets.mkdir()
+    killed: list[int] = []
+
+    def after_round_1(event: str) -> None:
+        if event.startswith("round 1/"):
+            (tickets / "hold").touch()  # the first participant to train in round 2 takes it
+            threading.Thread(target=kill_the_holder, daemon=True).start()
+
+    def kill_the_holder() -> None:
+        for _ in range(1200):  # bounded: two minutes
+            held = list(tickets.glob("held-*"))
+            if held:
+                pid = int(held[0].name.removeprefix("held-"))
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+                return
+            time.sleep(0.1)
+
+    result, _, events, simulation = simulated(
+        tmp_path / "run", monkeypatch, 12, FedAvg(), rounds=3, hold=str(tickets),
+        engine="dask", on_event_too=after_round_1)
+
+    assert killed, "no participant ever held its worker in round 2"
+    rows = [row["participants"] for row in result.history]
+    lost = [event for event in events if event.startswith("round 2: virtual-")]
+    assert rows[0] == 12 and 0 < rows[1] < 12 and rows[1] + len(lost) == 12
+    assert all("lost with its worker" in e and "died mid-round" in e for e in lost)
+    assert rows[2] == 12, "the restarted worker trains its participants again from round 3"
+    assert all(o.status == NodeStatus.UPLOADED for o in simulation.outcomes.values())
+    assert result.rounds == 3
+
+
+def test_a_strategy_keeping_every_update_is_refused_when_they_would_not_fit(tmp_path):
+    simulation = Simulation(SharedData(min_clients=1, max_clients=10, max_rounds=1), 10,
+                            task_id="median", strategy=FedMedian(), update_memory=100)
+
+    with pytest.raises(ConfigurationError, match=r"FedMedian holds every update of a round at "
+                       r"once: 10 updates of 60 bytes need 600 bytes; simulate fewer a round"):
+        simulation.run()
+
+
+def test_a_rounds_participants_are_shared_out_among_workers_by_samples():
+    samples = {"a": 50, "b": 40, "c": 30, "d": 20, "e": 10, "f": 0}
+
+    parts = balance(list(samples), samples, 2)
+
+    assert sorted(sum(parts, [])) == sorted(samples)
+    assert sorted(sum(samples[node] for node in part) for part in parts) == [70, 80]
+
+
+def test_a_workers_round_travels_as_frames_and_msgpack_and_comes_back_whole():
+    reference = {"w": torch.zeros(2, 3), "steps": torch.zeros((), dtype=torch.int64)}
+    sums = {"w": torch.arange(6.0).reshape(2, 3), "steps": torch.tensor(4.0, dtype=torch.float64)}
+    done = WorkerRound(Partial(sums, 2.5, 2), [
+        Outcome("virtual-1", NodeStatus.UPLOADED, 3, 0.25),
+        Outcome("virtual-2", NodeStatus.FAILED, 2, 0.5, "train() failed: boom", "Traceback"),
+    ])
+
+    back = unpack_round(pack_round(done), reference)
+
+    torch.testing.assert_close(back.partial.sums, sums)
+    assert (back.partial.weight, back.partial.count) == (2.5, 2)
+    assert back.outcomes == done.outcomes

@@ -9,9 +9,12 @@ weigh and fold, the server step (``next_state``), the history row
 each fold their virtual participants' updates into one partial sum, which
 the round merges.
 
-The ``local`` engine runs one worker in this process. Secure aggregation is
-refused: its protocol among virtual participants of one process would hide
-nothing from anyone.
+The ``local`` engine runs one worker in this process; ``dask`` runs one a
+core on a Dask cluster it starts, or on the user's cluster at ``address``
+(:mod:`~fedmagic.engine.dask_workers`). Secure aggregation is refused: its
+protocol among virtual participants of one process would hide nothing from
+anyone. Strategies that keep every update (median, Krum) get them all, within
+``update_memory``, or are refused before round 1.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Mapping, Protocol, Sequence
 
 from ..errors import ConfigurationError, NotEnoughParticipants
 from ..partition import Partition, labels_of, partition
@@ -29,15 +32,29 @@ from ..strategies.secure import SecureAggregation
 from .checkpoint import Checkpoint
 from .rounds import TaskResult
 from .scheduler import Scheduler, test_metrics
-from .state import NodeStatus, metrics_text
+from .state import NodeStatus, metrics_text, size_text
 from .task import TaskPackage
-from .virtual import Outcome, VirtualParticipants
+from .virtual import Outcome, VirtualParticipants, WorkerRound
 
 __all__ = ["ENGINES", "Simulation"]
 
 log = logging.getLogger("fedmagic")
 
-ENGINES = ("local",)
+ENGINES = ("local", "dask")
+
+
+class Workers(Protocol):
+    """Where a simulation's virtual participants train: one partial sum a worker a round."""
+
+    def run_round(
+        self,
+        number: int,
+        global_state: Mapping[str, Any],
+        nodes: Sequence[str],
+        configs: Mapping[str, dict[str, Any]],
+    ) -> list[WorkerRound]: ...
+
+    def close(self) -> None: ...
 
 
 class Simulation:
@@ -51,7 +68,12 @@ class Simulation:
         alpha: Dirichlet's concentration; ``seed``: the partition's.
         per_round: how many take part each round, drawn by the strategy; None: all.
         strategy: as ``launch_task`` takes it.
-        engine: where the workers run: ``local`` (this process).
+        engine: where the workers run: ``local`` (one, in this process) or ``dask``.
+        address: with ``dask``, a running Dask scheduler's address; None starts one
+            worker a core on this machine (``workers`` of them, if given).
+        resources: with ``dask``, what each worker's round asks of it, e.g. ``{"GPU": 1}``.
+        update_memory: the most bytes of updates a strategy that keeps every
+            update (median, Krum) may hold in a round.
         on_event: called with every event line.
 
     Raises:
@@ -70,6 +92,10 @@ class Simulation:
         per_round: int | None = None,
         strategy: Strategy | str | None = None,
         engine: str = "local",
+        address: str | None = None,
+        workers: int | None = None,
+        resources: dict[str, float] | None = None,
+        update_memory: int = 1 << 30,
         on_event: Callable[[str], None] | None = None,
     ) -> None:
         self.scheduler = scheduler
@@ -86,7 +112,17 @@ class Simulation:
             )
         if engine not in ENGINES:
             raise ConfigurationError("engine", engine, f"choose one of {', '.join(ENGINES)}")
-        self.engine = engine
+        if engine != "dask" and (address, workers, resources) != (None, None, None):
+            raise ConfigurationError(
+                "engine", engine, "address, workers and resources are for engine='dask'"
+            )
+        self.engine, self.address, self.workers, self.resources = (
+            engine,
+            address,
+            workers,
+            resources,
+        )
+        self.update_memory = update_memory
         self.participants = participants
         self.per_round = participants if per_round is None else per_round
         self.on_event = on_event
@@ -115,9 +151,50 @@ class Simulation:
         shares = self.share_out()
         self._event(shares.summary(rows=5))
         nodes = [f"virtual-{index + 1}" for index in range(self.participants)]
-        worker = VirtualParticipants(
-            package, {node: shares.shares[i].tolist() for i, node in enumerate(nodes)}, strategy
+        self._check_memory(scheduler.state_dict())
+        indices = {node: shares.shares[i].tolist() for i, node in enumerate(nodes)}
+        workers = self._start(package, indices)
+        try:
+            return self._rounds(nodes, workers, package)
+        finally:
+            workers.close()
+
+    def _start(self, package: TaskPackage, indices: dict[str, list[int]]) -> Workers:
+        if self.engine == "local":
+            return _InProcess(VirtualParticipants(package, indices, self.strategy))
+        from .dask_workers import DaskWorkers
+
+        started = time.perf_counter()
+        workers = DaskWorkers(
+            package,
+            indices,
+            self.strategy,
+            address=self.address,
+            workers=self.workers,
+            resources=self.resources,
         )
+        where = self.address or "this machine"
+        self._event(
+            f"Dask cluster on {where}: {len(workers.addresses())} workers, ready in "
+            f"{time.perf_counter() - started:.1f} s"
+        )
+        return workers
+
+    def _check_memory(self, state: dict[str, Any]) -> None:
+        state_bytes = sum(t.nelement() * t.element_size() for t in state.values())
+        need = self.strategy.round_memory(self.per_round, state_bytes)
+        if need > self.update_memory:
+            raise ConfigurationError(
+                "update_memory",
+                self.update_memory,
+                f"{type(self.strategy).__name__} holds every update of a round at once: "
+                f"{self.per_round} updates of {size_text(state_bytes)} need {size_text(need)}; "
+                "simulate fewer a round (per_round), raise update_memory, or choose a "
+                "strategy that folds updates, such as FedAvg",
+            )
+
+    def _rounds(self, nodes: list[str], workers: Workers, package: TaskPackage) -> TaskResult:
+        scheduler, strategy = self.scheduler, self.strategy
         name = scheduler.name
         assert name is not None, "the scheduler was set up, which names the task"
         checkpoint = Checkpoint((Path("models") / name).absolute())
@@ -129,7 +206,7 @@ class Simulation:
                 reason = f"stopped before round {number} by {why}"
                 self._event(f"task {self.task_id!r} {reason}")
                 break
-            self._round(number, nodes, worker, checkpoint, package)
+            self._round(number, nodes, workers, checkpoint, package)
             if scheduler.is_task_finished():
                 break
         self._event(f"task {self.task_id!r} {reason} after round {scheduler.current_round}")
@@ -141,7 +218,7 @@ class Simulation:
         self,
         number: int,
         nodes: list[str],
-        worker: VirtualParticipants,
+        workers: Workers,
         checkpoint: Checkpoint,
         package: TaskPackage,
     ) -> None:
@@ -151,10 +228,12 @@ class Simulation:
         global_state = scheduler.state_dict()
         strategy.begin(number, global_state)
         configs = {node: strategy.config(number, node) for node in selected}
-        done = worker.run_round(number, global_state, selected, configs)
         fold = strategy.fold(global_state)
-        fold.merge(done.partial)
-        for outcome in done.outcomes:
+        outcomes: list[Outcome] = []
+        for done in workers.run_round(number, global_state, selected, configs):
+            fold.merge(done.partial)
+            outcomes += done.outcomes
+        for outcome in outcomes:
             self.outcomes[outcome.node] = outcome
             if outcome.status != NodeStatus.UPLOADED:
                 self._event(f"round {number}: {outcome.node} {outcome.detail}", logging.WARNING)
@@ -165,7 +244,7 @@ class Simulation:
         scheduler.load_state_dict(strategy.next_state(number, global_state, combined))
         scheduler.current_round = number
         finished = scheduler.is_task_finished()
-        folded = [o for o in done.outcomes if o.status == NodeStatus.UPLOADED]
+        folded = [o for o in outcomes if o.status == NodeStatus.UPLOADED]
         row: dict[str, Any] = {
             "round": number,
             "participants": len(folded),
@@ -201,3 +280,22 @@ class Simulation:
         log.log(level, text, extra={"event": True})
         if self.on_event is not None:
             self.on_event(text)
+
+
+class _InProcess:
+    """The ``local`` engine: one worker, this process."""
+
+    def __init__(self, participants: VirtualParticipants) -> None:
+        self.participants = participants
+
+    def run_round(
+        self,
+        number: int,
+        global_state: Mapping[str, Any],
+        nodes: Sequence[str],
+        configs: Mapping[str, dict[str, Any]],
+    ) -> list[WorkerRound]:
+        return [self.participants.run_round(number, global_state, nodes, configs)]
+
+    def close(self) -> None:
+        pass

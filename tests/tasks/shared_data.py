@@ -7,6 +7,10 @@ itself with the same scheme and seed. Training is deterministic (no shuffling, S
 without momentum), so both paths compute the same updates.
 """
 
+import os
+import time
+from pathlib import Path
+
 import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Subset, TensorDataset
@@ -26,10 +30,12 @@ def shares(participants: int):
 
 
 class SharedData(FedAvgScheduler):
-    def __init__(self, *args, participants: int = 3, failing: str = "", **kwargs):
+    def __init__(self, *args, participants: int = 3, failing: str = "", hold: str = "",
+                 **kwargs):
         super().__init__(*args, **kwargs)
         self.participants = participants
         self.failing = failing
+        self.hold = hold
 
     def make_model(self):
         torch.manual_seed(0)
@@ -52,6 +58,8 @@ class SharedData(FedAvgScheduler):
     def load_state_dict(self, state_dict): self.model.load_state_dict(state_dict)
 
     def train(self):
+        if self.hold and _claim(Path(self.hold)):
+            time.sleep(300)  # until the test kills this process
         for inputs, labels in self.make_train_dataloader():
             if self.failing and float(inputs[0, 0]) == float(INPUTS[int(self.failing), 0]):
                 raise RuntimeError("simulated failure on the share holding a chosen example")
@@ -65,3 +73,12 @@ class SharedData(FedAvgScheduler):
             output = self.model(inputs)
         return {"loss": float(F.cross_entropy(output, labels)),
                 "accuracy": float((output.argmax(1) == labels).float().mean())}
+
+
+def _claim(directory: Path) -> bool:
+    """Whether this process took the one ``hold`` ticket the test laid in ``directory``."""
+    try:
+        os.rename(directory / "hold", directory / f"held-{os.getpid()}")
+    except FileNotFoundError:
+        return False
+    return True
