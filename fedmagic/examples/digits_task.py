@@ -17,8 +17,8 @@ import torch.nn.functional as F
 import torchvision
 from torch.utils.data import DataLoader
 
-from fedmagic.log import logger
 from fedmagic.fed_avg import FedAvgScheduler, FedSGDScheduler
+from fedmagic.log import logger
 from fedmagic.strategies import BY_NAME, DifferentialPrivacy, SecureAggregation
 
 NORMALIZE = torchvision.transforms.Compose(
