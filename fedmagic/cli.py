@@ -173,7 +173,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     simulate = commands.add_parser(
         "simulate",
-        help="run the demo's digits task with many virtual participants in this process",
+        help="run the demo's digits task with many virtual participants on Dask workers",
     )
     simulate.add_argument("--participants", type=int, default=100, help="default 100")
     simulate.add_argument("--partition", default="iid", choices=("iid", "dirichlet", "by-label"))
@@ -190,6 +190,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         choices=_StrategyNames(),
         metavar="NAME",
         help="how each round combines the updates: %(choices)s (default fedavg)",
+    )
+    simulate.add_argument(
+        "--engine",
+        choices=("dask", "local"),
+        default="dask",
+        help="dask: workers on a Dask cluster (default); local: one worker in this process",
+    )
+    simulate.add_argument(
+        "--address", help="a running Dask scheduler's (default: start workers on this machine)"
+    )
+    simulate.add_argument(
+        "--workers", type=int, help="Dask workers to start here (default: one a core)"
     )
     simulate.add_argument("--workdir", help="default: a new temporary directory")
 
@@ -408,6 +420,7 @@ def _simulate(options: argparse.Namespace) -> int:
     from .engine.simulation import Simulation
     from .errors import FedMagicError
     from .examples.digits_task import DigitsScheduler
+    from .log import log_sink
 
     workdir = Path(options.workdir or tempfile.mkdtemp(prefix="fedmagic-simulate-"))
     # One party holding every training image: the author's, which the simulation shares out
@@ -416,6 +429,8 @@ def _simulate(options: argparse.Namespace) -> int:
     scheduler = DigitsScheduler(
         min_clients=1, max_clients=options.participants, name="demo_task", max_rounds=options.rounds
     )
+    bars = _RoundBars()
+    log_sink.set(bars.write)  # the task's own log lines print above the bar, as events do
     try:
         simulation = Simulation(
             scheduler,
@@ -426,17 +441,62 @@ def _simulate(options: argparse.Namespace) -> int:
             seed=options.seed,
             per_round=options.per_round,
             strategy=options.strategy,
-            on_event=print,
+            engine=options.engine,
+            address=options.address,
+            workers=options.workers,
+            on_event=bars.write,
+            on_progress=bars.show,
         )
         result = simulation.run()
     except FedMagicError as failed:
         print(f"fedmagic simulate: {failed}", file=sys.stderr)
         return 2
+    finally:
+        bars.close()
     print(
         f"final accuracy {result.metrics['accuracy']:.1%} after {result.rounds} rounds with "
         f"{options.participants} virtual participants; checkpoint in {result.checkpoint}"
     )
     return 0
+
+
+class _RoundBars:
+    """A terminal progress bar a simulated round: participants done of those selected."""
+
+    def __init__(self) -> None:
+        self.bar: Any = None
+        self.number = 0
+
+    def show(self, progress: Any) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None or progress.number != self.number:
+            self.close()
+            self.number = progress.number
+            self.bar = tqdm(
+                total=progress.selected,
+                desc=f"round {progress.number}",
+                unit="participant",
+                leave=False,
+                dynamic_ncols=True,
+                disable=not sys.stderr.isatty(),  # a bar only on a terminal
+            )
+        self.bar.n = progress.done
+        left_out = progress.done - progress.counts.get("uploaded", 0)
+        self.bar.set_postfix_str(f"{left_out} left out" if left_out else "", refresh=False)
+        self.bar.refresh()
+        if progress.finished:
+            self.close()
+
+    def write(self, line: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(line, file=sys.stdout)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _demo(options: argparse.Namespace) -> int:

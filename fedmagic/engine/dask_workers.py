@@ -24,8 +24,9 @@ import heapq
 import logging
 import os
 import threading
+import time
 import uuid
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import msgpack
 import torch
@@ -44,6 +45,9 @@ log = logging.getLogger("fedmagic")
 
 #: How often a round's wait looks for workers that left.
 POLL_SECONDS = 0.5
+
+#: How often a worker tells of its participants' outcomes mid-round (what a display shows).
+REPORT_SECONDS = 0.25
 
 #: A state travels as frames of at most this much payload each.
 _CHUNK_BYTES = 64 << 20
@@ -107,12 +111,21 @@ class DaskWorkers:
         self.resources = dict(resources) if resources else None
         self.samples = {node: len(indices) for node, indices in shares.items()}
         self._key = f"{package.task_id}-{uuid.uuid4().hex}"
-        setup = msgpack.packb(
+        self._setup_bytes = msgpack.packb(
             {"task": package.to_header(), "shares": {n: list(s) for n, s in shares.items()}},
             use_bin_type=True,
         )
+        self._strategy_object = strategy
+        self._scatter_setup()
+        # Outcomes as workers report them mid-round, through Dask's structured events
+        self._topic = f"fedmagic-progress-{self._key}"
+        self._listening: tuple[int, Callable[[list[Outcome]], None]] | None = None
+        self.client.subscribe_topic(self._topic, self._heard)
+
+    def _scatter_setup(self) -> None:
+        """Give every worker the task, the shares and the strategy."""
         self._setup, self._strategy = self.client.scatter(
-            [setup, strategy], broadcast=True, hash=False
+            [self._setup_bytes, self._strategy_object], broadcast=True, hash=False
         )
 
     def addresses(self) -> list[str]:
@@ -125,11 +138,14 @@ class DaskWorkers:
         global_state: Mapping[str, torch.Tensor],
         nodes: Sequence[str],
         configs: Mapping[str, dict[str, Any]],
+        progress: Callable[[list[Outcome]], None] | None = None,
     ) -> list[WorkerRound]:
         """Each worker trains its part of ``nodes`` and folds their updates.
 
         A worker that dies or leaves before it answers costs its part: each
-        of them comes back failed, saying so.
+        of them comes back failed, saying so. ``progress`` hears of outcomes
+        as workers report them, a few times a second; what comes back is the
+        whole account.
         """
         distributed, client = self._distributed, self.client
         addresses = self.addresses()
@@ -138,13 +154,12 @@ class DaskWorkers:
                 f"the Dask cluster at {self.address} has no workers; start some "
                 "(dask worker ADDRESS) or leave address= out to start them here"
             )
-        [state] = client.scatter([pack_state(global_state)], broadcast=True, hash=False)
-        pending = {}
-        parts = balance(nodes, self.samples, len(addresses))
-        for address, part in zip(addresses, parts, strict=True):
-            if not part:
-                continue
-            future = client.submit(
+        packed = pack_state(global_state)
+        [state] = client.scatter([packed], broadcast=True, hash=False)
+        topic = self._topic if progress is not None else None
+
+        def submit(address: str, part: list[str], state: Any) -> Any:
+            return client.submit(
                 _train_part,
                 self._key,
                 self._setup,
@@ -153,14 +168,23 @@ class DaskWorkers:
                 number,
                 part,
                 {node: configs.get(node) or {} for node in part},
+                topic,
                 workers=[address],
                 allow_other_workers=False,
                 resources=self.resources,
                 pure=False,
                 key=f"fedmagic-round-{number}-{uuid.uuid4().hex}",
             )
-            pending[future] = (address, part)
+
+        parts = balance(nodes, self.samples, len(addresses))
+        pending = {
+            submit(address, part, state): (address, part)
+            for address, part in zip(addresses, parts, strict=True)
+            if part
+        }
         rounds: list[WorkerRound] = []
+        retried = False
+        self._listening = (number, progress) if progress is not None else None
         while pending:
             try:
                 with client.as_current():
@@ -171,21 +195,38 @@ class DaskWorkers:
                 pass
             present = set(self.addresses())
             for future, (address, part) in list(pending.items()):
-                if future.done():
+                if future.cancelled() and not retried and address in present:
+                    # Data it needed went with a worker that left as it was sent: send
+                    # it all again, once, and run the part on the same worker.
+                    retried = True
+                    del pending[future]
+                    self._scatter_setup()
+                    [state] = client.scatter([packed], broadcast=True, hash=False)
+                    pending[submit(address, part, state)] = (address, part)
+                elif future.done():
                     del pending[future]
                     rounds.append(self._result(future, address, part, global_state))
                 elif address not in present:
                     del pending[future]
                     future.cancel()
                     rounds.append(_lost(part, self.samples, f"its Dask worker {address} left"))
-        del state
+        self._listening = None
         return rounds
+
+    def _heard(self, event: tuple[float, Any]) -> None:
+        listening = self._listening
+        number, reported = event[1]
+        if listening is None or listening[0] != number:
+            return  # a late word from a round already accounted for
+        listening[1]([Outcome(n, NodeStatus(s), k, t, d) for n, s, k, t, d in reported])
 
     def _result(
         self, future: Any, address: str, part: list[str], reference: Mapping[str, torch.Tensor]
     ) -> WorkerRound:
         if future.status == "finished":
             return unpack_round(future.result(), reference)
+        if future.cancelled():
+            return _lost(part, self.samples, f"Dask cancelled its round on worker {address}")
         exception = future.exception()
         if isinstance(exception, self._distributed.KilledWorker):
             why = f"its Dask worker {address} died mid-round"
@@ -196,6 +237,7 @@ class DaskWorkers:
     def close(self) -> None:
         """Let the workers forget this task, and stop a cluster started here."""
         try:
+            self.client.unsubscribe_topic(self._topic)
             self.client.run(_forget, self._key)
         finally:
             self.client.close()
@@ -235,6 +277,7 @@ def _train_part(
     number: int,
     nodes: list[str],
     configs: dict[str, dict[str, Any]],
+    topic: str | None,
 ) -> bytes:
     with _hosting:
         participants = _hosted.get(key)
@@ -246,7 +289,27 @@ def _train_part(
             )
     global_state = unpack_state(state)
     participants.strategy.begin(number, global_state)
-    return pack_round(participants.run_round(number, global_state, nodes, configs))
+    report = _Reporter(topic, number) if topic is not None else None
+    return pack_round(participants.run_round(number, global_state, nodes, configs, None, report))
+
+
+class _Reporter:
+    """Tells the driver of outcomes as they come, a few times a second, as Dask events."""
+
+    def __init__(self, topic: str, number: int) -> None:
+        from distributed import get_worker
+
+        self.worker = get_worker()
+        self.topic, self.number = topic, number
+        self.waiting: list[list[Any]] = []
+        self.last = time.monotonic()
+
+    def __call__(self, outcome: Outcome) -> None:
+        o = outcome
+        self.waiting.append([o.node, str(o.status), o.samples, o.seconds, o.detail])
+        if time.monotonic() - self.last >= REPORT_SECONDS:
+            self.worker.log_event(self.topic, [self.number, self.waiting])
+            self.waiting, self.last = [], time.monotonic()
 
 
 def _forget(key: str) -> None:

@@ -30,6 +30,7 @@ from ..strategies import Strategy, resolve
 from ..strategies.base import layers
 from ..strategies.secure import SecureAggregation
 from .checkpoint import Checkpoint
+from .progress import RoundProgress
 from .rounds import TaskResult
 from .scheduler import Scheduler, test_metrics
 from .state import NodeStatus, metrics_text, size_text
@@ -40,7 +41,7 @@ __all__ = ["ENGINES", "Simulation"]
 
 log = logging.getLogger("fedmagic")
 
-ENGINES = ("local", "dask")
+ENGINES = ("dask", "local")
 
 
 class Workers(Protocol):
@@ -52,6 +53,7 @@ class Workers(Protocol):
         global_state: Mapping[str, Any],
         nodes: Sequence[str],
         configs: Mapping[str, dict[str, Any]],
+        progress: Callable[[list[Outcome]], None] | None = None,
     ) -> list[WorkerRound]: ...
 
     def close(self) -> None: ...
@@ -68,13 +70,16 @@ class Simulation:
         alpha: Dirichlet's concentration; ``seed``: the partition's.
         per_round: how many take part each round, drawn by the strategy; None: all.
         strategy: as ``launch_task`` takes it.
-        engine: where the workers run: ``local`` (one, in this process) or ``dask``.
+        engine: where the workers run: ``dask`` (a Dask cluster's workers) or
+            ``local`` (one worker, in this process: quick to start, for small runs).
         address: with ``dask``, a running Dask scheduler's address; None starts one
             worker a core on this machine (``workers`` of them, if given).
         resources: with ``dask``, what each worker's round asks of it, e.g. ``{"GPU": 1}``.
         update_memory: the most bytes of updates a strategy that keeps every
             update (median, Krum) may hold in a round.
         on_event: called with every event line.
+        on_progress: called with the round's :class:`~fedmagic.engine.progress.RoundProgress`
+            as outcomes come (a few times a second at most) and once it is accounted for.
 
     Raises:
         ConfigurationError: for a strategy or parameter a simulation cannot run with.
@@ -91,12 +96,13 @@ class Simulation:
         seed: int = 0,
         per_round: int | None = None,
         strategy: Strategy | str | None = None,
-        engine: str = "local",
+        engine: str = "dask",
         address: str | None = None,
         workers: int | None = None,
         resources: dict[str, float] | None = None,
         update_memory: int = 1 << 30,
         on_event: Callable[[str], None] | None = None,
+        on_progress: Callable[[RoundProgress], None] | None = None,
     ) -> None:
         self.scheduler = scheduler
         self.task_id = task_id
@@ -126,6 +132,9 @@ class Simulation:
         self.participants = participants
         self.per_round = participants if per_round is None else per_round
         self.on_event = on_event
+        self.on_progress = on_progress
+        #: The round running or last run.
+        self.progress: RoundProgress | None = None
         self.scheme, self.alpha, self.seed = partition, alpha, seed
         self.history: list[dict[str, Any]] = []
         self.outcomes: dict[str, Outcome] = {}
@@ -230,13 +239,18 @@ class Simulation:
         configs = {node: strategy.config(number, node) for node in selected}
         fold = strategy.fold(global_state)
         outcomes: list[Outcome] = []
-        for done in workers.run_round(number, global_state, selected, configs):
+        self.progress = RoundProgress(number, len(selected))
+        heard = self._hearing(self.progress) if self.on_progress is not None else None
+        for done in workers.run_round(number, global_state, selected, configs, heard):
             fold.merge(done.partial)
             outcomes += done.outcomes
+        self.progress = RoundProgress(number, len(selected), finished=True)
+        self.progress.add(outcomes)
+        if self.on_progress is not None:
+            self.on_progress(self.progress)
         for outcome in outcomes:
             self.outcomes[outcome.node] = outcome
-            if outcome.status != NodeStatus.UPLOADED:
-                self._event(f"round {number}: {outcome.node} {outcome.detail}", logging.WARNING)
+        self._say_who_was_left_out(number, outcomes)
         needed = scheduler.min_clients if strategy.applies_min_clients else 0
         if fold.count < needed or (fold.count == 0 and strategy.applies_min_clients):
             raise NotEnoughParticipants(self.task_id, fold.count, needed, round=number)
@@ -276,6 +290,35 @@ class Simulation:
             + (f"; {shown}" if shown else "")
         )
 
+    def _hearing(self, progress: RoundProgress) -> Callable[[list[Outcome]], None]:
+        """What takes outcomes mid-round: counted at once, shown at most ten times a second."""
+        shown = 0.0
+
+        def heard(outcomes: list[Outcome]) -> None:
+            nonlocal shown
+            progress.add(outcomes)
+            if self.on_progress is not None and time.monotonic() - shown >= 0.1:
+                shown = time.monotonic()
+                self.on_progress(progress)
+
+        return heard
+
+    def _say_who_was_left_out(self, number: int, outcomes: list[Outcome]) -> None:
+        """One warning for each reason, naming a few: not thousands of lines."""
+        by_reason: dict[str, list[str]] = {}
+        for outcome in outcomes:
+            if outcome.status != NodeStatus.UPLOADED:
+                by_reason.setdefault(outcome.detail, []).append(outcome.node)
+        for why, nodes in by_reason.items():
+            if len(nodes) == 1:
+                self._event(f"round {number}: {nodes[0]} {why}", logging.WARNING)
+                continue
+            named = ", ".join(nodes[:3]) + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
+            self._event(
+                f"round {number}: {len(nodes)} virtual participants ({named}): {why}",
+                logging.WARNING,
+            )
+
     def _event(self, text: str, level: int = logging.INFO) -> None:
         log.log(level, text, extra={"event": True})
         if self.on_event is not None:
@@ -294,8 +337,10 @@ class _InProcess:
         global_state: Mapping[str, Any],
         nodes: Sequence[str],
         configs: Mapping[str, dict[str, Any]],
+        progress: Callable[[list[Outcome]], None] | None = None,
     ) -> list[WorkerRound]:
-        return [self.participants.run_round(number, global_state, nodes, configs)]
+        heard = (lambda outcome: progress([outcome])) if progress is not None else None
+        return [self.participants.run_round(number, global_state, nodes, configs, None, heard)]
 
     def close(self) -> None:
         pass

@@ -40,7 +40,8 @@ def share_loader(loader: DataLoader, indices: Sequence[int]) -> DataLoader:
     return DataLoader(
         Subset(loader.dataset, list(indices)),
         batch_size=loader.batch_size,
-        shuffle=isinstance(loader.sampler, RandomSampler),
+        # a sampler refuses to shuffle nothing; an empty share is never trained on
+        shuffle=isinstance(loader.sampler, RandomSampler) and len(indices) > 0,
         drop_last=loader.drop_last,
         collate_fn=loader.collate_fn,
     )
@@ -92,19 +93,31 @@ class VirtualParticipants:
         nodes: Sequence[str],
         configs: Mapping[str, dict[str, Any]] | None = None,
         epochs: int | None = None,
+        progress: Callable[[Outcome], None] | None = None,
     ) -> WorkerRound:
         """Train each of ``nodes`` from ``global_state`` and fold their updates.
 
         A virtual participant whose ``train()`` raises is reported failed, and one whose
         update holds NaN or has no weight refused; the others' updates are folded all the same.
+        ``progress`` hears of each outcome as it comes.
         """
         scheduler = self.scheduler
         epochs = epochs or scheduler.merge_epochs
         fold = self.strategy.fold(global_state)
-        outcomes = []
+        outcomes: list[Outcome] = []
+
+        def record(outcome: Outcome) -> None:
+            outcomes.append(outcome)
+            if progress is not None:
+                progress(outcome)
+
         for node in nodes:
             loader = self.loaders[node]
             samples = len(loader.dataset)  # type: ignore[arg-type]
+            if samples == 0:
+                why = "its share of the training set is empty, so it has nothing to train on"
+                record(Outcome(node, NodeStatus.REFUSED, 0, 0.0, why))
+                continue
             started = time.perf_counter()
             # The task's own train() calls make_train_dataloader(): it gets this share
             scheduler.make_train_dataloader = _giving(loader)  # type: ignore[method-assign]
@@ -117,7 +130,7 @@ class VirtualParticipants:
                     scheduler.train()
                 update = scheduler.state_dict()
             except Exception as exc:
-                outcomes.append(
+                record(
                     Outcome(
                         node,
                         NodeStatus.FAILED,
@@ -133,7 +146,7 @@ class VirtualParticipants:
             why = (
                 f"non-finite values (NaN or infinity) in {', '.join(bad)}"
                 if bad
-                else "it has no training samples, so it has no weight"
+                else f"the strategy gives its {samples} samples no weight"
                 if weight <= 0
                 else ""
             )
@@ -141,7 +154,7 @@ class VirtualParticipants:
                 kept = {name: t.detach().clone() for name, t in update.items()}
                 fold.add(kept if fold.keeps else update, weight)
             status = NodeStatus.REFUSED if why else NodeStatus.UPLOADED
-            outcomes.append(Outcome(node, status, samples, time.perf_counter() - started, why))
+            record(Outcome(node, status, samples, time.perf_counter() - started, why))
         return WorkerRound(fold.partial(), outcomes)
 
 

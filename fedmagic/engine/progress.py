@@ -1,0 +1,84 @@
+"""A simulated round as it goes: counts, the slowest and the failed, and histograms.
+
+Thousands of virtual participants make a table of one row each unreadable
+(and a display of one slow to draw), so a simulation's round is summed up
+as it runs: how many of those selected are done, by status; the few
+slowest and the failed with why; how samples and train time spread.
+"""
+
+from __future__ import annotations
+
+import heapq
+import math
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+from .state import NodeStatus
+from .virtual import Outcome
+
+__all__ = ["RoundProgress", "histogram"]
+
+#: How many of the slowest and of the failed a summary names.
+SHOWN = 5
+
+
+@dataclass
+class RoundProgress:
+    """One round of a simulation, summed up from its participants' outcomes so far."""
+
+    number: int
+    selected: int
+    counts: dict[str, int] = field(default_factory=dict)
+    #: The slowest so far, slowest first, as (seconds, node).
+    slowest: list[tuple[float, str]] = field(default_factory=list)
+    #: The first few failed or refused, as (node, why).
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    samples: list[int] = field(default_factory=list)
+    seconds: list[float] = field(default_factory=list)
+    finished: bool = False
+
+    @property
+    def done(self) -> int:
+        """Participants that have an outcome this round, whatever it is."""
+        return sum(self.counts.values())
+
+    def add(self, outcomes: Iterable[Outcome]) -> None:
+        for outcome in outcomes:
+            status = str(outcome.status)
+            self.counts[status] = self.counts.get(status, 0) + 1
+            if outcome.status == NodeStatus.UPLOADED:
+                self.samples.append(outcome.samples)
+                self.seconds.append(outcome.seconds)
+                heapq.heappush(self.slowest, (outcome.seconds, outcome.node))
+                if len(self.slowest) > SHOWN:
+                    heapq.heappop(self.slowest)
+            elif len(self.failed) < SHOWN:
+                self.failed.append((outcome.node, outcome.detail))
+
+    def summary(self) -> dict[str, Any]:
+        """What a display shows: plain values only (a widget's traitlet, a JSON line)."""
+        return {
+            "round": self.number,
+            "selected": self.selected,
+            "done": self.done,
+            "counts": dict(self.counts),
+            "slowest": [[node, seconds] for seconds, node in sorted(self.slowest, reverse=True)],
+            "failed": [list(pair) for pair in self.failed],
+            "samples": histogram(self.samples),
+            "seconds": histogram(self.seconds),
+            "finished": self.finished,
+        }
+
+
+def histogram(values: list[int] | list[float], bins: int = 12) -> dict[str, list[float]]:
+    """``values`` counted in ``bins`` equal bins: ``edges`` (bins + 1 of them) and ``counts``."""
+    if not values:
+        return {"edges": [], "counts": []}
+    low, high = float(min(values)), float(max(values))
+    if high == low:
+        return {"edges": [low, high], "counts": [float(len(values))]}
+    width = (high - low) / bins
+    counts = [0.0] * bins
+    for value in values:
+        counts[min(math.floor((value - low) / width), bins - 1)] += 1
+    return {"edges": [low + width * index for index in range(bins + 1)], "counts": counts}
