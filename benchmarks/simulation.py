@@ -173,34 +173,58 @@ class Participants:
         scheduler.train()
         return scheduler.state_dict()
 
-    def serial_ms(self, count: int) -> float:
-        """The pure compute: ``count`` participants in a plain loop; ms per participant."""
+    def serial_ms(self, count: int) -> tuple[float, float]:
+        """The pure compute: ``count`` participants in a plain loop; wall and CPU ms per
+        participant."""
         initial = {name: value.clone() for name, value in self.scheduler.state_dict().items()}
         count = min(count, len(self.shares))
         for participant in range(count):  # build the loaders untimed, as the systems do
             self.loader(participant)
-        started = time.perf_counter()
+        started, cpu = time.perf_counter(), time.thread_time()
         for participant in range(count):
             self.train(participant, initial)
-        spent = time.perf_counter() - started
+        wall, cpu = time.perf_counter() - started, time.thread_time() - cpu
         self.scheduler.load_state_dict(initial)
-        return spent * 1000 / count
+        return wall * 1000 / count, cpu * 1000 / count
 
-    def test_ms(self) -> float:
-        """One central ``test()`` of the global model, as each round ends with; ms."""
-        started = time.perf_counter()
+    def test_ms(self) -> tuple[float, float]:
+        """One central ``test()`` of the global model, as each round ends with; wall and CPU
+        ms."""
+        started, cpu = time.perf_counter(), time.thread_time()
         self.scheduler.test()
-        return (time.perf_counter() - started) * 1000
+        return (time.perf_counter() - started) * 1000, (time.thread_time() - cpu) * 1000
 
 
 def measure_baseline(participants: int, rounds: int) -> dict[str, list[float]]:
-    """Serial compute and test time in this process: two runs of each."""
+    """Serial compute and test time in this process, wall and CPU: two runs of each."""
     local = Participants(participants, rounds)
     local.serial_ms(min(20, participants))  # warm torch's kernels and allocator
+    serial = [local.serial_ms(BASELINE) for _ in range(2)]
+    test = [local.test_ms() for _ in range(3)]
     return {
-        "serial_ms": [local.serial_ms(BASELINE) for _ in range(2)],
-        "test_ms": [local.test_ms() for _ in range(3)],
+        "serial_ms": [wall for wall, _ in serial],
+        "serial_cpu_ms": [cpu for _, cpu in serial],
+        "test_ms": [wall for wall, _ in test],
+        "test_cpu_ms": [cpu for _, cpu in test],
     }
+
+
+def merged(*baselines: dict[str, list[float]]) -> dict[str, list[float]]:
+    return {key: [v for b in baselines for v in b[key]] for key in baselines[0]}
+
+
+def cpu_mark() -> list[float]:
+    """A round's mark: [now, CPU seconds of this process and all its descendants (Dask's or
+    Ray's processes), busy CPU seconds of the whole machine]."""
+    now = time.perf_counter()
+    me, tree = psutil.Process(), 0.0
+    for process in [me, *me.children(recursive=True)]:
+        with contextlib.suppress(psutil.Error):
+            times = process.cpu_times()
+            tree += times.user + times.system
+    machine = psutil.cpu_times()
+    busy = machine.user + machine.nice + machine.system + machine.irq + machine.softirq
+    return [now, tree, busy + machine.steal]
 
 
 def settings() -> tuple[int, int]:
@@ -219,17 +243,16 @@ def fedmagic_trial() -> dict[str, Any]:
     participants, rounds = settings()
     result: dict[str, Any] = {"version": fedmagic.__version__, "from": fedmagic.__file__}
     baseline = measure_baseline(participants, rounds)
-    marks: dict[int, float] = {}
+    marks: dict[int, list[float]] = {}
     events: list[str] = []
 
     def mark(text: str) -> None:
-        now = time.perf_counter()
-        events.append(text)
         if text.startswith("Dask cluster"):
-            marks[0] = now
+            marks[0] = cpu_mark()
             result["workers"] = int(re.search(r"(\d+) workers", text).group(1))
         elif found := re.match(r"round (\d+)/", text):
-            marks[int(found.group(1))] = now
+            marks[int(found.group(1))] = cpu_mark()
+        events.append(text)
 
     simulation = Simulation(
         make_scheduler(participants, rounds),
@@ -244,13 +267,11 @@ def fedmagic_trial() -> dict[str, Any]:
     after = measure_baseline(participants, rounds)
     history = outcome.history
     result.update(
-        rounds=[marks[r] - marks[r - 1] for r in range(1, rounds + 1)],
+        merged(baseline, after),
+        marks=[marks[r] for r in range(rounds + 1)],
         inner_seconds=[row["seconds"] for row in history],
-        train_seconds=[row["train_seconds"] for row in history],
         averaged=[row["participants"] for row in history],
         accuracy=history[-1].get("accuracy"),
-        serial_ms=baseline["serial_ms"] + after["serial_ms"],
-        test_ms=baseline["test_ms"] + after["test_ms"],
         events=[text for text in events if not text.startswith("round ")][:6],
     )
     return result
@@ -292,7 +313,7 @@ def flower_evaluate(server_round: int, arrays: Any) -> Any:
     scheduler = _FLOWER["server"]
     scheduler.load_state_dict(arrays.to_torch_state_dict())
     metrics = scheduler.test()
-    _FLOWER["marks"][server_round] = time.perf_counter()
+    _FLOWER["marks"][server_round] = cpu_mark()
     _FLOWER["accuracy"] = metrics["accuracy"]
     return MetricRecord(metrics)
 
@@ -354,11 +375,10 @@ def flower_trial() -> dict[str, Any]:
         raise RuntimeError(f"Flower ended after {len(marks) - 1} of {rounds} rounds")
     after = measure_baseline(participants, rounds)
     result.update(
+        merged(baseline, after),
         workers=cores,
-        rounds=[marks[r] - marks[r - 1] for r in range(1, rounds + 1)],
+        marks=[marks[r] for r in range(rounds + 1)],
         accuracy=_FLOWER.get("accuracy"),
-        serial_ms=baseline["serial_ms"] + after["serial_ms"],
-        test_ms=baseline["test_ms"] + after["test_ms"],
     )
     return result
 
@@ -375,15 +395,41 @@ def run_trial_here(system: str, out: Path) -> None:
 # --- The driver: trials as subprocesses, their memory sampled -------------------------------------
 
 
-def tree_rss(root: psutil.Process) -> tuple[int, int]:
-    """RSS summed over ``root`` and all its descendants, and how many processes there are."""
-    total, count = 0, 0
+def tree_rss(root: psutil.Process) -> list[tuple[psutil.Process, int]]:
+    """Each process of ``root``'s tree (itself and all its descendants) with its RSS."""
+    found = []
     with contextlib.suppress(psutil.Error):
         for process in [root, *root.children(recursive=True)]:
             with contextlib.suppress(psutil.Error):
-                total += process.memory_info().rss
-                count += 1
-    return total, count
+                found.append((process, process.memory_info().rss))
+    return found
+
+
+def label(process: psutil.Process, root: psutil.Process) -> str:
+    """A process's short name: the trial's own, a spawned Python worker (Dask's), or the
+    title it gives itself (Ray's raylet, gcs_server, ray::ClientAppActor, ray::IDLE...)."""
+    if process.pid == root.pid:
+        return "trial process"
+    with contextlib.suppress(psutil.Error, IndexError):
+        command = process.cmdline()
+        if any("spawn_main" in part for part in command):
+            return "spawned worker"
+        if "python" in Path(command[0]).name and len(command) > 1:
+            scripts = [Path(part).name for part in command[1:] if part.endswith(".py")]
+            return scripts[0] if scripts else "python"
+        return Path(command[0].split()[0]).name[:28]
+    return "?"
+
+
+def breakdown(
+    processes: list[tuple[psutil.Process, int]], root: psutil.Process
+) -> list[tuple[str, float, int]]:
+    """RSS MiB by kind of process, the largest first: (label, MiB, how many)."""
+    kinds: dict[str, list[int]] = {}
+    for process, rss in processes:
+        kinds.setdefault(label(process, root), []).append(rss)
+    rows = [(name, sum(v) / MiB, len(v)) for name, v in kinds.items()]
+    return sorted(rows, key=lambda row: -row[1])
 
 
 def set_child_subreaper() -> bool:
@@ -447,11 +493,13 @@ def trial_environment(
 
 
 def run_trial(
-    system: str, participants: int, python: str, options: argparse.Namespace, index: int
+    system: str, participants: int, options: argparse.Namespace, index: int
 ) -> dict[str, Any]:
-    """One trial in a fresh process, its tree's RSS sampled every ``--sample`` seconds."""
+    """One trial in a fresh process (fedmagic's with this Python, Flower's with
+    ``--flower-python``), its tree's RSS sampled every ``--sample`` seconds."""
     scratch: Path = options.scratch
-    workdir = scratch / f"trial-{index:02d}-{system}-{participants}"
+    python = sys.executable if system == "fedmagic" else options.flower_python
+    workdir = scratch / f"trial-{time.strftime('%H%M%S')}-{index:02d}-{system}-{participants}"
     workdir.mkdir(parents=True)
     (workdir / TASK).mkdir()
     (workdir / TASK / "data").symlink_to(scratch / f"data-{participants}" / TASK / "data")
@@ -460,16 +508,17 @@ def run_trial(
     command = [python, str(Path(__file__).resolve()), "--trial", system, "--out", str(out)]
     environment = trial_environment(participants, options.rounds, workdir, options.cores, scratch)
     began = time.perf_counter()
-    peak, peak_count, timed_out = 0, 0, False
+    peak, at_peak, timed_out = 0, [], False
     with open(log, "w") as output:
         process = subprocess.Popen(
             command, stdout=output, stderr=subprocess.STDOUT, cwd=workdir, env=environment
         )
         root = psutil.Process(process.pid)
         while process.poll() is None:
-            rss, count = tree_rss(root)
+            processes = tree_rss(root)
+            rss = sum(value for _, value in processes)
             if rss > peak:
-                peak, peak_count = rss, count
+                peak, at_peak = rss, breakdown(processes, root)
             if time.perf_counter() - began > options.trial_timeout:
                 timed_out = True
                 for child in [*root.children(recursive=True), root]:
@@ -488,7 +537,7 @@ def run_trial(
     result.update(
         trial_s=time.perf_counter() - began,
         peak_mib=peak / MiB,
-        peak_processes=peak_count,
+        peak_by_process=at_peak,
         left_behind=leftovers(options.grace),
     )
     return result
@@ -501,20 +550,37 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def per_round(trial: dict[str, Any]) -> list[tuple[float, float, float]]:
+    """Each round's (wall seconds, CPU seconds of the trial's processes, CPU seconds of the
+    machine's other work), from the marks that end the rounds."""
+    marks = trial["marks"]
+    rounds = []
+    for before, after in zip(marks, marks[1:], strict=False):
+        wall, tree, busy = (a - b for a, b in zip(after, before, strict=True))
+        rounds.append((wall, tree, max(busy - tree, 0.0)))
+    return rounds
+
+
 def round_figures(trial: dict[str, Any]) -> dict[str, float]:
     """A trial's warm-up, round time (median of the later rounds), serial compute per
-    participant and overhead per participant, from its own baseline."""
+    participant and overhead per participant against its own baseline; the CPU its processes
+    spent per participant beyond the pure compute; the cores other work took meanwhile."""
     n = trial["n"]
     parallel = min(trial["workers"], os.cpu_count() or 1)
-    round_s = median(trial["rounds"][1:])
+    rounds = per_round(trial)
+    later = rounds[1:]
+    round_s = median([wall for wall, _, _ in later])
     serial = median(trial["serial_ms"])
     ideal_s = (serial * n / parallel + median(trial["test_ms"])) / 1000
+    pure_cpu_s = (median(trial["serial_cpu_ms"]) * n + median(trial["test_cpu_ms"])) / 1000
     return {
-        "warmup": trial["rounds"][0],
+        "warmup": rounds[0][0],
         "round": round_s,
         "serial": serial,
         "ideal": ideal_s,
         "overhead": (round_s - ideal_s) * 1000 / n,
+        "extra_cpu": (median([tree for _, tree, _ in later]) - pure_cpu_s) * 1000 / n,
+        "others": median([others / wall for wall, _, others in later]),
     }
 
 
@@ -530,7 +596,7 @@ def summarise(trials: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 continue
             figures = [round_figures(t) for t in good]
             row: dict[str, Any] = {"system": system, "n": n, "trials": len(good)}
-            for key in ("warmup", "round", "serial", "ideal", "overhead"):
+            for key in figures[0]:
                 row[key] = [f[key] for f in figures]
             row["peak"] = [t["peak_mib"] for t in good]
             row["accuracy"] = [t["accuracy"] for t in good if t.get("accuracy") is not None]
@@ -546,8 +612,9 @@ def spread_text(values: list[float], digits: int) -> str:
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     head = (
-        f"{'system':<9}{'N':>7}{'runs':>5}{'warm-up s':>11}{'round time s':>24}"
-        f"{'serial ms/p':>13}{'ideal s':>9}{'overhead ms/p':>26}{'peak MiB':>20}{'acc':>6}"
+        f"{'system':<9}{'N':>7}{'runs':>5}{'warm-up s':>10}{'round time s':>22}"
+        f"{'serial ms/p':>12}{'ideal s':>8}{'overhead ms/p':>22}{'peak MiB':>18}"
+        f"{'CPU+ ms/p':>10}{'others':>7}{'acc':>5}"
     )
     print(head)
     print("-" * len(head))
@@ -556,17 +623,22 @@ def print_table(rows: list[dict[str, Any]]) -> None:
         overhead_text = f"{median(row['overhead']):.3f}{spread_text(row['overhead'], 3)}"
         peak_text = f"{median(row['peak']):,.0f}{spread_text(row['peak'], 0)}"
         print(
-            f"{row['system']:<9}{row['n']:>7,}{row['trials']:>5}{median(row['warmup']):>11.2f}"
-            f"{round_text:>24}{median(row['serial']):>13.2f}{median(row['ideal']):>9.2f}"
-            f"{overhead_text:>26}{peak_text:>20}{median(row['accuracy']):>6.0%}"
+            f"{row['system']:<9}{row['n']:>7,}{row['trials']:>5}{median(row['warmup']):>10.2f}"
+            f"{round_text:>22}{median(row['serial']):>12.2f}{median(row['ideal']):>8.2f}"
+            f"{overhead_text:>22}{peak_text:>18}{median(row['extra_cpu']):>10.2f}"
+            f"{median(row['others']):>7.2f}{median(row['accuracy']):>5.0%}"
         )
     print(
-        "round time = median over runs of each run's median later round (warm-up = round 1, "
+        "round time = median over runs of each run's median later round (round 1, the warm-up, "
         "apart); [min-max] over runs. serial ms/p = one participant's training in a plain loop "
-        "in the run's own process. ideal = serial x N / min(workers, cores) + one central test."
-        " overhead ms/p = (round time - ideal) / N. peak = the most RSS the run's process tree "
-        "held, summed over its processes. acc = the global model's test accuracy after the last "
-        "round (a check that both learn alike)."
+        "in the run's own process. ideal = serial x N / min(workers, cores) + one central test. "
+        "overhead ms/p = (round time - ideal) / N, the issue's figure. peak = the most RSS the "
+        "run's process tree held, summed over its processes. CPU+ ms/p = CPU all the run's "
+        "processes spent per participant and round beyond the plain loop's (other load hardly "
+        "moves it; on a quiet machine the overhead would lie between CPU+ / min(workers, cores) "
+        "and CPU+, plus any idle waiting). others = cores the machine's other work kept busy "
+        "during the rounds. acc = the global model's test accuracy after the last round (a "
+        "check that both sides learn alike)."
     )
 
 
@@ -620,6 +692,29 @@ def print_targets(rows: list[dict[str, Any]], largest: int, flower_sizes: list[i
 # --- Main -----------------------------------------------------------------------------------------
 
 
+def code_state() -> tuple[str, str]:
+    """Which fedmagic the trials run: the checkout's commit and modified files, and a hash of
+    its sources (to tell whether they changed during the run)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in sorted((ROOT / "fedmagic").rglob("*.py")):
+        digest.update(str(path).encode() + path.read_bytes())
+    described = "not a git checkout"
+    with contextlib.suppress(subprocess.SubprocessError, OSError):
+        git = ["git", "-C", str(ROOT)]
+        head = subprocess.run([*git, "rev-parse", "--short", "HEAD"], capture_output=True)
+        status = subprocess.run(
+            [*git, "status", "--porcelain", "--", "fedmagic"], capture_output=True, text=True
+        )
+        if head.returncode == 0:
+            changed = [line[3:] for line in status.stdout.splitlines()]
+            described = f"commit {head.stdout.decode().strip()}" + (
+                f", uncommitted changes in {', '.join(changed)}" if changed else ", clean"
+            )
+    return described, digest.hexdigest()[:12]
+
+
 def flower_available(python: str) -> str | None:
     """Flower's and Ray's versions in ``python``, or None if it cannot run Flower."""
     if not Path(python).exists():
@@ -660,16 +755,21 @@ def estimate(done: list[dict[str, Any]], system: str, n: int) -> float:
 
 
 def describe(trial: dict[str, Any]) -> str:
+    """A trial's line: its rounds and figures; then where its peak memory was."""
     if "failed" in trial:
         return f"FAILED: {trial['failed']}"
     figures = round_figures(trial)
-    rounds = ", ".join(f"{s:.2f}" for s in trial["rounds"])
+    rounds = ", ".join(f"{wall:.2f}" for wall, _, _ in per_round(trial))
     return (
-        f"rounds {rounds} s (warm-up first), serial {figures['serial']:.2f} ms/p, ideal "
-        f"{figures['ideal']:.2f} s, overhead {figures['overhead']:.3f} ms/p, peak "
-        f"{trial['peak_mib']:,.0f} MiB in {trial['peak_processes']} processes, accuracy "
-        f"{trial.get('accuracy') or 0:.0%}, trial {trial['trial_s']:.0f} s, load "
-        f"{os.getloadavg()[0]:.2f}"
+        f"rounds {rounds} s (warm-up first; ideal {figures['ideal']:.2f}), serial "
+        f"{figures['serial']:.2f} ms/p, overhead {figures['overhead']:.3f} ms/p, CPU+ "
+        f"{figures['extra_cpu']:.2f} ms/p, others {figures['others']:.2f} cores, peak "
+        f"{trial['peak_mib']:,.0f} MiB, acc {trial.get('accuracy') or 0:.0%}, trial "
+        f"{trial['trial_s']:.0f} s\n      peak by process (RSS MiB): "
+        + ", ".join(
+            f"{name} {mib:,.0f}" + (f" ({count})" if count > 1 else "")
+            for name, mib, count in trial["peak_by_process"]
+        )
     )
 
 
@@ -712,9 +812,11 @@ def main() -> None:
     (scratch / "tmp").mkdir(parents=True, exist_ok=True)
     subreaper = set_child_subreaper()
     flower = flower_available(options.flower_python) if options.flower_python else None
+    described, code_hash = code_state()
     print(
         f"simulation benchmark: Python {platform.python_version()}, {options.cores} cores, "
-        f"{psutil.virtual_memory().total / (1 << 30):.0f} GiB; fedmagic from {ROOT}; Flower "
+        f"{psutil.virtual_memory().total / (1 << 30):.0f} GiB; fedmagic from {ROOT} "
+        f"({described}; sources {code_hash}); Flower "
         + (f"{flower.split()[0]} (Ray {flower.split()[1]})" if flower else "UNAVAILABLE")
         + f"; load average {' '.join(f'{v:.2f}' for v in os.getloadavg())}"
     )
@@ -740,7 +842,7 @@ def main() -> None:
         if elapsed + estimate(trials, system, n) > options.budget:
             print(f"  {system} N={n:,}: not run, the budget of {options.budget:.0f} s is near")
             continue
-        trial = run_trial(system, n, options.flower_python, options, index)
+        trial = run_trial(system, n, options, index)
         trials.append(trial)
         print(f"  {system:<8} N={n:>6,}: {describe(trial)}", flush=True)
         for line in trial["left_behind"]:
@@ -757,6 +859,11 @@ def main() -> None:
         print(
             f"{len(failed)} trials failed: "
             + "; ".join(f"{t['system']} N={t['n']}" for t in failed)
+        )
+    if code_state()[1] != code_hash:
+        print(
+            f"fedmagic's sources CHANGED during the run (now {code_state()[0]}): trials "
+            "may have run different code"
         )
     print(
         f"\nload average at end {' '.join(f'{v:.2f}' for v in os.getloadavg())}; whole run "

@@ -254,18 +254,19 @@ def switch_theme(page, theme: str) -> None:
     page.wait_for_timeout(500)  # the stylesheets swap
 
 
-def in_each_theme(page, picture: str, *parts: str) -> dict[str, list[str]]:
-    """Light, then dark: the widget's picture as ``docs/<picture>-<theme>.png``, and the
+def in_each_theme(page, picture: str, *parts: str,
+                  widget: str = ".fedmagic-task") -> dict[str, list[str]]:
+    """Light, then dark: the ``widget``'s picture as ``docs/<picture>-<theme>.png``, and the
     texts under ``parts`` that read below 4.5:1 contrast, by theme."""
     unreadable = {}
     for theme in THEMES:
         if theme != "light":
             switch_theme(page, theme)
-        widget = page.locator(".fedmagic-task")
-        widget.scroll_into_view_if_needed()
+        shown = page.locator(widget)
+        shown.scroll_into_view_if_needed()
         page.mouse.move(0, 0)  # no tooltip or chart toolbar in the picture
         page.wait_for_timeout(500)
-        widget.screenshot(path=str(DOCS / f"{picture}-{theme}.png"))
+        shown.screenshot(path=str(DOCS / f"{picture}-{theme}.png"))
         unreadable[theme] = [text for part in parts for text in poor_contrast(page, part)]
     return unreadable
 
@@ -435,6 +436,63 @@ def test_a_secure_task_with_distributed_privacy_shows_its_budget_and_guarantees_
     assert (rows.get("budget"), rows.get("secure")) == (spent, seen), rows
     assert privacy_rows == [secure, private], privacy_rows
     # Readable in both themes: every text at 4.5:1 or better
+    assert unreadable == {"light": [], "dark": []}
+    assert errors == []
+
+
+def test_fedavg_simulate_shows_a_thousand_virtual_participants_summed_up_in_jupyterlab(
+        tmp_path, page):
+    quickstart = nbformat.read(NOTEBOOKS / "en" / "quickstart.ipynb", as_version=4)
+    task = next(cell.source for cell in quickstart.cells
+                if cell.source.startswith("%%fedavg_task"))
+    notebook = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell(  # the author holds the digits this time: all of them
+            "import os\n"
+            "from fedmagic.digits import write_partitions\n"
+            "(whole,) = write_partitions('digits', 1, data_dir='demo_task/data').nodes\n"
+            "os.chdir(whole.workdir)"),
+        nbformat.v4.new_code_cell("%load_ext fedmagic"),
+        nbformat.v4.new_code_cell(task),  # the real task: it waits for data owners
+        nbformat.v4.new_code_cell(
+            "%fedavg_simulate 1000 --partition dirichlet --alpha 0.3 --workers 2")])
+    notebook.metadata["kernelspec"] = {"name": "python3", "display_name": "Python 3",
+                                       "language": "python"}
+    simulated = ".jp-Cell:last-child .fedmagic-task"
+
+    with serve("lab", tmp_path) as lab:
+        nbformat.write(notebook, lab.workdir / "simulate.ipynb")
+        open_notebook(page, lab.open("simulate.ipynb"))
+        run_all_cells(page)
+        wait_without_tracebacks(page, f"{simulated} .fedmagic-simulated", timeout=START_MS)
+        # mid-round: the bar counts participants done out of those selected
+        page.wait_for_selector(f"{simulated} .fedmagic-simulated "
+                               "[role='progressbar'][aria-valuenow]:not([aria-valuenow='0'])",
+                               timeout=START_MS)
+        page.wait_for_selector(f"{simulated} .fm-summary", timeout=START_MS + 180_000)
+        view = page.inner_text(f"{simulated} .fedmagic-simulated")
+        title = page.inner_text(f"{simulated} .fm-title")
+        bar = page.locator(f"{simulated} .fedmagic-simulated [role='progressbar']")
+        done, selected = bar.get_attribute("aria-valuenow"), bar.get_attribute("aria-valuemax")
+        bars = page.locator(f"{simulated} .fm-histogram > span").count()
+        rows = page.locator(f"{simulated} .fedmagic-participants tr").count()
+        summary = page.inner_text(f"{simulated} .fm-summary")
+        page.locator(simulated).scroll_into_view_if_needed()
+        unreadable = in_each_theme(page, "simulation", simulated, widget=simulated)
+        errors = list(page.console_errors)
+
+    assert view.startswith("1,000 virtual participants · dirichlet (alpha 0.3) · on dask, "
+                           "2 workers"), view
+    assert (done, selected) == ("1000", "1000")  # every one accounted for, the last round
+    assert re.search(r"round 5: 1,000 / 1,000 done\s+uploaded [\d,]+\s+refused [\d,]+", view), \
+        view  # Dirichlet(0.3) leaves some shares empty: refused, not trained
+    assert re.search(r"slowest virtual-\d+ \d\.\d\d s", view), view
+    assert title == "simulation of task quickstart"
+    assert re.search(r"[\d,]+ left out: its share of the training set is empty, so it has "
+                     r"nothing to train on \(virtual-\d+, virtual-\d+, virtual-\d+ and [\d,]+ "
+                     r"more\)", view), view
+    assert "samples each" in view and "train seconds each" in view and bars >= 2
+    assert rows == 0  # no table of a thousand rows
+    assert "Finished all 5 rounds" in summary and "models/demo_task-simulated" in summary
     assert unreadable == {"light": [], "dark": []}
     assert errors == []
 

@@ -275,5 +275,5 @@ def test_simulate_shares_the_digits_out_says_how_and_trains_them_all(tmp_path):
     assert "round 2/2: averaged 20 of 20 virtual participants' updates" in result.stdout
     assert re.search(r"final accuracy [\d.]+% after 2 rounds with 20 virtual participants",
                      result.stdout)
-    history = json.loads((tmp_path / "node-1/models/demo_task/history.json").read_text())
+    history = json.loads((tmp_path / "node-1/models/demo_task-simulated/history.json").read_text())
     assert [row["participants"] for row in history] == [20, 20]

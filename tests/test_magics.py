@@ -397,3 +397,68 @@ def test_a_long_failure_shows_as_one_line_with_the_rest_behind_a_disclosure(join
     assert panel.status.value.startswith(
         "<details class='fedmagic-more'><summary>error: RuntimeError: the relay broke</summary>")
     assert "line 13" in panel.status.value
+
+
+TINY_TASK = '''
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, TensorDataset
+from fedmagic.fed_avg import FedAvgScheduler
+
+INPUTS = torch.randn(60, 4, generator=torch.Generator().manual_seed(3))
+LABELS = (INPUTS[:, 0] > 0).long()
+
+
+class Tiny(FedAvgScheduler):
+    def make_model(self):
+        model = torch.nn.Linear(4, 2)
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
+        return model
+
+    def make_train_dataloader(self):
+        return DataLoader(TensorDataset(INPUTS, LABELS), batch_size=8)
+
+    def make_test_dataloader(self):
+        return DataLoader(TensorDataset(INPUTS, LABELS), batch_size=60)
+
+    def state_dict(self): return self.model.state_dict()
+    def load_state_dict(self, state): self.model.load_state_dict(state)
+
+    def train(self):
+        for inputs, labels in self.make_train_dataloader():
+            self.optimizer.zero_grad()
+            F.cross_entropy(self.model(inputs), labels).backward()
+            self.optimizer.step()
+
+    def test(self):
+        with torch.no_grad():
+            right = (self.model(INPUTS).argmax(1) == LABELS).float().mean()
+        return {"accuracy": float(right)}
+
+
+scheduler = Tiny(min_clients=1, max_clients=2, name='tiny', max_rounds=2)
+scheduler.launch_task(task_id='tiny-cell', join_timeout=120)
+'''
+
+
+def test_fedavg_simulate_runs_the_last_task_cell_again_with_virtual_participants(
+        ip, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    real = ip.run_cell_magic("fedavg_task", "", TINY_TASK)  # waits for data owners meanwhile
+    try:
+        simulated = ip.run_line_magic("fedavg_simulate", "30 --partition by-label --engine local")
+        result = simulated.wait(120)
+    finally:
+        real.stop(now=True)
+
+    assert real is not simulated and not real.history  # the real task was left as it was
+    assert [row["participants"] for row in result.history] == [30, 30]
+    assert simulated.snapshot().simulation["partition"] == "by-label"
+    assert result.checkpoint == tmp_path / "models" / "tiny-simulated"
+    assert "30 participants, by-label (seed 0): 60 examples" in simulated.events[0][1]
+
+
+def test_fedavg_simulate_names_the_tasks_it_could_run_again(ip):
+    with pytest.raises(UsageError, match=r"no %%fedavg_task cell launched task 'nope' in this "
+                       r"kernel \(launched: [^)]*\); run the task's cell first"):
+        ip.run_line_magic("fedavg_simulate", "5 --task nope")

@@ -10,6 +10,7 @@ event loop.
 
 from __future__ import annotations
 
+import asyncio
 import contextvars
 import errno
 import logging
@@ -33,6 +34,7 @@ from .checkpoint import Checkpoint
 from .policy import RoundPolicy
 from .rounds import Aggregator, Participant, TaskResult
 from .scheduler import Scheduler
+from .simulation import Simulation
 from .state import TaskSnapshot, TaskStatus, failure_text
 from .task import TaskPackage
 
@@ -74,6 +76,8 @@ class TaskRun:
         self._resumed_rounds = 0
         self._stop_asked = False  # before the round loop exists
         self._aggregator: Aggregator | None = None
+        #: A simulated task's simulation (``launch_task(simulate=...)``).
+        self.simulation: Simulation | None = None
         self._background: BackgroundLoop | None = None  # the task's thread, once started
         self._ended = False  # done(): set just before the last event, so it shows the end
         self._finished = threading.Event()  # set after the last event: wait() sees them all
@@ -87,6 +91,8 @@ class TaskRun:
 
     @property
     def history(self) -> list[dict[str, Any]]:
+        if self.simulation is not None:
+            return list(self.simulation.history)
         return list(self._aggregator.history) if self._aggregator else []
 
     @property
@@ -128,7 +134,9 @@ class TaskRun:
         if self.done():
             return
         self._stop_asked = True
-        if now and self._background is not None:
+        if self.simulation is not None and not now:
+            self.simulation.request_stop()
+        elif now and self._background is not None:
             self._background.cancel()
         elif self._aggregator is not None and self._background is not None:
             self._background.call(self._aggregator.request_stop)
@@ -201,6 +209,7 @@ class TaskRun:
             self._resumed_rounds,
             tuple(guarantees(self.strategy)),
             target_epsilon(self.strategy),
+            None if self.simulation is None else self.simulation.describe(),
         )
 
     def summary(self) -> str:
@@ -239,6 +248,7 @@ def start_task(
     checkpoint_dir: str | os.PathLike[str] | None = None,
     on_event: Callable[[str], None] | None = None,
     quiet: bool = False,
+    simulate: int | dict[str, Any] | None = None,
     **unknown: Any,
 ) -> TaskRun:
     """Start a task as its initiator and return its ``TaskRun`` at once.
@@ -273,6 +283,11 @@ def start_task(
         quiet: keep the task's log lines out of stderr; they are still in
             ``TaskRun.events`` (a notebook's background task shows them in its
             widget instead of in whichever cell runs at the time).
+        simulate: try the task with this many virtual participants instead of
+            real ones, or a dict of :class:`~fedmagic.engine.simulation.Simulation`'s
+            options (``{"participants": 1000, "partition": "dirichlet", "alpha": 0.3}``);
+            no relay, no data owners: the scheduler's own training set is shared out.
+            Relay, join and upload options do not apply then.
 
     Raises:
         ConfigurationError, TaskDefinitionError, UnsupportedTensor: for a
@@ -285,6 +300,8 @@ def start_task(
             "pass the id participants will join, e.g. launch_task(task_id='digits')",
         )
     _refuse_unknown(unknown)
+    if simulate is not None:
+        return _start_simulation(scheduler, task_id, simulate, strategy, on_event, quiet)
     chosen = resolve(strategy)
     policy = RoundPolicy(
         join_timeout=join_timeout,
@@ -396,6 +413,56 @@ def start_task(
         if not quiet:
             log.info("%s", line)
     run._start(main, embedded, quiet)
+    return run
+
+
+def _start_simulation(
+    scheduler: Scheduler,
+    task_id: str,
+    simulate: int | dict[str, Any],
+    strategy: Strategy | str | None,
+    on_event: Callable[[str], None] | None,
+    quiet: bool,
+) -> TaskRun:
+    """``start_task(simulate=...)``: the task's rounds with virtual participants, on a thread."""
+    options = {"participants": simulate} if isinstance(simulate, int) else dict(simulate)
+    if not isinstance(options.get("participants"), int) or options["participants"] < 1:
+        raise ConfigurationError(
+            "simulate",
+            simulate,
+            "pass how many virtual participants, e.g. simulate=1000, or a dict of "
+            "Simulation's options with 'participants' in it",
+        )
+    scheduler._check_rounds()
+    run = TaskRun(task_id, "", "", scheduler.max_rounds)
+    run.join_command = ""
+    run.hyperparameters = scheduler.hyperparameters()
+
+    def record(text: str) -> None:
+        run._record(text)
+        if on_event is not None:
+            on_event(text)
+
+    try:
+        run.simulation = Simulation(
+            scheduler,
+            options.pop("participants"),
+            task_id=task_id,
+            strategy=strategy,
+            on_event=record,
+            **options,
+        )
+    except TypeError as unknown:
+        raise ConfigurationError("simulate", simulate, f"{unknown}") from None
+    run.strategy = run.simulation.strategy.describe()
+    simulation = run.simulation
+
+    async def main() -> TaskResult:
+        result = await asyncio.to_thread(simulation.run)
+        run.name, run.checkpoint = result.name, result.checkpoint
+        return result
+
+    run._start(main, None, quiet)
     return run
 
 

@@ -1,4 +1,4 @@
-"""A simulated round as it goes: counts, the slowest and the failed, and histograms.
+"""A simulated round as it goes: counts, the slowest and why some were left out, histograms.
 
 Thousands of virtual participants make a table of one row each unreadable
 (and a display of one slow to draw), so a simulation's round is summed up
@@ -31,8 +31,9 @@ class RoundProgress:
     counts: dict[str, int] = field(default_factory=dict)
     #: The slowest so far, slowest first, as (seconds, node).
     slowest: list[tuple[float, str]] = field(default_factory=list)
-    #: The first few failed or refused, as (node, why).
-    failed: list[tuple[str, str]] = field(default_factory=list)
+    #: Why participants were left out (failed or refused), a few reasons: how many for
+    #: each, and the first few of them.
+    left_out: dict[str, tuple[int, list[str]]] = field(default_factory=dict)
     samples: list[int] = field(default_factory=list)
     seconds: list[float] = field(default_factory=list)
     finished: bool = False
@@ -52,8 +53,12 @@ class RoundProgress:
                 heapq.heappush(self.slowest, (outcome.seconds, outcome.node))
                 if len(self.slowest) > SHOWN:
                     heapq.heappop(self.slowest)
-            elif len(self.failed) < SHOWN:
-                self.failed.append((outcome.node, outcome.detail))
+            elif outcome.detail in self.left_out or len(self.left_out) < SHOWN:
+                count, nodes = self.left_out.get(outcome.detail, (0, []))
+                self.left_out[outcome.detail] = (
+                    count + 1,
+                    nodes + [outcome.node][: 3 - len(nodes)],
+                )
 
     def summary(self) -> dict[str, Any]:
         """What a display shows: plain values only (a widget's traitlet, a JSON line)."""
@@ -63,7 +68,7 @@ class RoundProgress:
             "done": self.done,
             "counts": dict(self.counts),
             "slowest": [[node, seconds] for seconds, node in sorted(self.slowest, reverse=True)],
-            "failed": [list(pair) for pair in self.failed],
+            "left_out": [[why, count, nodes] for why, (count, nodes) in self.left_out.items()],
             "samples": histogram(self.samples),
             "seconds": histogram(self.seconds),
             "finished": self.finished,

@@ -135,9 +135,28 @@ class Simulation:
         self.on_progress = on_progress
         #: The round running or last run.
         self.progress: RoundProgress | None = None
+        #: Workers there are (once started).
+        self.worker_count = 0
+        self._stop_asked = False
         self.scheme, self.alpha, self.seed = partition, alpha, seed
         self.history: list[dict[str, Any]] = []
         self.outcomes: dict[str, Outcome] = {}
+
+    def request_stop(self) -> None:
+        """End the run after the current round; its checkpoint is kept."""
+        self._stop_asked = True
+
+    def describe(self) -> dict[str, Any]:
+        """What a display says of it: how many, how shared out, where, and the round so far."""
+        return {
+            "participants": self.participants,
+            "per_round": self.per_round,
+            "partition": self.scheme
+            + (f" (alpha {self.alpha:g})" if self.scheme == "dirichlet" else ""),
+            "engine": self.engine,
+            "workers": self.worker_count,
+            "round": None if self.progress is None else self.progress.summary(),
+        }
 
     def share_out(self) -> Partition:
         """Each virtual participant's share of the training set, before anything runs."""
@@ -170,6 +189,7 @@ class Simulation:
 
     def _start(self, package: TaskPackage, indices: dict[str, list[int]]) -> Workers:
         if self.engine == "local":
+            self.worker_count = 1
             return _InProcess(VirtualParticipants(package, indices, self.strategy))
         from .dask_workers import DaskWorkers
 
@@ -183,8 +203,9 @@ class Simulation:
             resources=self.resources,
         )
         where = self.address or "this machine"
+        self.worker_count = len(workers.addresses())
         self._event(
-            f"Dask cluster on {where}: {len(workers.addresses())} workers, ready in "
+            f"Dask cluster on {where}: {self.worker_count} workers, ready in "
             f"{time.perf_counter() - started:.1f} s"
         )
         return workers
@@ -206,11 +227,12 @@ class Simulation:
         scheduler, strategy = self.scheduler, self.strategy
         name = scheduler.name
         assert name is not None, "the scheduler was set up, which names the task"
-        checkpoint = Checkpoint((Path("models") / name).absolute())
+        # Beside the task's own checkpoint, never over it: a simulation is not the task's run
+        checkpoint = Checkpoint((Path("models") / f"{name}-simulated").absolute())
         reason = "finished"
         while True:
             number = scheduler.current_round + 1
-            why = strategy.stop_before(number)
+            why = strategy.stop_before(number) or ("its author" if self._stop_asked else None)
             if why is not None:
                 reason = f"stopped before round {number} by {why}"
                 self._event(f"task {self.task_id!r} {reason}")

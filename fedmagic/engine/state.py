@@ -143,6 +143,8 @@ class TaskSnapshot:
     guarantees: tuple[str, ...] = ()
     #: The ``(target_epsilon, delta)`` a differentially private task stays within, if any.
     privacy_target: tuple[float, float] | None = None
+    #: A simulated task's virtual participants, summed up (``Simulation.describe()``).
+    simulation: dict[str, Any] | None = None
 
     @property
     def round(self) -> int:
@@ -231,9 +233,15 @@ class TaskSnapshot:
     def summary(self) -> str:
         """The task as text: its state, each participant, and each round's metrics."""
         state = str(self.status) if self.error is None else failure_text(self.error)
+        simulated = self.simulation
         lines = [
             f"task {self.task_id!r} {state}: round {self.round}/{self.max_rounds or '?'}, "
-            f"{len(self.participants)} participants"
+            + (
+                f"{simulated['participants']} virtual participants ({simulated['partition']}) "
+                f"on {simulated['engine']}"
+                if simulated
+                else f"{len(self.participants)} participants"
+            )
         ]
         lines += [f"  privacy: {line}" for line in self.guarantees]
         lines += [f"  {line}" for line in (self.budget_line(), self.secure_line()) if line]

@@ -11,6 +11,8 @@ class DatasetVerify: ...
 %fedavg_local 3 --task TASK_ID      # participant kernels on this machine
 
 %fedavg_join ws://HOST:PORT --task TASK_ID --token T --node NAME   # a data owner's panel
+
+%fedavg_simulate 1000 --partition dirichlet --alpha 0.3   # the last task, virtual participants
 """
 
 from __future__ import annotations
@@ -34,7 +36,8 @@ __all__ = ["FedMagics"]
 
 @magics_class
 class FedMagics(Magics):
-    """``%%fedavg_task``, ``%%dataset_verify``, ``%fedavg_local`` and ``%fedavg_join``.
+    """``%%fedavg_task``, ``%%dataset_verify``, ``%fedavg_local``, ``%fedavg_join`` and
+    ``%fedavg_simulate``.
 
     Args:
         session: the kernel's session, where tasks and registrations are kept.
@@ -182,6 +185,58 @@ class FedMagics(Magics):
         self.session.joined[args.task] = panel
         self.session.changed()
         return panel
+
+    @magic_arguments()
+    @argument("participants", type=int, help="how many virtual participants")
+    @argument(
+        "--task",
+        help="the task whose %%%%fedavg_task cell to run again (default: the last one run)",
+    )
+    @argument(
+        "--partition",
+        default="iid",
+        choices=("iid", "dirichlet", "by-label"),
+        help="how the task's training set is shared out (default iid)",
+    )
+    @argument("--alpha", type=float, default=0.5, help="Dirichlet's concentration (default 0.5)")
+    @argument("--seed", type=int, default=0, help="the partition's seed (default 0)")
+    @argument("--per-round", type=int, help="virtual participants drawn each round (default all)")
+    @argument(
+        "--engine",
+        default="dask",
+        choices=("dask", "local"),
+        help="dask: workers on a Dask cluster (default); local: one worker in this kernel",
+    )
+    @argument("--address", help="a running Dask scheduler's (default: workers on this machine)")
+    @argument("--workers", type=int, help="Dask workers to start here (default one a core)")
+    @line_magic
+    def fedavg_simulate(self, line: str) -> object:
+        """Run a task's ``%%fedavg_task`` cell again, unchanged, with virtual participants
+        sharing its training set instead of real ones; its widget follows the rounds."""
+        args = parse_argstring(self.fedavg_simulate, line)
+        cell = self.session.task_cells.get(args.task) if args.task else self.session.last_task_cell
+        if cell is None:
+            ran = ", ".join(map(repr, self.session.task_cells)) or "none yet"
+            which = f"task {args.task!r}" if args.task else "a task"
+            raise UsageError(
+                f"no %%fedavg_task cell launched {which} in this kernel (launched: {ran}); "
+                "run the task's cell first, then %fedavg_simulate tries it with virtual "
+                "participants"
+            )
+        simulate = {
+            "participants": args.participants,
+            "partition": args.partition,
+            "alpha": args.alpha,
+            "seed": args.seed,
+            "per_round": args.per_round,
+            "engine": args.engine,
+        }
+        if args.engine == "dask":
+            simulate |= {"address": args.address, "workers": args.workers}
+        source, filename = cell
+        options = {"simulate": simulate}
+        with running_code(self.session.cell(source, filename, options=options)):
+            return self._run(source, filename)
 
     def _run(self, cell: str, filename: str) -> object:
         """Run ``cell`` in the user's namespace; return its last expression's value."""

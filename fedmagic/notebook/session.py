@@ -40,6 +40,8 @@ class KernelSession:
         join_tokens: join tokens chosen before a task's launch (local
             participants already hold them).
         local: the participant kernels ``%fedavg_local`` started, by task id.
+        task_cells: the ``%%fedavg_task`` cell that launched each task, as
+            ``(source, filename)``: what ``%fedavg_simulate`` runs again.
     """
 
     def __init__(self) -> None:
@@ -48,6 +50,8 @@ class KernelSession:
         self.verify_classes: dict[str, type] = {}
         self.join_tokens: dict[str, str] = {}
         self.local: dict[str, LocalParticipants] = {}
+        self.task_cells: dict[str, tuple[str, str]] = {}
+        self.last_task_cell: tuple[str, str] | None = None
         self._watchers: list[Callable[[], None]] = []
         self._relay: EmbeddedRelay | None = None
         self._relay_lock = threading.Lock()
@@ -131,7 +135,10 @@ class KernelSession:
         """
 
         def launch(scheduler: Scheduler, task_id: str, given: dict[str, Any]) -> Any:
-            return self._launch(scheduler, task_id, {**(options or {}), **given}, wait)
+            chosen = {**(options or {}), **given}
+            if chosen.get("simulate") is None:
+                self.task_cells[task_id] = self.last_task_cell = (source, filename)
+            return self._launch(scheduler, task_id, chosen, wait)
 
         return CodeContext(source, filename, launch)
 
@@ -141,18 +148,21 @@ class KernelSession:
         from IPython import get_ipython
         from IPython.display import display
 
-        running = self.tasks.get(task_id)
+        simulated = options.get("simulate") is not None
+        key = f"{task_id} (simulated)" if simulated else task_id
+        running = self.tasks.get(key)
         if running is not None and not running.done():
             log.info(
-                "task %r is already running in this kernel; here it is (to start it "
+                "%s %r is already running in this kernel; here it is (to start it "
                 "again, call .stop() on it first)",
+                "a simulation of task" if simulated else "task",
                 task_id,
             )
         else:
             in_kernel = getattr(get_ipython(), "kernel", None) is not None
             options.setdefault("dataset_verify", self.verify_classes.get(task_id))
             options.setdefault("token", self.join_tokens.get(task_id))
-            if not options.get("relay"):
+            if not options.get("relay") and not simulated:
                 options["relay"] = self.relay_url()
             try:
                 running = start_task(
@@ -161,8 +171,8 @@ class KernelSession:
             except BaseException:
                 self.release_relay()
                 raise
-            self.tasks[task_id] = running
-            group = self.local.get(task_id)
+            self.tasks[key] = running
+            group = None if simulated else self.local.get(task_id)
             if group is not None and group.running:
                 group.follow(running, running.name)
 

@@ -159,6 +159,16 @@ STYLE = """<style>
 .fedmagic-task .fm-line { white-space: pre-wrap; overflow-wrap: anywhere; color: var(--fm-text); }
 .fedmagic-task .fm-line.fm-warn { color: var(--fm-warn); }
 .fedmagic-task .fm-line.fm-bad { color: var(--fm-bad); }
+.fedmagic-task .fm-many { display: flex; flex-direction: column; gap: 4px; }
+.fedmagic-task .fm-counts { display: flex; flex-wrap: wrap; gap: 0 14px;
+  font-variant-numeric: tabular-nums; }
+.fedmagic-task .fm-spread { display: flex; flex-wrap: wrap; gap: 8px 28px; }
+.fedmagic-task .fm-histogram { display: flex; align-items: flex-end; gap: 1px; height: 48px;
+  padding-bottom: 1px; border-bottom: 1px solid var(--fm-rule); }
+.fedmagic-task .fm-histogram > span { width: 12px; min-height: 1px;
+  background: var(--fm-fill-running); }
+.fedmagic-task .fm-axis { display: flex; justify-content: space-between;
+  color: var(--fm-dim); font-size: var(--jp-ui-font-size0, 11px); }
 /* the charts' tooltips live outside the widget, under the page's body */
 .bqplot_mark_tooltip .fm-tooltip { color: var(--jp-ui-font-color1, #212121); }
 </style>"""
@@ -218,7 +228,9 @@ class TaskMarkup:
                 f"the sum, never one update'>{self.text(seen)}</span>"
             )
         return (
-            f"<div class='fm-head'><span class='fm-title'>task <b>{self.text(task.task_id)}</b>"
+            f"<div class='fm-head'><span class='fm-title'>"
+            f"{'simulation of task' if task.simulation is not None else 'task'} "
+            f"<b>{self.text(task.task_id)}</b>"
             f"</span><span class='fm-badge fm-{state}'>{state}</span>"
             f"<span class='fm-status'>{self.text(task.status_line())}</span>{spent}</div>"
             f"<div class='fm-bar fm-{state}' role='progressbar' aria-label='rounds' "
@@ -251,6 +263,8 @@ class TaskMarkup:
 
     def participants(self, task: TaskSnapshot) -> str:
         """One row per participant: status, progress, samples, time, last seen, detail."""
+        if task.simulation is not None:
+            return self.simulated(task.simulation)
         if not task.participants:
             return "<i class='fm-dim'>no data owner has joined yet</i>"
         evaluated = any(p.evaluation for p in task.participants)
@@ -280,6 +294,59 @@ class TaskMarkup:
             "<th>status</th><th>progress</th><th class='fm-number'>samples</th>"
             "<th class='fm-number' title='how long its last round of training took'>"
             f"s/round</th>{own}<th>last seen</th><th>detail</th></tr>" + rows + "</table></div>"
+        )
+
+    def simulated(self, simulation: dict[str, Any]) -> str:
+        """Thousands of virtual participants, summed up: who they are, the round's progress,
+        counts by status, the slowest and the left out, and how samples and train time spread."""
+        workers = simulation["workers"]
+        where = f"on {simulation['engine']}" + (
+            f", {workers} worker{'s' if workers != 1 else ''}" if workers else ""
+        )
+        about = (
+            f"<div class='fm-dim'>{simulation['participants']:,} virtual participants · "
+            f"{self.text(simulation['partition'])} · {self.text(where)}</div>"
+        )
+        progress = simulation["round"]
+        if progress is None:
+            waiting = "<i class='fm-dim'>sharing out the training set, starting workers…</i>"
+            return f"<div class='fm-many'>{about}{waiting}</div>"
+        done, selected = progress["done"], progress["selected"]
+        share = done / selected if selected else 0.0
+        state = "finished" if progress["finished"] else "running"
+        bar = (
+            f"<div class='fm-bar fm-{state}' role='progressbar' "
+            f"aria-label='participants done in round {progress['round']}' aria-valuemin='0' "
+            f"aria-valuenow='{done}' aria-valuemax='{selected}'>"
+            f"<div class='fm-fill' style='width:{share:.1%}'></div><span class='fm-count'>"
+            f"round {progress['round']}: {done:,} / {selected:,} done</span></div>"
+        )
+        counts = "".join(
+            f"<span class='fm-{_STATUS_TONE.get(status, 'dim')}'>{self.text(status)} "
+            f"<b>{count:,}</b></span>"
+            for status, count in sorted(progress["counts"].items(), key=lambda item: -item[1])
+        )
+        slowest = ", ".join(
+            f"{self.text(node)} {seconds:.2f} s" for node, seconds in progress["slowest"]
+        )
+        left_out = "".join(
+            f"<div class='fm-warn'><b>{count:,}</b> left out: {self.text(why)} ("
+            + self.text(
+                ", ".join(nodes)
+                + (f" and {count - len(nodes):,} more" if count > len(nodes) else "")
+            )
+            + ")</div>"
+            for why, count, nodes in progress["left_out"]
+        )
+        return (
+            f"<div class='fm-many fedmagic-simulated'>{about}{bar}"
+            f"<div class='fm-counts'>{counts}</div>"
+            + (f"<div><span class='fm-dim'>slowest</span> {slowest}</div>" if slowest else "")
+            + left_out
+            + "<div class='fm-spread'>"
+            + _histogram("samples each", progress["samples"], "{:.0f}")
+            + _histogram("train seconds each", progress["seconds"], "{:.3f}")
+            + "</div></div>"
         )
 
     def tracebacks(self, task: TaskSnapshot) -> str:
@@ -427,6 +494,28 @@ class TaskMarkup:
             when = f"after round {task.round} of {total}" if task.round else "before round 1"
             return f"Stopped by its author {when}", ""
         return f"Finished after round {task.round} of {total}", ""
+
+
+_STATUS_TONE = {"uploaded": "good", "failed": "bad", "refused": "warn"}
+
+
+def _histogram(title: str, histogram: dict[str, list[float]], number: str) -> str:
+    """Bars of a histogram (``fedmagic.engine.progress.histogram``), its range beneath."""
+    counts, edges = histogram["counts"], histogram["edges"]
+    if not counts:
+        return ""
+    tallest = max(counts)
+    bars = "".join(
+        f"<span style='height:{count / tallest:.0%}' title='{number.format(low)}–"
+        f"{number.format(high)}: {count:.0f}'></span>"
+        for count, low, high in zip(counts, edges, edges[1:], strict=False)
+    )
+    return (
+        f"<div class='fm-hist'><div class='fm-dim'>{html.escape(title)}</div>"
+        f"<div class='fm-histogram' role='img' aria-label='{html.escape(title)}'>{bars}</div>"
+        f"<div class='fm-axis'><span>{number.format(edges[0])}</span>"
+        f"<span>{number.format(edges[-1])}</span></div></div>"
+    )
 
 
 def _level(text: str, last_of_failed: bool) -> str:
