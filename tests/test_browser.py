@@ -462,6 +462,7 @@ def test_fedavg_simulate_shows_a_thousand_virtual_participants_summed_up_in_jupy
     with serve("lab", tmp_path) as lab:
         nbformat.write(notebook, lab.workdir / "simulate.ipynb")
         open_notebook(page, lab.open("simulate.ipynb"))
+        page.click("li.lm-TabBar-tab[data-id='fedmagic-federation']")
         run_all_cells(page)
         wait_without_tracebacks(page, f"{simulated} .fedmagic-simulated", timeout=START_MS)
         # mid-round: the bar counts participants done out of those selected
@@ -476,6 +477,11 @@ def test_fedavg_simulate_shows_a_thousand_virtual_participants_summed_up_in_jupy
         bars = page.locator(f"{simulated} .fm-histogram > span").count()
         rows = page.locator(f"{simulated} .fedmagic-participants tr").count()
         summary = page.inner_text(f"{simulated} .fm-summary")
+        card = "section.fedmagic-TaskCard[data-task-id='quickstart (simulated)']"
+        page.wait_for_selector(f"{card}[data-status='finished']", timeout=30_000)
+        page.click(f"{card} .fedmagic-card-toggle")  # an ended card starts folded
+        in_panel = card_rows(page, card)
+        join_lines = page.locator(f"{card} .fedmagic-join-line").count()
         page.locator(simulated).scroll_into_view_if_needed()
         unreadable = in_each_theme(page, "simulation", simulated, widget=simulated)
         errors = list(page.console_errors)
@@ -493,6 +499,10 @@ def test_fedavg_simulate_shows_a_thousand_virtual_participants_summed_up_in_jupy
     assert "samples each" in view and "train seconds each" in view and bars >= 2
     assert rows == 0  # no table of a thousand rows
     assert "Finished all 5 rounds" in summary and "models/demo_task-simulated" in summary
+    # The Federation panel: a card of its own beside the real task's, with no join line
+    assert re.fullmatch(r"1,000 virtual \(dirichlet \(alpha 0.3\)\) on dask: round 5, "
+                        r"[\d,]+ uploaded, [\d,]+ refused", in_panel["participants"]), in_panel
+    assert join_lines == 0
     assert unreadable == {"light": [], "dark": []}
     assert errors == []
 

@@ -108,11 +108,12 @@ def frontend_state(session: KernelSession) -> dict[str, Any]:
     frontend's "this notebook's task" is the first running one.
     """
     tasks = sorted(
-        (run.snapshot() for run in list(session.tasks.values())),
-        key=lambda task: task.started,
+        ((key, run.snapshot()) for key, run in list(session.tasks.items())),
+        key=lambda pair: pair[1].started,
         reverse=True,
     )
     return {
-        "tasks": [task.to_json() for task in tasks],
+        # by the session's key, which a task's simulation has apart from the task's own
+        "tasks": [{**task.to_json(), "task_id": key} for key, task in tasks],
         "joins": [panel.snapshot().to_json() for panel in list(session.joined.values())],
     }

@@ -39,6 +39,8 @@ export interface ITaskState {
   delta: number | null;
   /** The last secure round's [updates in its sum, threshold t]; null for none. */
   secure_sum: [number, number] | null;
+  /** A simulation's virtual participants in a line; null for a task of real ones. */
+  simulated: string | null;
 }
 
 /**

@@ -216,20 +216,24 @@ export class FederationPanel extends Widget {
       );
       body.append(row('checkpoint', path));
     }
-    const joinLine = element(
-      'code',
-      maskToken(task.join_command),
-      'fedmagic-join-line'
-    );
-    joinLine.dataset.masked = String(
-      joinLine.textContent !== task.join_command
-    );
     const actions = element('div', '', 'fedmagic-actions');
-    actions.append(
-      button('Copy join line', 'fedmagic-copy-join-line', () =>
-        copyJoinLine(task)
-      )
-    );
+    if (task.join_command) {
+      // a simulation has no data owners to join it
+      const joinLine = element(
+        'code',
+        maskToken(task.join_command),
+        'fedmagic-join-line'
+      );
+      joinLine.dataset.masked = String(
+        joinLine.textContent !== task.join_command
+      );
+      body.append(joinLine);
+      actions.append(
+        button('Copy join line', 'fedmagic-copy-join-line', () =>
+          copyJoinLine(task)
+        )
+      );
+    }
     if (task.status === 'running') {
       const stop = button('Stop after this round', 'fedmagic-stop-task', () =>
         federation.stop(task.task_id)
@@ -237,7 +241,7 @@ export class FederationPanel extends Widget {
       stop.disabled = task.stopping;
       actions.append(stop);
     }
-    body.append(joinLine, actions);
+    body.append(actions);
     card.append(body);
     return card;
   }
@@ -363,6 +367,9 @@ export function copyJoinLine(task: ITaskState): void {
 }
 
 function participantsText(task: ITaskState): string {
+  if (task.simulated) {
+    return task.simulated;
+  }
   if (task.participants.length === 0) {
     return 'none yet';
   }
