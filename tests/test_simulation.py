@@ -17,7 +17,7 @@ from fedmagic.engine.progress import RoundProgress
 from fedmagic.engine.simulation import Simulation
 from fedmagic.engine.state import NodeStatus
 from fedmagic.engine.virtual import Outcome, WorkerRound
-from fedmagic.errors import ConfigurationError
+from fedmagic.errors import CodecError, ConfigurationError
 from fedmagic.strategies import (DifferentialPrivacy, FedAdam, FedAvg, FedMedian,
                                  SecureAggregation)
 from fedmagic.strategies.aggregate import Partial
@@ -183,3 +183,16 @@ def test_a_rounds_progress_counts_by_status_names_the_slowest_and_groups_who_was
     # 1 to 7 samples in 12 bins of 0.5: every other bin, the highest value in the last
     assert shown["samples"]["counts"] == [1, 0, 1, 0, 1, 0, 1, 0, 1, 0, 1, 1]
     assert shown["samples"]["edges"][0] == 1 and shown["samples"]["edges"][-1] == 7
+
+
+def test_a_keeping_folds_updates_travel_whole_and_are_checked_against_the_model():
+    reference = {"w": torch.zeros(2, 3)}
+    kept = WorkerRound(Partial(weight=3.0, count=2, kept=[
+        ({"w": torch.ones(2, 3)}, 1.0), ({"w": torch.full((2, 3), 2.0)}, 2.0)]))
+
+    back = unpack_round(pack_round(kept), reference)
+
+    assert [weight for _, weight in back.partial.kept] == [1.0, 2.0]
+    torch.testing.assert_close(back.partial.kept[1][0]["w"], torch.full((2, 3), 2.0))
+    with pytest.raises(CodecError, match="missing tensors"):
+        unpack_round(pack_round(kept), {"w": torch.zeros(2, 3), "b": torch.zeros(3)})
