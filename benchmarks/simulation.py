@@ -53,7 +53,9 @@ medians over trials with their spread (min-max); a process a trial leaves behind
 ended by its pid.
 
 Run: ``python benchmarks/simulation.py`` (about 10 minutes on 2 cores; ``--quick``: N = 100 and
-1,000, one pair each, about 3 minutes). Flower's environment, once:
+1,000, one pair each, about 3 minutes). fedmagic's Dask workers may be taken for gone mid-round
+at N = 10,000, failing the trial (see ``--dask-info-interval``, which works around it).
+Flower's environment, once:
 ``python -m venv --system-site-packages ENV && ENV/bin/pip install "flwr[simulation]"``, then
 ``--flower-python ENV/bin/python``; without it the fedmagic figures are printed alone.
 """
@@ -469,11 +471,16 @@ def leftovers(grace: float) -> list[str]:
 
 
 def trial_environment(
-    participants: int, rounds: int, workdir: Path, cores: int, scratch: Path
+    participants: int, rounds: int, workdir: Path, options: argparse.Namespace
 ) -> dict[str, str]:
     paths = [str(HERE), str(ROOT), os.environ.get("PYTHONPATH", "")]
+    scratch: Path = options.scratch
+    dask = {}
+    if options.dask_info_interval:
+        dask["DASK_DISTRIBUTED__CLIENT__SCHEDULER_INFO_INTERVAL"] = options.dask_info_interval
     return {
         **os.environ,
+        **dask,
         # The benchmark importable as ``simulation`` (Flower's actors import its functions by
         # name), and this checkout's fedmagic before any installed one.
         "PYTHONPATH": os.pathsep.join(p for p in paths if p),
@@ -486,7 +493,7 @@ def trial_environment(
         "FLWR_TELEMETRY_ENABLED": "0",
         ENV_PREFIX + "N": str(participants),
         ENV_PREFIX + "ROUNDS": str(rounds),
-        ENV_PREFIX + "CORES": str(cores),
+        ENV_PREFIX + "CORES": str(options.cores),
         ENV_PREFIX + "WORKDIR": str(workdir),
         ENV_PREFIX + "RAY_TMP": str(scratch / "ray"),
     }
@@ -506,7 +513,7 @@ def run_trial(
     out = workdir / "result.json"
     log = workdir / "output.log"
     command = [python, str(Path(__file__).resolve()), "--trial", system, "--out", str(out)]
-    environment = trial_environment(participants, options.rounds, workdir, options.cores, scratch)
+    environment = trial_environment(participants, options.rounds, workdir, options)
     began = time.perf_counter()
     peak, at_peak, timed_out = 0, [], False
     with open(log, "w") as output:
@@ -796,6 +803,15 @@ def main() -> None:
     parser.add_argument(
         "--budget", type=float, default=1080.0, help="seconds: no trial starts that would end later"
     )
+    parser.add_argument(
+        "--dask-info-interval",
+        metavar="TIME",
+        help="set the Dask client's scheduler-info-interval (e.g. 1h) in fedmagic's trials. "
+        "fedmagic's DaskWorkers.addresses() reads Client.scheduler_info(n_workers=-1), whose "
+        "answer the client's own periodic refresh (every 2 s, n_workers=0) can overwrite with "
+        "an empty list of workers: fedmagic then takes every worker for gone and loses the "
+        "round (seen at N = 10,000). A long interval keeps that refresh away; default: stock",
+    )
     parser.add_argument("--trial", choices=SYSTEMS, help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     options = parser.parse_args()
@@ -825,6 +841,11 @@ def main() -> None:
             f"Flower is not available (--flower-python {options.flower_python or '(none)'}):"
             " fedmagic's figures alone follow. Install it with: python -m venv "
             "--system-site-packages ENV && ENV/bin/pip install 'flwr[simulation]'"
+        )
+    if options.dask_info_interval:
+        print(
+            f"Dask's client scheduler-info-interval set to {options.dask_info_interval} in "
+            "fedmagic's trials: a workaround for fedmagic's worker check (see --help)"
         )
     print(
         f"N = {', '.join(f'{n:,}' for n in options.sizes)} (Flower up to "

@@ -475,9 +475,7 @@ class Aggregator:
         if aggregator is not None:
             row["aggregator"] = aggregator
         row.update(self.strategy.record(number))
-        log_rounds = scheduler.log_rounds
-        tested = number == 1 or finished or (log_rounds > 0 and number % log_rounds == 0)
-        row["tested"] = tested
+        row["tested"] = tested = scheduler._tests_after(number, finished)
         chosen = [self.participants[node] for node in selected]
         trained = [
             p.train_seconds

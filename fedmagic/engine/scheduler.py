@@ -245,6 +245,12 @@ class Scheduler(abc.ABC):
     def _is_reach_max_rounds(self) -> bool:
         return self.current_round >= self.max_rounds
 
+    def _tests_after(self, number: int, finished: bool) -> bool:
+        """Whether round ``number`` ends with ``test()``: the first, the last (``finished``),
+        and every ``log_rounds``-th."""
+        log_rounds = self.log_rounds
+        return number == 1 or finished or (log_rounds > 0 and number % log_rounds == 0)
+
     # Running it.
 
     def _setup(self, task_id: str) -> None:

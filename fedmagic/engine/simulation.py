@@ -287,10 +287,7 @@ class Simulation:
             "samples": sum(o.samples for o in folded),
         }
         row.update(strategy.record(number))
-        log_rounds = scheduler.log_rounds
-        row["tested"] = tested = (
-            number == 1 or finished or (log_rounds > 0 and number % log_rounds == 0)
-        )
+        row["tested"] = tested = scheduler._tests_after(number, finished)
         row["train_seconds"] = max((o.seconds for o in folded), default=None)
         if tested:
             row.update(test_metrics(scheduler.test()))
