@@ -95,6 +95,9 @@ class DaskWorkers:
                 # A round task on a worker that died fails at once (its participants are lost)
                 # rather than being run again elsewhere.
                 "distributed.scheduler.allowed-failures": 0,
+                # Its statistical profiler samples each worker's stack all the time: ~0.1 ms
+                # a participant here (benchmarks/simulation.py), and nothing reads it
+                "distributed.worker.profile.enabled": False,
             }
             with dask.config.set(settings):
                 self._cluster = distributed.LocalCluster(
@@ -129,8 +132,14 @@ class DaskWorkers:
         )
 
     def addresses(self) -> list[str]:
-        """The workers there are now, by address."""
-        return sorted(self.client.scheduler_info(n_workers=-1)["workers"])
+        """The workers there are now, by address, as the scheduler itself says.
+
+        Not ``Client.scheduler_info()``: it returns a cache the client's own periodic
+        refresh may have just emptied, which would make live workers look gone.
+        """
+        client = self.client
+        identity = client.sync(client.scheduler.identity, n_workers=-1)  # type: ignore[union-attr]
+        return sorted(identity["workers"])
 
     def run_round(
         self,
