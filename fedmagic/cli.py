@@ -69,6 +69,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         "limit, which the relay raises to its hard limit)",
     )
     relay.add_argument(
+        "--max-participants", type=int, help="participants of one task (default 4096)"
+    )
+    relay.add_argument(
         "--max-waiting",
         type=int,
         help="joins held waiting for a task that "
@@ -219,7 +222,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 def _relay(options: argparse.Namespace) -> int:
     from .wire.relay import Relay, RelayLimits, log, raise_open_file_limit, serve_relay, ssl_context
 
-    for name in ("max_connections", "max_waiting", "max_waiting_per_address", "max_mib_per_second"):
+    for name in (
+        "max_connections",
+        "max_participants",
+        "max_waiting",
+        "max_waiting_per_address",
+        "max_mib_per_second",
+    ):
         value = getattr(options, name)
         if value is not None and value <= 0:
             print(
@@ -236,6 +245,7 @@ def _relay(options: argparse.Namespace) -> int:
         )
     chosen = {
         "max_connections": options.max_connections,
+        "max_participants": options.max_participants,
         "max_waiting": options.max_waiting,
         "max_waiting_per_address": options.max_waiting_per_address,
     }

@@ -280,7 +280,7 @@ def _check_piece(piece: Any) -> tuple[str, torch.dtype, list[int], int, int]:
 
 
 def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def _names(state: Mapping[str, Any]) -> str:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import functools
 import types
 import typing
 from dataclasses import dataclass
@@ -333,6 +334,7 @@ def parse(frame: Frame) -> Message:
 _MISSING = object()
 
 
+@functools.cache  # resolving the hints is most of a parse's time; a class's never change
 @typing.no_type_check
 def _fields(cls: type[Message]) -> list[tuple[dataclasses.Field[Any], Any]]:
     hints = typing.get_type_hints(cls)

@@ -91,6 +91,10 @@ FLOOD_LOG_PERIOD = 10.0
 log = logging.getLogger("fedmagic.relay")
 
 
+#: How many connections may wait to be accepted (the kernel caps it at net.core.somaxconn).
+LISTEN_BACKLOG = 4096
+
+
 @dataclass(frozen=True)
 class RelayLimits:
     """What clients may make the relay do; each limit protects everyone else."""
@@ -108,7 +112,8 @@ class RelayLimits:
     #: waits, before it is dropped as too slow (less than ``ping_timeout``: the
     #: waiting sender's pongs wait too).
     max_send_stall: float = 8.0
-    max_participants: int = 1024
+    #: Participants of one task (benchmarks/relay_scale.py ran 2,000 through one relay).
+    max_participants: int = 4096
     max_tasks: int = 1024
     #: Open connections; None: the open-file limit less a reserve (``connection_cap``).
     max_connections: int | None = None
@@ -987,6 +992,9 @@ async def serve_relay(
         port,
         ssl=ssl,
         create_connection=_counted_connections(relay),
+        # Connections not yet accepted: asyncio's default of 100 overflows when a thousand
+        # participants join at once, and each overflowed one waits a second to try again.
+        backlog=LISTEN_BACKLOG,
         **_server_options(relay),
     )
     log.info("relay limits: %s", relay.describe_limits())
