@@ -51,7 +51,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import importlib.metadata
 import json
 import os
@@ -65,6 +64,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import psutil
+from processes import describe, living_children, orphans, set_child_subreaper
 
 ENGINES = ("ray", "dask", "ipyparallel")
 #: Seeds the initial model and, per participant, dropout: the engines' rounds are then equal to
@@ -403,16 +403,6 @@ def cpu_seconds(processes: list[psutil.Process]) -> float:
     return total
 
 
-def living_children() -> list[psutil.Process]:
-    """This process's descendants that still run (zombies, dead but not yet reaped, do not)."""
-    alive = []
-    for process in psutil.Process().children(recursive=True):
-        with contextlib.suppress(psutil.Error):
-            if process.status() != psutil.STATUS_ZOMBIE:
-                alive.append(process)
-    return alive
-
-
 def interpreter_helper(process: psutil.Process) -> bool:
     with contextlib.suppress(psutil.Error):
         return "multiprocessing.resource_tracker" in " ".join(process.cmdline())
@@ -433,12 +423,6 @@ def label(process: psutil.Process) -> str:
             return Path(scripts[0]).name if scripts else name
         return name
     return "?"
-
-
-def describe(process: psutil.Process) -> str:
-    with contextlib.suppress(psutil.Error):
-        return f"{process.pid} {process.name()}: {' '.join(process.cmdline())[:160]}"
-    return f"{process.pid} (gone)"
 
 
 def trial(options: argparse.Namespace) -> dict[str, Any]:
@@ -534,38 +518,6 @@ def trial(options: argparse.Namespace) -> dict[str, Any]:
 
 
 # --- The driver: trials in rotation, then the table and the verdict -------------------------------
-
-
-def set_child_subreaper() -> bool:
-    """Become the parent of any process a trial orphans, so none escapes the count."""
-    with contextlib.suppress(Exception):
-        PR_SET_CHILD_SUBREAPER = 36
-        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
-    return False
-
-
-def reap() -> None:
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
-
-
-def orphans(grace: float) -> list[str]:
-    """Processes still here (reparented to this one) after a trial's process has exited; they
-    are ended by their pid."""
-    deadline = time.monotonic() + grace
-    while True:
-        reap()
-        alive = living_children()
-        if not alive or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    found = [describe(p) for p in alive]
-    for process in alive:
-        with contextlib.suppress(psutil.Error):
-            process.kill()
-    reap()
-    return found
 
 
 def versions() -> dict[str, str]:

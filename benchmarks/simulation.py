@@ -62,7 +62,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import ctypes
 import json
 import os
 import platform
@@ -76,6 +75,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+from processes import orphans, set_child_subreaper
 
 SYSTEMS = ("fedmagic", "flower")
 #: Images each virtual participant holds: one batch of the tutorial's loader.
@@ -432,42 +432,6 @@ def breakdown(
     return sorted(rows, key=lambda row: -row[1])
 
 
-def set_child_subreaper() -> bool:
-    """Become the parent of any process a trial orphans, so none escapes the count."""
-    with contextlib.suppress(Exception):
-        return ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0) == 0  # SET_CHILD_SUBREAPER
-    return False
-
-
-def reap() -> None:
-    with contextlib.suppress(ChildProcessError):
-        while os.waitpid(-1, os.WNOHANG)[0]:
-            pass
-
-
-def leftovers(grace: float) -> list[str]:
-    """Processes still here after a trial's process exited (reparented to this one): reported,
-    then ended by their pid."""
-    deadline = time.monotonic() + grace
-    while True:
-        reap()
-        alive = []
-        for process in psutil.Process().children(recursive=True):
-            with contextlib.suppress(psutil.Error):
-                if process.status() != psutil.STATUS_ZOMBIE:
-                    alive.append(process)
-        if not alive or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    found = []
-    for process in alive:
-        with contextlib.suppress(psutil.Error):
-            found.append(f"{process.pid} {' '.join(process.cmdline())[:120]}")
-            process.kill()
-    reap()
-    return found
-
-
 def trial_environment(
     participants: int, rounds: int, workdir: Path, options: argparse.Namespace
 ) -> dict[str, str]:
@@ -539,7 +503,7 @@ def run_trial(
         trial_s=time.perf_counter() - began,
         peak_mib=peak / MiB,
         peak_by_process=at_peak,
-        left_behind=leftovers(options.grace),
+        left_behind=orphans(options.grace),
     )
     return result
 
