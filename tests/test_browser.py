@@ -465,10 +465,9 @@ def test_fedavg_simulate_shows_a_thousand_virtual_participants_summed_up_in_jupy
         page.click("li.lm-TabBar-tab[data-id='fedmagic-federation']")
         run_all_cells(page)
         wait_without_tracebacks(page, f"{simulated} .fedmagic-simulated", timeout=START_MS)
-        # mid-round: the bar counts participants done out of those selected
-        page.wait_for_selector(f"{simulated} .fedmagic-simulated "
-                               "[role='progressbar'][aria-valuenow]:not([aria-valuenow='0'])",
-                               timeout=START_MS)
+        # mid-round: the bar counts participants done out of those selected, as they come
+        page.wait_for_selector(f"{simulated} .fedmagic-simulated [role='progressbar']"
+                               ".fm-running:not([aria-valuenow='0'])", timeout=START_MS)
         page.wait_for_selector(f"{simulated} .fm-summary", timeout=START_MS + 180_000)
         view = page.inner_text(f"{simulated} .fedmagic-simulated")
         title = page.inner_text(f"{simulated} .fm-title")

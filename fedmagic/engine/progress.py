@@ -61,16 +61,22 @@ class RoundProgress:
                 )
 
     def summary(self) -> dict[str, Any]:
-        """What a display shows: plain values only (a widget's traitlet, a JSON line)."""
+        """What a display shows: plain values only (a widget's traitlet, a JSON line).
+
+        A display's thread reads it while outcomes come in: each part is copied whole first.
+        """
+        left_out, counts = list(self.left_out.items()), dict(self.counts)
         return {
             "round": self.number,
             "selected": self.selected,
-            "done": self.done,
-            "counts": dict(self.counts),
-            "slowest": [[node, seconds] for seconds, node in sorted(self.slowest, reverse=True)],
-            "left_out": [[why, count, nodes] for why, (count, nodes) in self.left_out.items()],
-            "samples": histogram(self.samples),
-            "seconds": histogram(self.seconds),
+            "done": sum(counts.values()),
+            "counts": counts,
+            "slowest": [
+                [node, seconds] for seconds, node in sorted(list(self.slowest), reverse=True)
+            ],
+            "left_out": [[why, count, list(nodes)] for why, (count, nodes) in left_out],
+            "samples": histogram(list(self.samples)),
+            "seconds": histogram(list(self.seconds)),
             "finished": self.finished,
         }
 

@@ -262,7 +262,7 @@ class Simulation:
         fold = strategy.fold(global_state)
         outcomes: list[Outcome] = []
         self.progress = RoundProgress(number, len(selected))
-        heard = self._hearing(self.progress) if self.on_progress is not None else None
+        heard = self._hearing(self.progress)  # a widget reads self.progress as it moves
         for done in workers.run_round(number, global_state, selected, configs, heard):
             fold.merge(done.partial)
             outcomes += done.outcomes
