@@ -196,3 +196,32 @@ def test_a_keeping_folds_updates_travel_whole_and_are_checked_against_the_model(
     torch.testing.assert_close(back.partial.kept[1][0]["w"], torch.full((2, 3), 2.0))
     with pytest.raises(CodecError, match="missing tensors"):
         unpack_round(pack_round(kept), {"w": torch.zeros(2, 3), "b": torch.zeros(3)})
+
+
+@pytest.mark.slow
+def test_a_dask_address_nobody_answers_at_is_refused_saying_what_to_start(tmp_path, monkeypatch):
+    import dask
+    from conftest import free_port
+
+    monkeypatch.chdir(tmp_path)
+    simulation = Simulation(SharedData(min_clients=1, max_clients=4, max_rounds=1), 4,
+                            task_id="nowhere", address=f"tcp://127.0.0.1:{free_port()}")
+
+    with dask.config.set({"distributed.comm.timeouts.connect": "3s"}), \
+            pytest.raises(ConfigurationError, match=r"no Dask scheduler answered there .*"
+                          r"start one \(dask scheduler, then dask worker ADDRESS"):
+        simulation.run()
+
+
+@pytest.mark.parametrize("simulate, said", [
+    (True, "pass how many virtual participants"),
+    (0, "pass how many virtual participants"),
+    ({"partition": "iid"}, "with 'participants' in it"),
+    ({"participants": 3, "nope": 1}, "unexpected keyword argument 'nope'"),
+])
+def test_launch_task_refuses_a_simulate_it_cannot_run(simulate, said):
+    from fedmagic.engine.launch import start_task
+
+    with pytest.raises(ConfigurationError, match=said):
+        start_task(SharedData(min_clients=1, max_clients=3, max_rounds=1), "refused",
+                   simulate=simulate)

@@ -31,6 +31,7 @@ from typing import Any, Callable, Mapping, Sequence
 import msgpack
 import torch
 
+from ..errors import ConfigurationError
 from ..strategies import Strategy
 from ..strategies.aggregate import Partial
 from ..wire.codec import StateReader, encode_state
@@ -107,9 +108,18 @@ class DaskWorkers:
                     dashboard_address=None,
                     resources=dict(resources) if resources else None,
                 )
-        self.client = distributed.Client(
-            self._cluster if self._cluster is not None else address, set_as_default=False
-        )
+        try:
+            self.client = distributed.Client(
+                self._cluster if self._cluster is not None else address, set_as_default=False
+            )
+        except OSError as unreachable:
+            raise ConfigurationError(
+                "address",
+                address,
+                f"no Dask scheduler answered there ({unreachable}); start one (dask scheduler, "
+                "then dask worker ADDRESS on each machine) or leave address out to start "
+                "workers on this machine",
+            ) from None
         self.address = address or "this machine"
         self.resources = dict(resources) if resources else None
         self.samples = {node: len(indices) for node, indices in shares.items()}

@@ -134,7 +134,8 @@ class TaskRun:
         if self.done():
             return
         self._stop_asked = True
-        if self.simulation is not None and not now:
+        if self.simulation is not None:
+            # its rounds run on a worker thread, which no cancel reaches: it stops between rounds
             self.simulation.request_stop()
         elif now and self._background is not None:
             self._background.cancel()
@@ -425,8 +426,9 @@ def _start_simulation(
     quiet: bool,
 ) -> TaskRun:
     """``start_task(simulate=...)``: the task's rounds with virtual participants, on a thread."""
-    options = {"participants": simulate} if isinstance(simulate, int) else dict(simulate)
-    if not isinstance(options.get("participants"), int) or options["participants"] < 1:
+    options = {"participants": simulate} if not isinstance(simulate, dict) else dict(simulate)
+    count = options.get("participants")
+    if not isinstance(count, int) or isinstance(count, bool) or count < 1:
         raise ConfigurationError(
             "simulate",
             simulate,
