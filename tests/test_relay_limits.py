@@ -35,8 +35,8 @@ from fedmagic.strategies import FedAvg
 from fedmagic.wire.relay import Relay, RelayLimits, connection_cap
 from fedmagic.engine.rounds import Aggregator
 from fedmagic.engine.task import TaskPackage
-from test_relay import (Clients, assert_task_works, bounded, hello, receive_state, recv, run,
-                        running_relay, status)
+from test_relay import (TASK, Clients, assert_task_works, bounded, hello, receive_state, recv,
+                        run, running_relay, status)
 from tiny import Tiny
 
 try:
@@ -178,6 +178,26 @@ def test_connection_over_max_connections_is_refused_busy_not_unreachable():
 
     # Prepare
     with running_relay(Relay(limits=RelayLimits(max_connections=4))) as embedded:
+        run(scenario(embedded.url))
+
+
+def test_a_participant_beyond_a_tasks_limit_is_refused_busy_saying_how_to_raise_it():
+    async def scenario(url):
+        async with Clients(url) as clients:
+            initiator, (alice, bob) = await start_task(clients, "alice", "bob")
+            # Execute
+            with pytest.raises(RelayRefused) as refusal:
+                await clients.participant("carol")
+            # Assert
+            assert refusal.value.code == "busy"
+            assert refusal.value.message == (
+                f"relay busy: task {TASK!r} already has 2 participants, its limit; a place "
+                "frees when one leaves, or the relay's operator raises it (fedmagic relay "
+                "--max-participants)")
+            await assert_task_works(clients, initiator, bob, "bob")
+
+    # Prepare
+    with running_relay(Relay(limits=RelayLimits(max_participants=2))) as embedded:
         run(scenario(embedded.url))
 
 

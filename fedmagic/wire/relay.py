@@ -771,7 +771,8 @@ class Relay:
             raise _Refusal(
                 Refusal.BUSY,
                 f"relay busy: task {task_id!r} already has "
-                f"{len(task.participants)} participants, its limit",
+                f"{len(task.participants)} participants, its limit; a place frees when one "
+                "leaves, or the relay's operator raises it (fedmagic relay --max-participants)",
             )
         peer = _Peer(connection, node, self.limits, session or secrets.token_hex(16))
         if stale is not None:
