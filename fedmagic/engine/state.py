@@ -233,15 +233,9 @@ class TaskSnapshot:
     def summary(self) -> str:
         """The task as text: its state, each participant, and each round's metrics."""
         state = str(self.status) if self.error is None else failure_text(self.error)
-        simulated = self.simulation
         lines = [
             f"task {self.task_id!r} {state}: round {self.round}/{self.max_rounds or '?'}, "
-            + (
-                f"{simulated['participants']} virtual participants ({simulated['partition']}) "
-                f"on {simulated['engine']}"
-                if simulated
-                else f"{len(self.participants)} participants"
-            )
+            + (self.simulated_line() or f"{len(self.participants)} participants")
         ]
         lines += [f"  privacy: {line}" for line in self.guarantees]
         lines += [f"  {line}" for line in (self.budget_line(), self.secure_line()) if line]
