@@ -12,8 +12,9 @@ from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConcurrencyError, ConnectionClosed, InvalidHandshake, InvalidURI
 
 from ..errors import ConnectionLost, RelayRefused
-from .frames import CHUNK_BYTES, MAX_HEADER_BYTES, PROTOCOL_VERSION, Frame, Kind
+from .frames import CHUNK_BYTES, MAX_HEADER_BYTES, Frame, Kind
 from .messages import Refusal
+from .routing import hello_header
 from .transport import Transport
 
 if TYPE_CHECKING:
@@ -86,21 +87,15 @@ class Link(Transport):
         """
         if ssl is None and url.startswith("wss://"):
             ssl = ssl_module.create_default_context()  # the system's trust ($SSL_CERT_FILE)
-        hello: dict[str, Any] = {
-            "t": Kind.HELLO,
-            "protocol": PROTOCOL_VERSION,
-            "role": role,
-            "task": task,
-            "token": token,
-        }
-        if node is not None:
-            hello["node"] = node
-        if relay_token is not None:
-            hello["relay_token"] = relay_token
-        if session is not None:
-            hello["session"] = session
-        if allowed_nodes is not None:
-            hello["allowed_nodes"] = list(allowed_nodes)
+        said = hello_header(
+            role=role,
+            task=task,
+            token=token,
+            node=node,
+            relay_token=relay_token,
+            session=session,
+            allowed_nodes=allowed_nodes,
+        )
         options = {
             "ssl": ssl,
             "compression": None,
@@ -113,7 +108,7 @@ class Link(Transport):
             "write_limit": 4 << 20,
             "open_timeout": 10,
         }
-        return await cls._connect(url, hello, wait, options)
+        return await cls._connect(url, said, wait, options)
 
     async def _hello_again(self, hello: dict[str, Any], wait: float) -> Link:
         # Asked again, backing off: a relay shutting down may close before it answers, and one

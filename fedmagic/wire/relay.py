@@ -16,7 +16,9 @@ bytes and frames per second per connection (a fast sender is read slower),
 and bytes queued for each connection (one that does not keep up is dropped
 as too slow instead of holding up the others).
 
-``Relay.handle`` is the whole server logic; ``serve_relay`` runs it, and
+Who may join and who hears what is the :class:`~fedmagic.wire.routing.Router`'s
+to decide, the same one the in-memory relay drives; ``Relay.handle`` serves
+connections to it within those limits, ``serve_relay`` runs it, and
 ``EmbeddedRelay`` runs it on a thread of its own inside another program.
 """
 
@@ -24,12 +26,9 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hmac
 import logging
-import math
 import secrets
 import ssl as ssl_module
-import string
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator, cast
@@ -40,8 +39,9 @@ from websockets.exceptions import ProtocolError as WebSocketProtocolError
 
 from ..background import BackgroundLoop
 from ..errors import CodecError
-from .frames import CHUNK_BYTES, INITIATOR, MAX_HEADER_BYTES, PROTOCOL_VERSION, Frame, Kind
+from .frames import INITIATOR, Frame, Kind
 from .messages import Refusal
+from .routing import DEFAULT_LIMITS, Refused, RelayLimits, Router, Send, Task
 
 try:
     import resource
@@ -71,17 +71,10 @@ GOING_AWAY = 1001
 POLICY_VIOLATION = 1008
 NORMAL_CLOSURE = 1000
 MAX_CLOSE_REASON_BYTES = 120
-MAX_NAME_CHARS = 128
-#: Kinds only the relay may send; a client sending one would speak for the relay.
-RELAY_KINDS = frozenset(
-    {Kind.HELLO, Kind.WELCOME, Kind.ERROR, Kind.PEER_JOINED, Kind.PEER_LEFT, Kind.TASK_CLOSED}
-)
 #: Open files a relay keeps for itself and for refusing connections over its cap.
 FD_RESERVE = 64
 #: What "no limit" on open files stands for.
 MAX_OPEN_FILES = 1 << 20
-#: Task ids remembered as having run here; joins for them may wait the longest.
-SEEN_TASKS = 4096
 #: Frames whose payload is at least this big go out as two fragments, the new
 #: header and a view of the payload as received, instead of being copied together.
 FRAGMENT_BYTES = 64 << 10
@@ -93,45 +86,6 @@ log = logging.getLogger("fedmagic.relay")
 
 #: How many connections may wait to be accepted (the kernel caps it at net.core.somaxconn).
 LISTEN_BACKLOG = 4096
-
-
-@dataclass(frozen=True)
-class RelayLimits:
-    """What clients may make the relay do; each limit protects everyone else."""
-
-    max_frame_bytes: int = CHUNK_BYTES + MAX_HEADER_BYTES + 1024
-    #: Beyond this, a connection is refused ("rate"): no client needs so many frames.
-    max_frames_per_second: float = 10000.0
-    #: Bytes per second one connection may send after a burst of ``burst_bytes``;
-    #: beyond it the relay reads that connection slower (TCP pushes back).
-    max_bytes_per_second: float = float(512 << 20)
-    burst_bytes: int = 256 << 20
-    #: Bytes queued for one connection; whoever sends to it waits beyond this.
-    max_queue_bytes: int = 8 << 20
-    #: Seconds a connection may take nothing from its full queue, while a sender
-    #: waits, before it is dropped as too slow (less than ``ping_timeout``: the
-    #: waiting sender's pongs wait too).
-    max_send_stall: float = 8.0
-    #: Participants of one task (benchmarks/relay_scale.py ran 2,000 through one relay).
-    max_participants: int = 4096
-    max_tasks: int = 1024
-    #: Open connections; None: the open-file limit less a reserve (``connection_cap``).
-    max_connections: int | None = None
-    #: Participants waiting for a task that has not started: overall (and never
-    #: more than half of ``max_connections``), and from one IP address.
-    max_waiting: int = 256
-    max_waiting_per_address: int = 16
-    hello_timeout: float = 10.0
-    #: The longest a join waits for a task that ran on this relay before.
-    max_join_wait: float = 3600.0
-    #: The longest a join waits for a task id this relay has never seen; a
-    #: ``Link`` that wants to wait longer asks again.
-    max_unknown_task_wait: float = 30.0
-    #: Seconds between pings, without a pong before a peer counts as gone, and
-    #: for it to answer a close frame: a dead peer is noticed within their sum.
-    ping_interval: float = 5.0
-    ping_timeout: float = 12.0
-    close_timeout: float = 3.0
 
 
 def connection_cap(open_files: int | None = None) -> int:
@@ -182,16 +136,6 @@ def _limit(value: int) -> int:
     return MAX_OPEN_FILES if resource is not None and value == resource.RLIM_INFINITY else value
 
 
-class _Refusal(Exception):
-    """Why a connection is refused; ``flood`` names refusals that come in floods."""
-
-    def __init__(self, code: Refusal, message: str, flood: str | None = None) -> None:
-        super().__init__(code, message)
-        self.code = code
-        self.message = message
-        self.flood = flood
-
-
 class _TooSlow(Exception):
     """A connection that does not take what is sent to it fast enough."""
 
@@ -235,7 +179,7 @@ class _Outbox:
         self._loop = asyncio.get_running_loop()
         self._progress = self._loop.time()
         self._wakeup: asyncio.Future[None] | None = None
-        self._room: list[asyncio.Future[None]] = []
+        self._line: collections.deque[asyncio.Future[None]] = collections.deque()
         self._writer = asyncio.ensure_future(self._write())
 
     def force(self, message: Any, size: int = 0) -> None:
@@ -259,36 +203,55 @@ class _Outbox:
     async def put(self, message: Any, size: int, sender: _Peer | None = None) -> None:
         """Queue, waiting for room; nothing if the connection or ``sender`` is gone.
 
+        Senders wait in line: each message written wakes the first, and each
+        that leaves the line wakes the next, so a queue that many wait for
+        (the initiator's, while every participant uploads) wakes one at a time.
+
         Raises:
             _TooSlow: if the connection takes nothing for ``stall`` seconds meanwhile.
         """
-        while not (
-            self.closed or (sender is not None and not sender.active) or self.offer(message, size)
-        ):
-            if self._loop.time() >= self._progress + self.stall:
-                raise _TooSlow(
-                    f"it took nothing for {self.stall:g} s while {_mib(self.queued)} waited for it"
-                )
-            await self._sent(self._progress + self.stall)
+        try:
+            while not (
+                self.closed
+                or (sender is not None and not sender.active)
+                or self.offer(message, size)
+            ):
+                if self._loop.time() >= self._progress + self.stall:
+                    raise _TooSlow(
+                        f"it took nothing for {self.stall:g} s while {_mib(self.queued)} "
+                        "waited for it"
+                    )
+                await self._sent(self._progress + self.stall)
+        finally:
+            self._wake_next()
 
     async def drain(self, timeout: float) -> bool:
         """Wait until everything queued went out; False if it did not in time."""
         deadline = self._loop.time() + timeout
-        while self._queue and not self.closed and self._loop.time() < deadline:
-            await self._sent(deadline)
+        try:
+            while self._queue and not self.closed and self._loop.time() < deadline:
+                await self._sent(deadline)
+        finally:
+            self._wake_next()
         return not self._queue
 
     async def _sent(self, deadline: float) -> None:
-        """Wait until the writer sent a message (or stopped), or ``deadline`` (loop time)."""
-        sent = self._loop.create_future()
-        self._room.append(sent)
+        """Wait in line until woken (a message went out, or the writer stopped), or
+        ``deadline`` (loop time)."""
+        woken = self._loop.create_future()
+        self._line.append(woken)
         try:
-            await asyncio.wait_for(sent, max(deadline - self._loop.time(), 0))
+            await asyncio.wait_for(woken, max(deadline - self._loop.time(), 0))
         except asyncio.TimeoutError:
-            pass
-        finally:
-            if sent in self._room:
-                self._room.remove(sent)
+            pass  # wait_for cancelled it: done, so the line passes over it
+
+    def _wake_next(self) -> None:
+        """Wake the first in line that still waits."""
+        while self._line:
+            waiter = self._line.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
 
     async def aclose(self) -> None:
         """Drop what is queued and stop writing; the connection may then be closed."""
@@ -308,18 +271,15 @@ class _Outbox:
                 self._queue.popleft()
                 self.queued -= size
                 self._progress = self._loop.time()
-                for room in self._room:
-                    if not room.done():
-                        room.set_result(None)
+                self._wake_next()
         except ConnectionClosed:
             pass
         finally:
             self.closed = True
             self._queue.clear()
             self.queued = 0
-            for room in self._room:
-                if not room.done():
-                    room.set_result(None)
+            while self._line:
+                self._wake_next()
 
 
 class _Peer:
@@ -340,15 +300,6 @@ class _Peer:
         self.active = True
         self.throttled = False
         self.outbox = _Outbox(connection, limits.max_queue_bytes, limits.max_send_stall)
-
-
-@dataclass(eq=False)
-class _Task:
-    task_id: str
-    join_token: str
-    initiator: _Peer
-    allowed_nodes: frozenset[str] | None
-    participants: dict[str, _Peer] = field(default_factory=dict)
 
 
 @dataclass(eq=False)
@@ -387,32 +338,39 @@ class _QuietLog:
 
 
 class Relay:
-    """Routes frames between each task's initiator and its participants.
+    """Serves connections to a :class:`~fedmagic.wire.routing.Router`, within limits.
+
+    The router decides who may join and who hears what; this class reads
+    and writes the websockets, and bounds what each connection may make
+    the relay hold.
 
     Args:
         token: if set, initiators must present it to create a task.
         limits: what clients may make the relay do.
     """
 
-    def __init__(self, token: str | None = None, limits: RelayLimits = RelayLimits()) -> None:
-        self.token = token
+    def __init__(self, token: str | None = None, limits: RelayLimits = DEFAULT_LIMITS) -> None:
+        self.router: Router[_Peer] = Router(token, limits)
         self.limits = limits
         self.max_connections = limits.max_connections or connection_cap()
         #: Beyond this, new TCP connections are cut at once: the descriptors
         #: between it and the open-file limit are the process's own.
         self.max_sockets = self.max_connections + max(FD_RESERVE // 2, self.max_connections // 16)
         self.max_waiting = max(min(limits.max_waiting, self.max_connections // 2), 1)
-        self.tasks: dict[str, _Task] = {}
         #: Open TCP connections, counted from before their websocket handshake.
         self.connections = 0
         self.waiting = 0
         self._waiting: dict[str, _Waiting] = {}
         self._waiting_from: collections.Counter[str] = collections.Counter()
-        self._seen: collections.OrderedDict[str, None] = collections.OrderedDict()
         self._background: set[asyncio.Task[None]] = set()
         self._flood_logs: dict[str, _QuietLog] = collections.defaultdict(
             lambda: _QuietLog(FLOOD_LOG_PERIOD)
         )
+
+    @property
+    def tasks(self) -> dict[str, Task[_Peer]]:
+        """The tasks running here, by id."""
+        return self.router.tasks
 
     def describe_limits(self) -> str:
         """The capacity limits, for the log of a relay that starts."""
@@ -427,19 +385,25 @@ class Relay:
         peer = _address(connection)
         try:
             if self.connections > self.max_connections:
-                raise _Refusal(
+                raise Refused(
                     Refusal.BUSY,
                     f"relay busy: it serves its limit of "
                     f"{self.max_connections} connections; try again later, or ask "
                     "its operator to raise the limit (ulimit -n, --max-connections)",
                     flood="connections",
                 )
-            hello = await self._read_hello(connection)
+            try:
+                data = await asyncio.wait_for(connection.recv(), self.limits.hello_timeout)
+            except asyncio.TimeoutError:
+                raise Refused(
+                    Refusal.TIMEOUT, f"no hello within {self.limits.hello_timeout:g} s"
+                ) from None
+            hello = self.router.read_hello(data)
             if hello["role"] == "initiator":
                 await self._serve_initiator(connection, hello)
             else:
                 await self._serve_participant(connection, hello)
-        except _Refusal as refusal:
+        except Refused as refusal:
             if refusal.flood is not None:
                 self._flood_logs[refusal.flood](f"refused {peer}: {refusal.message}")
             else:
@@ -451,127 +415,77 @@ class Relay:
         except ConnectionClosed:
             pass
 
-    async def _read_hello(self, connection: ServerConnection) -> dict[str, Any]:
-        try:
-            data = await asyncio.wait_for(connection.recv(), self.limits.hello_timeout)
-        except asyncio.TimeoutError:
-            raise _Refusal(
-                Refusal.TIMEOUT, f"no hello within {self.limits.hello_timeout:g} s"
-            ) from None
-        header = Frame.parse(data).header
-        if header["t"] != Kind.HELLO:
-            raise _Refusal(
-                Refusal.PROTOCOL, f"the first frame must be a hello, got {header['t']!r}"
-            )
-        version = header.get("protocol")
-        if version != PROTOCOL_VERSION:
-            raise _Refusal(
-                Refusal.PROTOCOL,
-                f"this relay speaks fedmagic protocol {PROTOCOL_VERSION} "
-                f"but the client speaks {version!r}; install the same fedmagic "
-                "version on every node",
-            )
-        if header.get("role") not in ("initiator", "participant"):
-            raise _Refusal(Refusal.PROTOCOL, "role must be 'initiator' or 'participant'")
-        for key in ("task", "token"):
-            if not isinstance(header.get(key), str) or not header[key]:
-                raise _Refusal(Refusal.PROTOCOL, f"hello needs a non-empty string {key!r}")
-        wait = header.get("wait")
-        if wait is not None and (
-            isinstance(wait, bool) or not isinstance(wait, (int, float)) or not math.isfinite(wait)
-        ):
-            raise _Refusal(Refusal.PROTOCOL, "'wait' must be a finite number of seconds")
-        if header["role"] == "participant":
-            if not _is_node_name(header.get("node")):
-                raise _Refusal(
-                    Refusal.PROTOCOL,
-                    f"a participant needs a node name of 1 to "
-                    f"{MAX_NAME_CHARS} characters, not starting with '@'",
-                )
-            if not _is_hex(header.get("session", "0")):
-                raise _Refusal(
-                    Refusal.PROTOCOL,
-                    "'session' must be the hex string a relay's "
-                    "welcome gave this node (Link.session)",
-                )
-            if not _is_hex(header.get("accepted", "0")):
-                raise _Refusal(
-                    Refusal.PROTOCOL,
-                    "'accepted' must be the hex code hash of the task this node consented to",
-                )
-        else:
-            allowed = header.get("allowed_nodes")
-            if allowed is not None and not (
-                isinstance(allowed, list)
-                and len(allowed) <= self.limits.max_participants
-                and all(map(_is_node_name, allowed))
-            ):
-                raise _Refusal(
-                    Refusal.PROTOCOL,
-                    f"'allowed_nodes' must be a list of at most "
-                    f"{self.limits.max_participants} node names",
-                )
-        return header
-
     async def _serve_initiator(self, connection: ServerConnection, hello: dict[str, Any]) -> None:
-        task_id = hello["task"]
-        if self.token is not None and not _same(hello.get("relay_token"), self.token):
-            raise _Refusal(
-                Refusal.RELAY_TOKEN,
-                "wrong or missing relay token: pass the token the "
-                "relay's operator gave you (FEDMAGIC_RELAY_TOKEN)",
-            )
-        if task_id in self.tasks:
-            raise _Refusal(
-                Refusal.TASK_EXISTS,
-                f"task {task_id!r} is already running on this "
-                "relay; stop it first or pick another task id",
-            )
-        if len(self.tasks) >= self.limits.max_tasks:
-            raise _Refusal(
-                Refusal.BUSY,
-                f"relay busy: it already runs {len(self.tasks)} tasks, its limit; try again later",
-            )
-        allowed = hello.get("allowed_nodes")
+        self.router.admit_initiator(hello)
         initiator = _Peer(connection, INITIATOR, self.limits)
-        task = _Task(
-            task_id, hello["token"], initiator, frozenset(allowed) if allowed is not None else None
-        )
-        self.tasks[task_id] = task
-        self._seen[task_id] = None
-        self._seen.move_to_end(task_id)
-        if len(self._seen) > SEEN_TASKS:
-            self._seen.popitem(last=False)
-        waiting = self._waiting.pop(task_id, None)
+        task, welcome = self.router.open_task(hello, initiator)
+        waiting = self._waiting.pop(task.task_id, None)
         if waiting is not None:
             waiting.event.set()
-        log.info("task %r created by %s", task_id, initiator.address)
+        log.info("task %r created by %s", task.task_id, initiator.address)
         try:
-            initiator.outbox.force(
-                Frame(
-                    {"t": Kind.WELCOME, "task": task_id, "protocol": PROTOCOL_VERSION}
-                ).serialize()
-            )
-            async for to, message, size in self._incoming(initiator):
-                await self._fan_out(task, self._targets(task, to), message, size)
+            _deliver(welcome)
+            async for targets, message, size in self._incoming(task, initiator):
+                await self._fan_out(task, targets, message, size)
         finally:
-            del self.tasks[task_id]
             initiator.active = False
-            log.info("task %r closed", task_id)
-            # Forget the participants first: nobody is left to hear their peer_left.
-            participants = list(task.participants.values())
-            task.participants.clear()
-            closed = Frame({"t": Kind.TASK_CLOSED, "task": task_id}).serialize()
+            closing = self.router.close_task(task)
+            log.info("task %r closed", task.task_id)
             await asyncio.gather(
                 initiator.outbox.aclose(),
-                *(self._close_task(participant, closed) for participant in participants),
+                *(self._close_task(participant, closed) for participant, closed in closing),
             )
 
-    async def _incoming(self, peer: _Peer) -> AsyncIterator[tuple[Any, Any, int]]:
+    async def _serve_participant(self, connection: ServerConnection, hello: dict[str, Any]) -> None:
+        task_id, node = hello["task"], hello["node"]
+        address = connection.remote_address[0] if connection.remote_address else "?"
+        task = self.tasks.get(task_id)
+        if task is None:
+            wait = self.router.join_wait(task_id, hello.get("wait"))
+            if wait <= 0:
+                raise Refused(
+                    Refusal.UNKNOWN_TASK,
+                    f"no task {task_id!r} on this relay; check the "
+                    "task id, or wait for the initiator to launch it",
+                )
+            if not await self._wait_for_task(connection, node, address, task_id, wait):
+                return  # the participant hung up (or the relay is closing) while waiting
+            task = self.tasks.get(task_id)
+            if task is None:
+                raise Refused(
+                    Refusal.UNKNOWN_TASK, f"task {task_id!r} ended before it could be joined"
+                )
+        session = self.router.admit_participant(task, hello)
+        peer = _Peer(connection, node, self.limits, session)
+        stale, sends = self.router.join(task, peer, session, hello)
+        if stale is not None:
+            log.info(
+                "%r reconnected to task %r from %s; closing its stale connection from %s",
+                node,
+                task_id,
+                peer.address,
+                stale.address,
+            )
+            stale.active = False
+            self._spawn(_hang_up(stale, NORMAL_CLOSURE, "replaced by a reconnect of the same node"))
+        log.info("%r joined task %r from %s", node, task_id, peer.address)
+        try:
+            _deliver(sends)  # its peer_left reaches the initiator before this peer_joined
+            async for targets, message, size in self._incoming(task, peer):
+                for target in targets:
+                    await self._forward(task, peer, target, message, size)
+        finally:
+            self._remove(task, peer)
+            peer.active = False
+            await peer.outbox.aclose()
+
+    async def _incoming(
+        self, task: Task[_Peer], peer: _Peer
+    ) -> AsyncIterator[tuple[list[_Peer], Any, int]]:
         """A client's frames to forward: limited, checked, stamped with the sender.
 
         Yields:
-            the frame's ``to`` field, the message to forward and its size.
+            who the frame goes to, the message to forward and its size.
         """
         frames = _TokenBucket(
             self.limits.max_frames_per_second, burst=self.limits.max_frames_per_second
@@ -579,7 +493,7 @@ class Relay:
         volume = _TokenBucket(self.limits.max_bytes_per_second, burst=self.limits.burst_bytes)
         async for data in peer.connection:
             if frames.take() > 0:  # over the frame rate: refused, not slowed
-                raise _Refusal(
+                raise Refused(
                     Refusal.RATE,
                     f"more than {self.limits.max_frames_per_second:g} frames per second",
                 )
@@ -598,16 +512,16 @@ class Relay:
                 await asyncio.sleep(delay)
             if not peer.active:
                 continue  # dropped, replaced or its task closed: read on until it closes
-            frame = _parse_forwarded(data)
-            to = frame.header.pop("to", None)
-            frame.header["from"] = peer.name
+            frame, targets = self.router.route(task, peer, data)
             if frame.payload_size >= FRAGMENT_BYTES:
                 message: Any = [frame.serialize_header(), frame.payload]
             else:
                 message = frame.serialize()
-            yield to, message, size
+            yield targets, message, size
 
-    async def _fan_out(self, task: _Task, targets: list[_Peer], message: Any, size: int) -> None:
+    async def _fan_out(
+        self, task: Task[_Peer], targets: list[_Peer], message: Any, size: int
+    ) -> None:
         """Queue one frame for each target; drop those that take nothing.
 
         The same message (and payload view) goes into every queue, so a fan-out
@@ -628,7 +542,21 @@ class Relay:
             elif isinstance(outcome, BaseException):
                 raise outcome
 
-    def _drop(self, task: _Task, peer: _Peer, reason: str) -> None:
+    async def _forward(
+        self, task: Task[_Peer], peer: _Peer, target: _Peer, message: Any, size: int
+    ) -> None:
+        """A participant's frame to one target, waiting while its queue is full.
+
+        A target that takes nothing meanwhile is dropped; the initiator's
+        handler then closes the task.
+        """
+        try:
+            await target.outbox.put(message, size, sender=peer)
+        except _TooSlow as exc:
+            if target.active:
+                self._drop(task, target, f"too slow: {exc}")
+
+    def _drop(self, task: Task[_Peer], peer: _Peer, reason: str) -> None:
         """Disconnect a peer (participant or initiator) that holds others up."""
         log.warning(
             "dropping %s of task %r from %s: %s", _name(peer), task.task_id, peer.address, reason
@@ -637,12 +565,12 @@ class Relay:
         peer.active = False
         self._spawn(_hang_up(peer, POLICY_VIOLATION, reason))
 
-    def _remove(self, task: _Task, peer: _Peer) -> None:
+    def _remove(self, task: Task[_Peer], peer: _Peer) -> None:
         """Forget a participant and tell the initiator, once."""
-        if task.participants.get(peer.name) is peer:
-            del task.participants[peer.name]
+        left = self.router.leave(task, peer)
+        if left:
             peer.active = False
-            task.initiator.outbox.force(Frame({"t": Kind.PEER_LEFT, "from": peer.name}).serialize())
+            _deliver(left)
             log.info("%r left task %r", peer.name, task.task_id)
 
     def _spawn(self, coroutine: Any) -> None:
@@ -650,19 +578,12 @@ class Relay:
         self._background.add(background)
         background.add_done_callback(self._background.discard)
 
-    async def _close_task(self, participant: _Peer, closed: bytes) -> None:
+    async def _close_task(self, participant: _Peer, closed: Frame) -> None:
         """Tell a participant its task is over once what was queued went out, then close."""
         participant.active = False
-        participant.outbox.force(closed)
+        participant.outbox.force(closed.serialize())
         await participant.outbox.drain(self.limits.max_send_stall)
         await _hang_up(participant, GOING_AWAY, "task closed")
-
-    def _join_wait(self, task_id: str, wanted: Any) -> float:
-        """How long a participant may wait for ``task_id``: shorter for one never seen."""
-        cap = self.limits.max_join_wait
-        if task_id not in self._seen:
-            cap = min(cap, self.limits.max_unknown_task_wait)
-        return min(float(wanted or 0), cap)
 
     async def _wait_for_task(
         self, connection: ServerConnection, node: str, address: str, task_id: str, wait: float
@@ -670,11 +591,11 @@ class Relay:
         """Hold a participant until its task starts; False if it hung up first.
 
         Raises:
-            _Refusal: if the relay holds too many waiting joins (from that
+            Refused: if the relay holds too many waiting joins (from that
                 address or overall), or the task did not start within ``wait`` seconds.
         """
         if self.waiting >= self.max_waiting:
-            raise _Refusal(
+            raise Refused(
                 Refusal.BUSY,
                 f"relay busy: {self.waiting} joins already wait for tasks "
                 "that have not started, its limit; start the task first, or try "
@@ -682,7 +603,7 @@ class Relay:
                 flood="waiting",
             )
         if self._waiting_from[address] >= self.limits.max_waiting_per_address:
-            raise _Refusal(
+            raise Refused(
                 Refusal.BUSY,
                 f"relay busy: {self._waiting_from[address]} joins from "
                 f"{address} already wait for tasks that have not started, its limit "
@@ -713,131 +634,11 @@ class Relay:
             return True
         if closed.done() and not closed.cancelled():
             return False
-        raise _Refusal(
+        raise Refused(
             Refusal.UNKNOWN_TASK,
             f"task {task_id!r} did not start within {wait:g} s; "
             "start the task first, or join with a longer wait",
         )
-
-    def _targets(self, task: _Task, to: Any) -> list[_Peer]:
-        if to == "*":
-            return list(task.participants.values())
-        if not isinstance(to, list) or not all(isinstance(node, str) for node in to):
-            raise CodecError("an initiator's frame needs 'to': a list of node names or '*'")
-        return [task.participants[node] for node in to if node in task.participants]
-
-    async def _serve_participant(self, connection: ServerConnection, hello: dict[str, Any]) -> None:
-        task_id, node = hello["task"], hello["node"]
-        address = connection.remote_address[0] if connection.remote_address else "?"
-        task = self.tasks.get(task_id)
-        if task is None:
-            wait = self._join_wait(task_id, hello.get("wait"))
-            if wait <= 0:
-                raise _Refusal(
-                    Refusal.UNKNOWN_TASK,
-                    f"no task {task_id!r} on this relay; check the "
-                    "task id, or wait for the initiator to launch it",
-                )
-            if not await self._wait_for_task(connection, node, address, task_id, wait):
-                return  # the participant hung up (or the relay is closing) while waiting
-            task = self.tasks.get(task_id)
-            if task is None:
-                raise _Refusal(
-                    Refusal.UNKNOWN_TASK, f"task {task_id!r} ended before it could be joined"
-                )
-        if not _same(hello["token"], task.join_token):
-            raise _Refusal(
-                Refusal.JOIN_TOKEN,
-                f"wrong join token for task {task_id!r}; copy the "
-                "join line the task's author shared",
-            )
-        if task.allowed_nodes is not None and node not in task.allowed_nodes:
-            raise _Refusal(
-                Refusal.NODE_NOT_ALLOWED,
-                f"task {task_id!r} admits only the nodes its "
-                f"author named, and {node!r} is not one of them; ask the task's "
-                "author to add it, or check the --node name",
-            )
-        session = hello.get("session")
-        stale = task.participants.get(node)
-        if stale is not None and not _same(session, stale.session or ""):
-            raise _Refusal(
-                Refusal.NODE_TAKEN,
-                f"the name {node!r} is in use by a connected node of "
-                f"task {task_id!r}; pick another --node name, or, if this is that "
-                "node restarting, present its session (the one its welcome gave)",
-            )
-        if stale is None and len(task.participants) >= self.limits.max_participants:
-            raise _Refusal(
-                Refusal.BUSY,
-                f"relay busy: task {task_id!r} already has "
-                f"{len(task.participants)} participants, its limit; a place frees when one "
-                "leaves, or the relay's operator raises it (fedmagic relay --max-participants)",
-            )
-        peer = _Peer(connection, node, self.limits, session or secrets.token_hex(16))
-        if stale is not None:
-            log.info(
-                "%r reconnected to task %r from %s; closing its stale connection from %s",
-                node,
-                task_id,
-                peer.address,
-                stale.address,
-            )
-            self._remove(task, stale)  # its peer_left reaches the initiator before our peer_joined
-            self._spawn(_hang_up(stale, NORMAL_CLOSURE, "replaced by a reconnect of the same node"))
-        task.participants[node] = peer
-        log.info("%r joined task %r from %s", node, task_id, peer.address)
-        try:
-            peer.outbox.force(
-                Frame(
-                    {
-                        "t": Kind.WELCOME,
-                        "task": task_id,
-                        "node": node,
-                        "session": peer.session,
-                        "protocol": PROTOCOL_VERSION,
-                    }
-                ).serialize()
-            )
-            # A node coming back says which code it consented to: the initiator
-            # need not send it again, nor the data owner consent twice.
-            joined = {"t": Kind.PEER_JOINED, "from": node}
-            if "accepted" in hello:
-                joined["accepted"] = hello["accepted"]
-            task.initiator.outbox.force(Frame(joined).serialize())
-            async for to, message, size in self._incoming(peer):
-                if to is None:  # a participant speaks to its initiator, unless it names others
-                    await self._to_initiator(task, peer, message, size)
-                else:
-                    await self._to_peers(task, peer, to, message, size)
-        finally:
-            self._remove(task, peer)
-            peer.active = False
-            await peer.outbox.aclose()
-
-    async def _to_initiator(self, task: _Task, peer: _Peer, message: Any, size: int) -> None:
-        try:
-            await task.initiator.outbox.put(message, size, sender=peer)
-        except _TooSlow as exc:
-            if task.initiator.active:  # its handler then closes the task
-                self._drop(task, task.initiator, f"too slow: {exc}")
-
-    async def _to_peers(self, task: _Task, peer: _Peer, to: Any, message: Any, size: int) -> None:
-        """A participant's frame to the nodes it names (a round's elected aggregator, say),
-        ``@initiator`` among them; names not in the task are passed over."""
-        if not isinstance(to, list) or not all(isinstance(node, str) for node in to):
-            raise CodecError("a participant's 'to' must be a list of node names")
-        for node in to:
-            if node == INITIATOR:
-                await self._to_initiator(task, peer, message, size)
-                continue
-            target = task.participants.get(node)
-            if target is None:
-                continue
-            try:
-                await target.outbox.put(message, size, sender=peer)
-            except _TooSlow as exc:
-                self._drop(task, target, f"too slow: {exc}")
 
 
 def _counted_connections(relay: Relay) -> type[ServerConnection]:
@@ -861,34 +662,6 @@ def _counted_connections(relay: Relay) -> type[ServerConnection]:
             super().connection_lost(exc)
 
     return CountedConnection
-
-
-def _is_node_name(node: Any) -> bool:
-    return isinstance(node, str) and 0 < len(node) <= MAX_NAME_CHARS and not node.startswith("@")
-
-
-def _is_hex(text: Any) -> bool:
-    return (
-        isinstance(text, str)
-        and 0 < len(text) <= MAX_NAME_CHARS
-        and all(char in string.hexdigits for char in text)
-    )
-
-
-def _parse_forwarded(data: bytes | str) -> Frame:
-    """Parse a frame a client wants forwarded; only the relay speaks for the relay.
-
-    Raises:
-        CodecError: if ``data`` is not a frame.
-        _Refusal: if it is a kind only the relay may send.
-    """
-    frame = Frame.parse(data)
-    if frame.kind in RELAY_KINDS:
-        raise _Refusal(
-            Refusal.PROTOCOL,
-            f"{frame.kind!r} frames come from the relay only; clients may not send them",
-        )
-    return frame
 
 
 async def _hang_up(peer: _Peer, code: int, reason: str) -> None:
@@ -945,13 +718,15 @@ def _close_reason(message: str) -> str:
     return message.encode()[:MAX_CLOSE_REASON_BYTES].decode(errors="ignore")
 
 
-def _same(given: Any, secret: str) -> bool:
-    return isinstance(given, str) and hmac.compare_digest(given.encode(), secret.encode())
-
-
 def _address(connection: ServerConnection) -> str:
     address = connection.remote_address
     return f"{address[0]}:{address[1]}" if address else "?"
+
+
+def _deliver(sends: list[Send[_Peer]]) -> None:
+    """Queue the router's few, small frames, whatever each queue holds."""
+    for peer, frame in sends:
+        peer.outbox.force(frame.serialize())
 
 
 def _name(peer: _Peer) -> str:
