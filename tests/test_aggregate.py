@@ -362,6 +362,18 @@ def test_non_finite_names_the_tensors_with_nan_or_infinity():
     assert names == ["nan", "inf", "complex", "float8", "bf16"]
 
 
+def test_finite_values_whose_sum_overflows_are_not_taken_for_infinity():
+    # Prepare: each value is finite, but their sum is beyond the dtype's range
+    state = {
+        "float32": torch.full((4,), 3e38),
+        "float16": torch.full((3,), 60000.0, dtype=torch.float16),
+        "float64": torch.full((2,), 1e308, dtype=torch.float64),
+        "then_nan": torch.cat([torch.full((2,), 3e38), torch.tensor([math.nan])]),
+    }
+    # Execute / Assert
+    assert non_finite(state) == ["then_nan"]
+
+
 def test_non_finite_ignores_integer_tensors():
     # Prepare
     state = {"count": torch.tensor(torch.iinfo(torch.int64).max),
