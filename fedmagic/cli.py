@@ -15,6 +15,8 @@ import time
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
+from .engine.simulation_options import add_options as add_simulation_options
+
 __all__ = ["main"]
 
 EXAMPLE = Path(__file__).with_name("examples") / "digits_task.py"
@@ -179,33 +181,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="run the demo's digits task with many virtual participants on Dask workers",
     )
     simulate.add_argument("--participants", type=int, default=100, help="default 100")
-    simulate.add_argument("--partition", default="iid", choices=("iid", "dirichlet", "by-label"))
-    simulate.add_argument(
-        "--alpha", type=float, default=0.5, help="Dirichlet's concentration (default 0.5)"
-    )
     simulate.add_argument("--rounds", type=int, default=10, help="default 10")
-    simulate.add_argument(
-        "--per-round", type=int, help="virtual participants drawn each round (default: all)"
-    )
-    simulate.add_argument("--seed", type=int, default=0, help="the partition's (default 0)")
     simulate.add_argument(
         "--strategy",
         choices=_StrategyNames(),
         metavar="NAME",
         help="how each round combines the updates: %(choices)s (default fedavg)",
     )
-    simulate.add_argument(
-        "--engine",
-        choices=("dask", "local"),
-        default="dask",
-        help="dask: workers on a Dask cluster (default); local: one worker in this process",
-    )
-    simulate.add_argument(
-        "--address", help="a running Dask scheduler's (default: start workers on this machine)"
-    )
-    simulate.add_argument(
-        "--workers", type=int, help="Dask workers to start here (default: one a core)"
-    )
+    add_simulation_options(simulate)
     simulate.add_argument("--workdir", help="default: a new temporary directory")
 
     options = parser.parse_args(argv)
@@ -428,6 +411,7 @@ def _digits(options: argparse.Namespace) -> int:
 def _simulate(options: argparse.Namespace) -> int:
     from .digits import write_partitions
     from .engine.simulation import Simulation
+    from .engine.simulation_options import settings
     from .errors import FedMagicError
     from .examples.digits_task import DigitsScheduler
     from .log import log_sink
@@ -446,16 +430,10 @@ def _simulate(options: argparse.Namespace) -> int:
             scheduler,
             options.participants,
             task_id="simulated-digits",
-            partition=options.partition,
-            alpha=options.alpha,
-            seed=options.seed,
-            per_round=options.per_round,
             strategy=options.strategy,
-            engine=options.engine,
-            address=options.address,
-            workers=options.workers,
             on_event=bars.write,
             on_progress=bars.show,
+            **settings(options),
         )
         result = simulation.run()
     except FedMagicError as failed:

@@ -225,3 +225,21 @@ def test_launch_task_refuses_a_simulate_it_cannot_run(simulate, said):
     with pytest.raises(ConfigurationError, match=said):
         start_task(SharedData(min_clients=1, max_clients=3, max_rounds=1), "refused",
                    simulate=simulate)
+
+
+def test_the_command_and_the_magic_take_the_same_simulation_options():
+    import argparse
+
+    from fedmagic.engine.simulation_options import OPTIONS, PARTITIONS, add_options, settings
+    from fedmagic.notebook.magics import FedMagics
+    from fedmagic.partition import SCHEMES
+
+    assert PARTITIONS == SCHEMES
+    command = argparse.ArgumentParser()
+    add_options(command)
+    magic = FedMagics.fedavg_simulate.parser  # type: ignore[attr-defined]
+    line = ["--partition", "dirichlet", "--alpha", "0.3", "--engine", "local", "--seed", "4"]
+    assert settings(command.parse_args(line)) == settings(magic.parse_args(["10", *line])) == {
+        "partition": "dirichlet", "alpha": 0.3, "seed": 4, "per_round": None, "engine": "local"}
+    flags = [action.option_strings for action in magic._actions if action.option_strings]
+    assert flags[-len(OPTIONS):] == [[flag] for flag, _ in OPTIONS]

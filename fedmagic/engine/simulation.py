@@ -33,15 +33,14 @@ from .checkpoint import Checkpoint
 from .progress import RoundProgress
 from .rounds import TaskResult
 from .scheduler import Scheduler, test_metrics
+from .simulation_options import ENGINES
 from .state import NodeStatus, metrics_text, size_text
 from .task import TaskPackage
 from .virtual import Outcome, VirtualParticipants, WorkerRound
 
-__all__ = ["ENGINES", "Simulation"]
+__all__ = ["Simulation"]
 
 log = logging.getLogger("fedmagic")
-
-ENGINES = ("dask", "local")
 
 
 class Workers(Protocol):

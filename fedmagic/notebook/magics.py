@@ -19,19 +19,30 @@ from __future__ import annotations
 
 import ast
 import os
-from typing import Any, cast
+from typing import Any, Callable, TypeVar, cast
 
 from IPython.core.error import UsageError
 from IPython.core.magic import Magics, cell_magic, line_magic, magics_class
 from IPython.core.magic_arguments import argument, magic_arguments, parse_argstring
 
 from ..engine.context import running_code
+from ..engine.simulation_options import OPTIONS, settings
 from ..wire.relay import new_token
 from .local import LocalParticipants
 from .panel import ParticipantPanel
 from .session import KernelSession
 
 __all__ = ["FedMagics"]
+
+
+Magic = TypeVar("Magic", bound=Callable[..., Any])
+
+
+def simulation_arguments(magic: Magic) -> Magic:
+    """``@argument`` for each of the options ``fedmagic simulate`` takes too, in their order."""
+    for flag, keywords in reversed(OPTIONS):  # IPython lists the last one applied first
+        magic = argument(flag, **keywords)(magic)
+    return magic
 
 
 @magics_class
@@ -192,23 +203,7 @@ class FedMagics(Magics):
         "--task",
         help="the task whose %%%%fedavg_task cell to run again (default: the last one run)",
     )
-    @argument(
-        "--partition",
-        default="iid",
-        choices=("iid", "dirichlet", "by-label"),
-        help="how the task's training set is shared out (default iid)",
-    )
-    @argument("--alpha", type=float, default=0.5, help="Dirichlet's concentration (default 0.5)")
-    @argument("--seed", type=int, default=0, help="the partition's seed (default 0)")
-    @argument("--per-round", type=int, help="virtual participants drawn each round (default all)")
-    @argument(
-        "--engine",
-        default="dask",
-        choices=("dask", "local"),
-        help="dask: workers on a Dask cluster (default); local: one worker in this kernel",
-    )
-    @argument("--address", help="a running Dask scheduler's (default: workers on this machine)")
-    @argument("--workers", type=int, help="Dask workers to start here (default one a core)")
+    @simulation_arguments
     @line_magic
     def fedavg_simulate(self, line: str) -> object:
         """Run a task's ``%%fedavg_task`` cell again, unchanged, with virtual participants
@@ -223,18 +218,8 @@ class FedMagics(Magics):
                 "run the task's cell first, then %fedavg_simulate tries it with virtual "
                 "participants"
             )
-        simulate = {
-            "participants": args.participants,
-            "partition": args.partition,
-            "alpha": args.alpha,
-            "seed": args.seed,
-            "per_round": args.per_round,
-            "engine": args.engine,
-        }
-        if args.engine == "dask":
-            simulate |= {"address": args.address, "workers": args.workers}
         source, filename = cell
-        options = {"simulate": simulate}
+        options = {"simulate": {"participants": args.participants, **settings(args)}}
         with running_code(self.session.cell(source, filename, options=options)):
             return self._run(source, filename)
 
