@@ -18,7 +18,6 @@ from typing import Any, Sequence
 
 from ..errors import CodecError, ConnectionLost, RelayRefused
 from .frames import INITIATOR, Frame, Kind
-from .messages import Refusal
 from .routing import DEFAULT_LIMITS, Refused, RelayLimits, Router, Send, Task, hello_header
 from .transport import Transport
 
@@ -97,11 +96,7 @@ class MemoryRelay:
         task_id = header["task"]
         while (task := self.router.tasks.get(task_id)) is None:
             if time.monotonic() >= deadline:
-                raise Refused(
-                    Refusal.UNKNOWN_TASK,
-                    f"no task {task_id!r} on this relay; check the "
-                    "task id, or wait for the initiator to launch it",
-                )
+                raise self.router.unknown_task(task_id)
             await asyncio.sleep(POLL)
         session = self.router.admit_participant(task, header)
         link = MemoryLink(self, said, header["node"])

@@ -443,11 +443,7 @@ class Relay:
         if task is None:
             wait = self.router.join_wait(task_id, hello.get("wait"))
             if wait <= 0:
-                raise Refused(
-                    Refusal.UNKNOWN_TASK,
-                    f"no task {task_id!r} on this relay; check the "
-                    "task id, or wait for the initiator to launch it",
-                )
+                raise self.router.unknown_task(task_id)
             if not await self._wait_for_task(connection, node, address, task_id, wait):
                 return  # the participant hung up (or the relay is closing) while waiting
             task = self.tasks.get(task_id)

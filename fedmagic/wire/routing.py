@@ -258,6 +258,14 @@ class Router(Generic[P]):
         welcome = Frame({"t": Kind.WELCOME, "task": task_id, "protocol": PROTOCOL_VERSION})
         return task, [(initiator, welcome)]
 
+    def unknown_task(self, task_id: str) -> Refused:
+        """The refusal of a join for a task not running here, once no wait is left."""
+        return Refused(
+            Refusal.UNKNOWN_TASK,
+            f"no task {task_id!r} on this relay; check the "
+            "task id, or wait for the initiator to launch it",
+        )
+
     def join_wait(self, task_id: str, wanted: Any) -> float:
         """How long a participant may wait for ``task_id``: shorter for one never seen."""
         cap = self.limits.max_join_wait
