@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 import torch
@@ -211,6 +215,69 @@ def test_a_dask_address_nobody_answers_at_is_refused_saying_what_to_start(tmp_pa
             pytest.raises(ConfigurationError, match=r"no Dask scheduler answered there .*"
                           r"start one \(dask scheduler, then dask worker ADDRESS"):
         simulation.run()
+
+
+@contextlib.contextmanager
+def a_dask_cluster(workdir: Path, *workers: list[str]) -> Iterator[str]:
+    """``dask scheduler`` and one ``dask worker`` per argument list, as a user starts them.
+
+    Yields the scheduler's address once every worker has registered with it.
+    """
+    import distributed
+    from conftest import START_TIMEOUT, TASKS, free_port
+
+    address = f"tcp://127.0.0.1:{free_port()}"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(TASKS), os.environ["PYTHONPATH"]])}
+    dask = [sys.executable, "-m", "dask"]
+    started = [subprocess.Popen([*dask, "scheduler", "--host", "127.0.0.1", "--port",
+                                 address.rsplit(":", 1)[1], "--no-dashboard"],
+                                cwd=workdir, env=env, stderr=subprocess.DEVNULL)]
+    try:
+        started += [subprocess.Popen([*dask, "worker", address, "--nthreads", "1",
+                                      "--no-dashboard", *arguments],
+                                     cwd=workdir, env=env, stderr=subprocess.DEVNULL)
+                    for arguments in workers]
+        with distributed.Client(address, timeout=START_TIMEOUT, set_as_default=False) as client:
+            client.wait_for_workers(len(workers), timeout=START_TIMEOUT)
+        yield address
+    finally:
+        for process in reversed(started):
+            process.terminate()
+        for process in started:
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_simulation_runs_on_the_users_dask_cluster_on_the_workers_with_its_resources(
+        tmp_path, monkeypatch):
+    # A deterministic task: the user's cluster must reach the model one worker here reaches
+    _, local, _, _ = simulated(tmp_path / "here", monkeypatch, 6, FedAvg(), rounds=2)
+    cluster = tmp_path / "cluster"
+    cluster.mkdir()
+    with a_dask_cluster(cluster, ["--resources", "GPU=1"], []) as address:
+        monkeypatch.chdir(cluster)
+        scheduler = SharedData(min_clients=1, max_clients=6, max_rounds=2, participants=6)
+        events: list[str] = []
+        result = Simulation(scheduler, 6, task_id="clustered", seed=5, strategy=FedAvg(),
+                            address=address, resources={"GPU": 1},
+                            on_event=events.append).run()
+
+        assert f"Dask cluster on {address}: 1 worker with GPU=1, ready in" in "\n".join(events)
+        assert [row["participants"] for row in result.history] == [6, 6]
+        for name, tensor in local.items():
+            torch.testing.assert_close(scheduler.state_dict()[name], tensor)
+
+        needy = Simulation(SharedData(min_clients=1, max_clients=6, max_rounds=1,
+                                      participants=6), 6, task_id="needy", address=address,
+                           resources={"GPU": 2})
+        with pytest.raises(RuntimeError, match=r"has no workers with resources GPU=2; start some "
+                           r"\(dask worker ADDRESS --resources 'GPU=2'\)"):
+            needy.run()
 
 
 @pytest.mark.parametrize("simulate, said", [

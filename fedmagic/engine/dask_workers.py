@@ -142,14 +142,21 @@ class DaskWorkers:
         )
 
     def addresses(self) -> list[str]:
-        """The workers there are now, by address, as the scheduler itself says.
+        """The workers there are now that have the round's ``resources``, by address, as
+        the scheduler itself says.
 
         Not ``Client.scheduler_info()``: it returns a cache the client's own periodic
-        refresh may have just emptied, which would make live workers look gone.
+        refresh may have just emptied, which would make live workers look gone. A worker
+        without the resources would never start a part pinned to it.
         """
         client = self.client
         identity = client.sync(client.scheduler.identity, n_workers=-1)  # type: ignore[union-attr]
-        return sorted(identity["workers"])
+        wanted = self.resources or {}
+        return sorted(
+            address
+            for address, worker in identity["workers"].items()
+            if all(worker.get("resources", {}).get(k, 0) >= v for k, v in wanted.items())
+        )
 
     def run_round(
         self,
@@ -169,9 +176,13 @@ class DaskWorkers:
         distributed, client = self._distributed, self.client
         addresses = self.addresses()
         if not addresses:
+            resources = self.resources or {}
+            wanted = " ".join(f"{name}={amount:g}" for name, amount in resources.items())
+            having = f" with resources {wanted}" if wanted else ""
+            start = "dask worker ADDRESS" + (f" --resources '{wanted}'" if wanted else "")
             raise RuntimeError(
-                f"the Dask cluster at {self.address} has no workers; start some "
-                "(dask worker ADDRESS) or leave address= out to start them here"
+                f"the Dask cluster at {self.address} has no workers{having}; start some "
+                f"({start}) or leave address= out to start them here"
             )
         packed = pack_state(global_state)
         [state] = client.scatter([packed], broadcast=True, hash=False)

@@ -202,10 +202,12 @@ class Simulation:
             resources=self.resources,
         )
         where = self.address or "this machine"
-        self.worker_count = len(workers.addresses())
+        self.worker_count = count = len(workers.addresses())
+        having = " ".join(f"{name}={amount:g}" for name, amount in (self.resources or {}).items())
         self._event(
-            f"Dask cluster on {where}: {self.worker_count} workers, ready in "
-            f"{time.perf_counter() - started:.1f} s"
+            f"Dask cluster on {where}: {count} worker{'' if count == 1 else 's'}"
+            + (f" with {having}" if having else "")
+            + f", ready in {time.perf_counter() - started:.1f} s"
         )
         return workers
 
