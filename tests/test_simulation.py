@@ -310,3 +310,19 @@ def test_the_command_and_the_magic_take_the_same_simulation_options():
         "partition": "dirichlet", "alpha": 0.3, "seed": 4, "per_round": None, "engine": "local"}
     flags = [action.option_strings for action in magic._actions if action.option_strings]
     assert flags[-len(OPTIONS):] == [[flag] for flag, _ in OPTIONS]
+    on_a_cluster = ["--address", "tcp://10.0.0.1:8786", "--resources", "GPU=1 MEMORY=4e9"]
+    assert settings(command.parse_args(on_a_cluster)) == {
+        "partition": "iid", "alpha": 0.5, "seed": 0, "per_round": None, "engine": "dask",
+        "address": "tcp://10.0.0.1:8786", "workers": None,
+        "resources": {"GPU": 1.0, "MEMORY": 4e9}}
+
+
+@pytest.mark.parametrize("given", ["GPU", "GPU=", "GPU=0", "=1", "GPU=nan", ""])
+def test_a_resource_that_is_no_name_and_positive_amount_is_refused_saying_how_to_write_one(
+        given):
+    import argparse
+
+    from fedmagic.engine.simulation_options import resources
+
+    with pytest.raises(argparse.ArgumentTypeError, match=r"e\.g\. GPU=1"):
+        resources(given)

@@ -9,15 +9,40 @@ so this imports neither torch nor numpy.
 from __future__ import annotations
 
 import argparse
+import math
 from typing import Any
 
-__all__ = ["ENGINES", "OPTIONS", "PARTITIONS", "add_options", "settings"]
+__all__ = ["ENGINES", "OPTIONS", "PARTITIONS", "add_options", "resources", "settings"]
 
 #: Where virtual participants train: a Dask cluster's workers, or this process.
 ENGINES = ("dask", "local")
 #: How a training set is shared out: :data:`fedmagic.partition.SCHEMES`, which
 #: imports numpy (tests/test_simulation.py checks they agree).
 PARTITIONS = ("iid", "dirichlet", "by-label")
+
+
+def resources(text: str) -> dict[str, float]:
+    """``"GPU=1 MEMORY=4e9"`` as Dask's worker resources, as ``dask worker --resources`` reads it.
+
+    Raises:
+        argparse.ArgumentTypeError: for anything else, saying what a resource looks like.
+    """
+    parsed: dict[str, float] = {}
+    for item in text.replace(",", " ").split():
+        name, _, amount = item.partition("=")
+        try:
+            value = float(amount)
+        except ValueError:
+            value = math.nan
+        if not name or not (math.isfinite(value) and value > 0):
+            raise argparse.ArgumentTypeError(
+                f"{item!r} is no resource: write NAME=AMOUNT with a positive amount, e.g. GPU=1"
+            )
+        parsed[name] = value
+    if not parsed:
+        raise argparse.ArgumentTypeError("name at least one resource, e.g. GPU=1")
+    return parsed
+
 
 #: Each option: its flag, and what argparse makes of it.
 OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
@@ -45,6 +70,15 @@ OPTIONS: tuple[tuple[str, dict[str, Any]], ...] = (
     ),
     ("--address", {"help": "a running Dask scheduler's (default: workers on this machine)"}),
     ("--workers", {"type": int, "help": "Dask workers to start here (default: one a core)"}),
+    (
+        "--resources",
+        {
+            "type": resources,
+            "metavar": "'NAME=AMOUNT ...'",
+            "help": "the Dask worker resources a round's work needs, e.g. 'GPU=1': only "
+            "workers started with them (dask worker --resources 'GPU=1') train",
+        },
+    ),
 )
 
 
@@ -57,7 +91,8 @@ def add_options(parser: argparse.ArgumentParser) -> None:
 def settings(options: argparse.Namespace) -> dict[str, Any]:
     """The :class:`~fedmagic.engine.simulation.Simulation` keywords the options say.
 
-    ``address`` and ``workers`` only with the Dask engine, which alone takes them.
+    ``address``, ``workers`` and ``resources`` only with the Dask engine, which alone
+    takes them.
     """
     said = {
         "partition": options.partition,
@@ -67,5 +102,9 @@ def settings(options: argparse.Namespace) -> dict[str, Any]:
         "engine": options.engine,
     }
     if options.engine == "dask":
-        said |= {"address": options.address, "workers": options.workers}
+        said |= {
+            "address": options.address,
+            "workers": options.workers,
+            "resources": options.resources,
+        }
     return said
