@@ -84,7 +84,7 @@ def test_a_virtual_participant_whose_train_raises_is_reported_and_the_round_goes
     assert len(failed) == 1 and "simulated failure on the share" in failed[0].detail
     assert "RuntimeError" in failed[0].traceback
     assert [row["participants"] for row in result.history] == [9, 9]
-    assert any(f"{failed[0].node} train() failed" in event for event in events)
+    assert any(f"{failed[0].node}: train() failed" in event for event in events)
 
 
 def test_differential_privacy_runs_on_the_folded_partial_sums(tmp_path, monkeypatch):

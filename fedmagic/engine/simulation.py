@@ -331,7 +331,7 @@ class Simulation:
                 by_reason.setdefault(outcome.detail, []).append(outcome.node)
         for why, nodes in by_reason.items():
             if len(nodes) == 1:
-                self._event(f"round {number}: {nodes[0]} {why}", logging.WARNING)
+                self._event(f"round {number}: {nodes[0]}: {why}", logging.WARNING)
                 continue
             named = ", ".join(nodes[:3]) + (f" and {len(nodes) - 3} more" if len(nodes) > 3 else "")
             self._event(
