@@ -104,6 +104,8 @@ Send = tuple[P, Frame]
 
 @dataclass(eq=False)
 class Task(Generic[P]):
+    """One task on the relay: its initiator, who may join it, and who has."""
+
     task_id: str
     join_token: str
     initiator: P
