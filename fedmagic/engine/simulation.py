@@ -267,6 +267,8 @@ class Simulation:
         for done in workers.run_round(number, global_state, selected, configs, heard):
             fold.merge(done.partial)
             outcomes += done.outcomes
+        place = {node: index for index, node in enumerate(selected)}
+        outcomes.sort(key=lambda outcome: place[outcome.node])  # as drawn, not as workers ended
         self.progress = RoundProgress(number, len(selected), finished=True)
         self.progress.add(outcomes)
         if self.on_progress is not None:
