@@ -20,6 +20,7 @@ nanny starts a fresh worker, which builds its participants on its first round.
 
 from __future__ import annotations
 
+import concurrent.futures
 import heapq
 import logging
 import os
@@ -221,8 +222,8 @@ class DaskWorkers:
                     distributed.wait(
                         list(pending), timeout=POLL_SECONDS, return_when="FIRST_COMPLETED"
                     )
-            except TimeoutError:
-                pass
+            except (TimeoutError, concurrent.futures.CancelledError):
+                pass  # none done yet, or one cancelled: each is looked at below
             present = set(self.addresses())
             for future, (address, part) in list(pending.items()):
                 if future.cancelled() and not retried and address in present:

@@ -65,7 +65,9 @@ class RoundProgress:
 
         A display's thread reads it while outcomes come in: each part is copied whole first.
         """
-        left_out, counts = list(self.left_out.items()), dict(self.counts)
+        left_out, counted = list(self.left_out.items()), dict(self.counts)
+        # in the statuses' own order (uploaded before refused), however outcomes came in
+        counts = {status: counted[status] for status in NodeStatus if status in counted}
         return {
             "round": self.number,
             "selected": self.selected,
