@@ -53,12 +53,11 @@ from pathlib import Path
 import psutil
 import torch
 from harness import free_port
-from round_scale import Echo, baseline_round_seconds
+from round_scale import Echo, baseline_round_seconds, echo
 
 from fedmagic.engine.launch import start_task
 from fedmagic.errors import RelayRefused
 from fedmagic.examples.digits_task import ConvNet
-from fedmagic.wire.codec import Frame, Kind, StateReader
 from fedmagic.wire.link import Link
 from fedmagic.wire.relay import RelayLimits, connection_cap
 
@@ -85,37 +84,6 @@ async def open_participant(url: str, task: str, token: str, node: str) -> tuple[
     started = time.perf_counter()
     link = await Link.open(url, role="participant", task=task, token=token, node=node, wait=30)
     return link, time.perf_counter() - started
-
-
-async def echo(link: Link, rounds: dict[int, list[float]]) -> None:
-    """Verify, then send back each round's weights as they came; note when the state came."""
-    reader, buffer, granted, header, state = None, {}, False, {}, None
-    try:
-        while True:
-            frame = await link.recv()
-            if frame.kind == Kind.TASK:
-                await link.send(
-                    Frame({"t": Kind.STATUS, "stage": "verified", "ok": True, "samples": 100})
-                )
-            elif frame.kind == Kind.ROUND:
-                header, reader = frame.header, StateReader(out=buffer)
-                granted = bool(header.get("upload"))
-            elif frame.kind == Kind.STATE:
-                reader.feed(frame)
-            elif frame.kind == Kind.STATE_END:
-                state = reader.finish(frame)
-                number = header["round"]
-                got = time.time()
-                await link.send(Frame({"t": Kind.TRAINED, "round": number, "seconds": 0.0}))
-                if granted:
-                    await link.send_state(state, round=number)
-                rounds.setdefault(number, []).append(got)
-            elif frame.kind == Kind.UPLOAD:
-                await link.send_state(state, round=header["round"])
-            elif frame.kind in (Kind.FINISH, Kind.TASK_CLOSED):
-                return
-    finally:
-        await link.close()
 
 
 async def participants_main(url: str, task: str, token: str, first: int, count: int) -> None:

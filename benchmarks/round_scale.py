@@ -48,35 +48,47 @@ class Echo(FedAvgScheduler):
     def test(self): return {}
 
 
+async def echo(link: Link, arrivals: dict[int, list[float]] | None = None) -> None:
+    """Verify, then send back each round's weights as they came, until the task ends.
+
+    Args:
+        arrivals: if given, each round's number gets the time (``time.time()``) this
+            participant held the whole state.
+    """
+    reader, buffer, granted, header, state = None, {}, False, {}, None
+    try:
+        while True:
+            frame = await link.recv()
+            if frame.kind == Kind.TASK:
+                await link.send(Frame({"t": Kind.STATUS, "stage": "verified", "ok": True,
+                                       "samples": 100}))
+            elif frame.kind == Kind.ROUND:
+                header, reader = frame.header, StateReader(out=buffer)
+                granted = bool(header.get("upload"))
+            elif frame.kind == Kind.STATE:
+                reader.feed(frame)
+            elif frame.kind == Kind.STATE_END:
+                state = reader.finish(frame)
+                number = header["round"]
+                got = time.time()
+                await link.send(Frame({"t": Kind.TRAINED, "round": number, "seconds": 0.0}))
+                if granted:
+                    await link.send_state(state, round=number)
+                if arrivals is not None:
+                    arrivals.setdefault(number, []).append(got)
+            elif frame.kind == Kind.UPLOAD:
+                await link.send_state(state, round=header["round"])
+            elif frame.kind in (Kind.FINISH, Kind.TASK_CLOSED):
+                return
+    finally:
+        await link.close()
+
+
 async def echo_participants(url: str, task: str, token: str, count: int) -> None:
     """``count`` participants that send back the weights they get, until the task ends."""
     async def one(node: str) -> None:
-        link = await Link.open(url, role="participant", task=task, token=token, node=node,
-                               wait=120)
-        reader, buffer, granted = None, {}, False
-        try:
-            while True:
-                frame = await link.recv()
-                if frame.kind == Kind.TASK:
-                    await link.send(Frame({"t": Kind.STATUS, "stage": "verified", "ok": True,
-                                           "samples": 100}))
-                elif frame.kind == Kind.ROUND:
-                    header, reader = frame.header, StateReader(out=buffer)
-                    granted = bool(header.get("upload"))
-                elif frame.kind == Kind.STATE:
-                    reader.feed(frame)
-                elif frame.kind == Kind.STATE_END:
-                    state = reader.finish(frame)
-                    await link.send(Frame({"t": Kind.TRAINED, "round": header["round"],
-                                           "seconds": 0.0}))
-                    if granted:
-                        await link.send_state(state, round=header["round"])
-                elif frame.kind == Kind.UPLOAD:
-                    await link.send_state(state, round=header["round"])
-                elif frame.kind in (Kind.FINISH, Kind.TASK_CLOSED):
-                    return
-        finally:
-            await link.close()
+        await echo(await Link.open(url, role="participant", task=task, token=token, node=node,
+                                   wait=120))
 
     await asyncio.gather(*(one(f"p{index}") for index in range(count)))
 
