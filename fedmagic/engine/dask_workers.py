@@ -37,6 +37,7 @@ from ..strategies import Strategy
 from ..strategies.aggregate import Partial
 from ..wire.codec import StateReader, encode_state
 from ..wire.frames import Frame
+from .simulation_options import resources_text
 from .state import NodeStatus
 from .task import TaskPackage
 from .virtual import Outcome, VirtualParticipants, WorkerRound
@@ -177,8 +178,7 @@ class DaskWorkers:
         distributed, client = self._distributed, self.client
         addresses = self.addresses()
         if not addresses:
-            resources = self.resources or {}
-            wanted = " ".join(f"{name}={amount:g}" for name, amount in resources.items())
+            wanted = resources_text(self.resources)
             having = f" with resources {wanted}" if wanted else ""
             start = "dask worker ADDRESS" + (f" --resources '{wanted}'" if wanted else "")
             raise RuntimeError(

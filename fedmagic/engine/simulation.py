@@ -33,7 +33,7 @@ from .checkpoint import Checkpoint
 from .progress import RoundProgress
 from .rounds import TaskResult
 from .scheduler import Scheduler, test_metrics
-from .simulation_options import ENGINES
+from .simulation_options import ENGINES, resources_text
 from .state import NodeStatus, metrics_text, size_text
 from .task import TaskPackage
 from .virtual import Outcome, VirtualParticipants, WorkerRound
@@ -203,7 +203,7 @@ class Simulation:
         )
         where = self.address or "this machine"
         self.worker_count = count = len(workers.addresses())
-        having = " ".join(f"{name}={amount:g}" for name, amount in (self.resources or {}).items())
+        having = resources_text(self.resources)
         self._event(
             f"Dask cluster on {where}: {count} worker{'' if count == 1 else 's'}"
             + (f" with {having}" if having else "")

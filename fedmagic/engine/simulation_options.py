@@ -12,7 +12,15 @@ import argparse
 import math
 from typing import Any
 
-__all__ = ["ENGINES", "OPTIONS", "PARTITIONS", "add_options", "resources", "settings"]
+__all__ = [
+    "ENGINES",
+    "OPTIONS",
+    "PARTITIONS",
+    "add_options",
+    "resources",
+    "resources_text",
+    "settings",
+]
 
 #: Where virtual participants train: a Dask cluster's workers, or this process.
 ENGINES = ("dask", "local")
@@ -42,6 +50,11 @@ def resources(text: str) -> dict[str, float]:
     if not parsed:
         raise argparse.ArgumentTypeError("name at least one resource, e.g. GPU=1")
     return parsed
+
+
+def resources_text(resources: dict[str, float] | None) -> str:
+    """Resources as ``dask worker --resources`` takes them (``"GPU=1"``); "" for none."""
+    return " ".join(f"{name}={amount:g}" for name, amount in (resources or {}).items())
 
 
 #: Each option: its flag, and what argparse makes of it.
